@@ -1,0 +1,3 @@
+//! The `session2` command (placeholder until the CLI lands).
+
+fn main() {}

@@ -1,0 +1,779 @@
+//! [`SessionManager`]: the request lifecycle, independent of any web framework.
+//!
+//! One request goes through three steps:
+//!
+//! 1. [`SessionManager::start`] takes the request's `Cookie` header and
+//!    returns a [`RequestSession`]. Nothing is read yet.
+//! 2. The handler asks for [`RequestSession::session`] (merging) or
+//!    [`RequestSession::exclusive_session`] (locked); only then is the store
+//!    read, once per request. A handler that never asks costs nothing.
+//! 3. [`RequestSession::finish`] takes the response's outcome and returns the
+//!    `Set-Cookie` value to send, if any. A successful response saves what
+//!    changed; a failed one (5xx or panic) saves nothing.
+//!
+//! The guarantees built here, once for every store:
+//!
+//! - **No lost updates.** A save applies only this request's changes (keys
+//!   set or removed, user set or cleared) by compare-and-swap on the stored
+//!   version; on a conflict it reloads and reapplies them. An exclusive
+//!   session also holds a lease in the record, taken and released by
+//!   compare-and-swap, so read-modify-write handlers run one at a time
+//!   across threads, processes and machines. A lease expires on its own if
+//!   its holder dies.
+//! - **No resurrection.** Compare-and-swap never recreates a record, so a
+//!   logout wins over a slow concurrent request.
+//! - **Strict ids.** An unknown, expired, corrupt or malformed id yields a
+//!   fresh session with a new id; the client's id is never adopted.
+//! - **Expiry** is checked on every load against both the record's deadlines
+//!   and the current configuration, whatever the store does.
+//! - **Id renewal**: [`Session::set_user`] or [`Session::cycle_id`] moves the
+//!   session to a new id at save, and the old id stops working.
+//!
+//! ```
+//! use session2::{MemoryStore, Outcome, SessionManager};
+//!
+//! # tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap().block_on(async {
+//! let manager = SessionManager::new(MemoryStore::new());
+//!
+//! // First request: no cookie; the handler stores a value.
+//! let request = manager.start(None);
+//! request.session().await?.insert("counter", 1)?;
+//! let set_cookie = request.finish(Outcome::Success).await?.expect("a new session sets a cookie");
+//!
+//! // Second request: the browser sends the cookie back.
+//! let cookie = set_cookie.split(';').next().unwrap();
+//! let request = manager.start(Some(cookie));
+//! assert_eq!(request.session().await?.get::<i32>("counter")?, Some(1));
+//! # Ok::<_, session2::Error>(()) }).unwrap();
+//! ```
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::record::{decode_data, encode_data};
+use crate::session::{SessionState, Stored};
+use crate::store::CreateOutcome;
+use crate::{
+    Clock, CookieLifetime, Error, Lease, Record, Result, SameSite, Session, SessionConfig,
+    SessionId, SessionKey, SessionStore, SystemClock, Timestamp,
+};
+
+/// How often a save retries after losing a compare-and-swap before giving up.
+const MAX_SAVE_ATTEMPTS: u32 = 1_000;
+
+/// Owns the store, the configuration and the clock; cheap to clone.
+#[derive(Clone)]
+pub struct SessionManager {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    store: Arc<dyn SessionStore>,
+    config: SessionConfig,
+    cookie_name: String,
+    clock: Arc<dyn Clock>,
+}
+
+impl fmt::Debug for SessionManager {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SessionManager")
+            .field("store", &self.inner.store.name())
+            .field("config", &self.inner.config)
+            .finish()
+    }
+}
+
+/// Whether the response succeeded, which decides whether anything is saved.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Any response but a 5xx: changes are saved.
+    Success,
+    /// A 5xx response or a panic: nothing is saved and no cookie is sent.
+    Failure,
+}
+
+impl Outcome {
+    /// `Failure` for a 5xx status, `Success` for any other.
+    pub fn from_status(status: u16) -> Self {
+        if (500..600).contains(&status) {
+            Self::Failure
+        } else {
+            Self::Success
+        }
+    }
+}
+
+impl SessionManager {
+    /// A manager over `store` with the default [`SessionConfig`].
+    pub fn new(store: impl SessionStore) -> Self {
+        Self::from_arc(Arc::new(store))
+    }
+
+    /// A manager over a shared store, as returned by [`crate::store::open`].
+    pub fn from_arc(store: Arc<dyn SessionStore>) -> Self {
+        let config = SessionConfig::default();
+        Self {
+            inner: Arc::new(Inner {
+                cookie_name: config.cookie_name(),
+                store,
+                config,
+                clock: Arc::new(SystemClock),
+            }),
+        }
+    }
+
+    /// Replaces the configuration.
+    ///
+    /// # Errors
+    ///
+    /// A config error if [`SessionConfig::validate`] refuses it.
+    pub fn with_config(self, config: SessionConfig) -> Result<Self> {
+        config.validate()?;
+        Ok(self.rebuild(|inner| {
+            inner.cookie_name = config.cookie_name();
+            inner.config = config;
+        }))
+    }
+
+    /// Replaces the clock (tests move a [`ManualClock`](crate::ManualClock)).
+    #[must_use]
+    pub fn with_clock(self, clock: impl Clock) -> Self {
+        self.rebuild(|inner| inner.clock = Arc::new(clock))
+    }
+
+    fn rebuild(self, change: impl FnOnce(&mut Inner)) -> Self {
+        let mut inner = Inner {
+            store: Arc::clone(&self.inner.store),
+            config: self.inner.config.clone(),
+            cookie_name: self.inner.cookie_name.clone(),
+            clock: Arc::clone(&self.inner.clock),
+        };
+        change(&mut inner);
+        Self {
+            inner: Arc::new(inner),
+        }
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Arc<dyn SessionStore> {
+        &self.inner.store
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &SessionConfig {
+        &self.inner.config
+    }
+
+    /// The current time on the manager's clock.
+    pub fn now(&self) -> Timestamp {
+        self.inner.clock.now()
+    }
+
+    /// Begins a request from the value of its `Cookie` header, if any. Reads
+    /// nothing from the store.
+    pub fn start(&self, cookie_header: Option<&str>) -> RequestSession {
+        RequestSession {
+            manager: self.clone(),
+            incoming: self.incoming_id(cookie_header.into_iter()),
+            loaded: tokio::sync::OnceCell::new(),
+        }
+    }
+
+    /// Like [`SessionManager::start`], for a request with several `Cookie` headers.
+    pub fn start_from_headers<'a>(
+        &self,
+        cookie_headers: impl Iterator<Item = &'a str>,
+    ) -> RequestSession {
+        RequestSession {
+            manager: self.clone(),
+            incoming: self.incoming_id(cookie_headers),
+            loaded: tokio::sync::OnceCell::new(),
+        }
+    }
+
+    fn incoming_id<'a>(&self, headers: impl Iterator<Item = &'a str>) -> Incoming {
+        let mut incoming = Incoming::Absent;
+        let values = headers
+            .flat_map(|header| header.split(';'))
+            .filter_map(|pair| pair.trim().split_once('='))
+            .filter(|(name, _)| *name == self.inner.cookie_name)
+            .map(|(_, value)| value.trim_matches('"'));
+        for value in values {
+            match SessionId::parse(value) {
+                Some(id) => return Incoming::Id(id),
+                None => incoming = Incoming::Malformed,
+            }
+        }
+        incoming
+    }
+
+    /// The sessions of `user` that are live now, for a "your devices" page.
+    ///
+    /// # Errors
+    ///
+    /// A backend error if the store fails.
+    pub async fn sessions_of_user(&self, user: &str) -> Result<Vec<(SessionKey, Record)>> {
+        self.inner.store.find_by_user(user, self.now()).await
+    }
+
+    /// Deletes every session of `user` ("log out everywhere"); returns how
+    /// many it deleted.
+    ///
+    /// # Errors
+    ///
+    /// A backend error if the store fails; sessions deleted before the
+    /// failure stay deleted.
+    pub async fn delete_user_sessions(&self, user: &str) -> Result<u64> {
+        let mut deleted = 0;
+        for (key, _) in self.sessions_of_user(user).await? {
+            if self.inner.store.delete(&key, None).await? {
+                deleted += 1;
+            }
+        }
+        Ok(deleted)
+    }
+
+    /// Deletes one session by its key, as an admin page or a "log out that
+    /// device" button does; returns whether it existed.
+    ///
+    /// # Errors
+    ///
+    /// A backend error if the store fails.
+    pub async fn delete_session(&self, key: &SessionKey) -> Result<bool> {
+        self.inner.store.delete(key, None).await
+    }
+
+    /// Deletes the sessions expired now; returns how many.
+    ///
+    /// # Errors
+    ///
+    /// A backend error if the store fails.
+    pub async fn purge_expired(&self) -> Result<u64> {
+        self.inner.store.purge_expired(self.now()).await
+    }
+
+    /// Whether `record` is expired at `now` by its own deadlines or by the
+    /// current configuration (which may be stricter than when it was written).
+    fn is_expired(&self, record: &Record, now: Timestamp) -> bool {
+        let config = &self.inner.config;
+        record.is_expired_at(now)
+            || record.accessed_at.saturating_add(config.idle_timeout) <= now
+            || config
+                .absolute_timeout
+                .is_some_and(|timeout| record.created_at.saturating_add(timeout) <= now)
+    }
+
+    /// Loads the live record under `key`; `None` when missing, expired or corrupt.
+    async fn load_live(
+        &self,
+        key: &SessionKey,
+        now: Timestamp,
+    ) -> Result<Option<(Record, crate::record::DataMap)>> {
+        let record = match self.inner.store.load(key, now).await {
+            Ok(Some(record)) if !self.is_expired(&record, now) => record,
+            Ok(_) => return Ok(None),
+            Err(err) if err.is_decode() => {
+                tracing::warn!(session = %key.fingerprint(), error = %err, "corrupt session record treated as absent");
+                return Ok(None);
+            }
+            Err(err) => return Err(err.context("failed to load session")),
+        };
+        match decode_data(&record.data) {
+            Ok(data) => Ok(Some((record, data))),
+            Err(err) => {
+                tracing::warn!(session = %key.fingerprint(), error = %err, "corrupt session data treated as absent");
+                Ok(None)
+            }
+        }
+    }
+
+    fn fresh_state(&self) -> SessionState {
+        SessionState::fresh(self.now(), self.inner.config.max_session_size)
+    }
+
+    fn new_record(&self, now: Timestamp) -> Record {
+        let config = &self.inner.config;
+        Record::new(
+            now,
+            now.saturating_add(config.idle_timeout),
+            config
+                .absolute_timeout
+                .map(|timeout| now.saturating_add(timeout)),
+        )
+    }
+
+    fn cookie(&self, id: &SessionId, expires_at: Option<Timestamp>, now: Timestamp) -> String {
+        let mut cookie = self.cookie_base(id.to_string());
+        if let (CookieLifetime::Persistent, Some(expires_at)) =
+            (self.inner.config.lifetime, expires_at)
+        {
+            let seconds = expires_at.duration_since(now).as_secs();
+            cookie.set_max_age(cookie::time::Duration::seconds(
+                i64::try_from(seconds).unwrap_or(i64::MAX),
+            ));
+        }
+        cookie.to_string()
+    }
+
+    /// A cookie that makes the browser drop the session cookie: the same
+    /// name, path, domain and flags, `Max-Age=0`.
+    fn revocation_cookie(&self) -> String {
+        let mut cookie = self.cookie_base(String::new());
+        cookie.set_max_age(cookie::time::Duration::ZERO);
+        cookie.to_string()
+    }
+
+    fn cookie_base(&self, value: String) -> cookie::Cookie<'static> {
+        let config = &self.inner.config;
+        let mut cookie = cookie::Cookie::new(self.inner.cookie_name.clone(), value);
+        cookie.set_http_only(true);
+        cookie.set_secure(config.secure);
+        cookie.set_path(config.path.clone());
+        cookie.set_same_site(match config.same_site {
+            SameSite::Strict => cookie::SameSite::Strict,
+            SameSite::Lax => cookie::SameSite::Lax,
+            SameSite::None => cookie::SameSite::None,
+        });
+        if let Some(domain) = &config.domain {
+            cookie.set_domain(domain.clone());
+        }
+        cookie
+    }
+}
+
+#[derive(Debug)]
+enum Incoming {
+    Absent,
+    Malformed,
+    Id(SessionId),
+}
+
+/// One request's session, from [`SessionManager::start`] to
+/// [`RequestSession::finish`].
+pub struct RequestSession {
+    manager: SessionManager,
+    incoming: Incoming,
+    loaded: tokio::sync::OnceCell<Loaded>,
+}
+
+struct Loaded {
+    session: Session,
+    exclusive: bool,
+}
+
+impl fmt::Debug for RequestSession {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RequestSession")
+            .field("incoming", &self.incoming)
+            .field("loaded", &self.loaded.get().map(|loaded| &loaded.session))
+            .finish()
+    }
+}
+
+/// The changes of one request, applied onto whatever version is stored.
+struct ChangeSet {
+    data: std::collections::BTreeMap<String, Option<Box<serde_json::value::RawValue>>>,
+    user: Option<Option<String>>,
+    rotate: bool,
+    lease_token: Option<u64>,
+}
+
+impl RequestSession {
+    /// The session, loaded on first call; it merges this request's changes
+    /// into the stored session at save.
+    ///
+    /// # Errors
+    ///
+    /// A backend error if the store cannot be read (send a 503). A corrupt or
+    /// expired record is not an error: it yields a fresh session.
+    pub async fn session(&self) -> Result<Session> {
+        let loaded = self
+            .loaded
+            .get_or_try_init(|| async {
+                Ok::<_, Error>(Loaded {
+                    session: Session::from_state(self.load_plain().await?),
+                    exclusive: false,
+                })
+            })
+            .await?;
+        Ok(loaded.session.clone())
+    }
+
+    /// The session, holding its lease until the response is saved, so no
+    /// other exclusive session of the same session runs meanwhile.
+    ///
+    /// # Errors
+    ///
+    /// A lock-timeout error if another holder keeps the lease longer than
+    /// the configured wait; a backend error if the store fails; a usage error
+    /// if this request already loaded the session without the lock.
+    pub async fn exclusive_session(&self) -> Result<Session> {
+        let loaded = self
+            .loaded
+            .get_or_try_init(|| async {
+                Ok::<_, Error>(Loaded {
+                    session: Session::from_state(self.load_exclusive().await?),
+                    exclusive: true,
+                })
+            })
+            .await?;
+        if !loaded.exclusive {
+            return Err(Error::usage(
+                "the session was already loaded without a lock in this request; ask for the exclusive session first",
+            ));
+        }
+        Ok(loaded.session.clone())
+    }
+
+    async fn load_plain(&self) -> Result<SessionState> {
+        let manager = &self.manager;
+        let Incoming::Id(id) = &self.incoming else {
+            return Ok(manager.fresh_state());
+        };
+        let key = id.key();
+        Ok(match manager.load_live(&key, manager.now()).await? {
+            Some((record, data)) => SessionState::loaded(
+                Stored {
+                    id: id.clone(),
+                    key,
+                    record,
+                },
+                data,
+                manager.inner.config.max_session_size,
+            ),
+            None => manager.fresh_state(),
+        })
+    }
+
+    async fn load_exclusive(&self) -> Result<SessionState> {
+        let manager = &self.manager;
+        let Incoming::Id(id) = &self.incoming else {
+            // A new session's id is known to nobody else: no lock needed.
+            return Ok(manager.fresh_state());
+        };
+        let config = &manager.inner.config;
+        let key = id.key();
+        let token = random_u64();
+        let started = tokio::time::Instant::now();
+        let mut backoff = Backoff::new(token);
+        loop {
+            let now = manager.now();
+            let Some((record, data)) = manager.load_live(&key, now).await? else {
+                return Ok(manager.fresh_state());
+            };
+            if record.lease.is_some_and(|lease| lease.is_held_at(now)) {
+                if started.elapsed() >= config.lock_wait {
+                    return Err(Error::lock_timeout(started.elapsed()));
+                }
+                backoff.wait().await;
+                continue;
+            }
+            let mut leased = record.clone();
+            leased.version = record.version + 1;
+            leased.lease = Some(Lease {
+                token,
+                until: now.saturating_add(config.lease_duration),
+            });
+            let won = manager
+                .inner
+                .store
+                .replace(&key, record.version, &leased, now)
+                .await
+                .map_err(|err| err.context("failed to lock session"))?;
+            if won {
+                let mut state = SessionState::loaded(
+                    Stored {
+                        id: id.clone(),
+                        key,
+                        record: leased,
+                    },
+                    data,
+                    config.max_session_size,
+                );
+                state.lease_token = Some(token);
+                return Ok(state);
+            }
+        }
+    }
+
+    /// Ends the request: saves the session if the outcome is a success and
+    /// it changed, and returns the `Set-Cookie` header value to send.
+    ///
+    /// A failure saves nothing (an exclusive session's lease is released).
+    ///
+    /// # Errors
+    ///
+    /// A backend error if the store fails while saving; the response should
+    /// then become a 503, since the handler's changes were not kept.
+    pub async fn finish(&self, outcome: Outcome) -> Result<Option<String>> {
+        let Some(loaded) = self.loaded.get() else {
+            return Ok(None);
+        };
+        let manager = &self.manager;
+        let now = manager.now();
+        let (stored, changes, fresh_data, user, expired, has_info) = {
+            let mut state = loaded.session.lock();
+            let changes = ChangeSet {
+                data: std::mem::take(&mut state.changes),
+                user: state.user_changed.then(|| state.user.clone()),
+                rotate: state.rotate,
+                lease_token: state.lease_token,
+            };
+            let stored = state
+                .stored
+                .as_ref()
+                .map(|stored| (stored.id.clone(), stored.key, stored.record.clone()));
+            let fresh_data = if stored.is_none() {
+                encode_data(&state.data)
+            } else {
+                Vec::new()
+            };
+            (
+                stored,
+                changes,
+                fresh_data,
+                state.user.clone(),
+                state.expired,
+                state.has_info(),
+            )
+        };
+        let had_cookie = !matches!(self.incoming, Incoming::Absent);
+        let revoke = || had_cookie.then(|| manager.revocation_cookie());
+
+        let Some((id, key, base)) = stored else {
+            if outcome == Outcome::Failure || expired || !has_info {
+                return Ok(if outcome == Outcome::Success {
+                    revoke()
+                } else {
+                    None
+                });
+            }
+            return self.create(user, fresh_data, now).await.map(Some);
+        };
+
+        if outcome == Outcome::Failure {
+            if changes.lease_token.is_some() {
+                let release_only = ChangeSet {
+                    data: Default::default(),
+                    user: None,
+                    rotate: false,
+                    ..changes
+                };
+                self.save(id, key, base, release_only, now).await?;
+            }
+            return Ok(None);
+        }
+        if expired {
+            manager
+                .inner
+                .store
+                .delete(&key, None)
+                .await
+                .map_err(|err| err.context("failed to delete session"))?;
+            tracing::debug!(session = %key.fingerprint(), "session expired by the application");
+            return Ok(revoke());
+        }
+        let dirty = !changes.data.is_empty() || changes.user.is_some() || changes.rotate;
+        if !dirty && changes.lease_token.is_none() {
+            return self.touch(&id, &key, &base, now).await;
+        }
+        self.save(id, key, base, changes, now).await
+    }
+
+    async fn create(&self, user: Option<String>, data: Vec<u8>, now: Timestamp) -> Result<String> {
+        let manager = &self.manager;
+        let mut record = manager.new_record(now);
+        record.user = user;
+        record.data = data;
+        for _ in 0..3 {
+            let id = SessionId::generate();
+            let key = id.key();
+            let outcome = manager
+                .inner
+                .store
+                .create(&key, &record, now)
+                .await
+                .map_err(|err| err.context("failed to create session"))?;
+            if outcome == CreateOutcome::Created {
+                tracing::debug!(session = %key.fingerprint(), "session created");
+                return Ok(manager.cookie(&id, Some(record.expires_at()), now));
+            }
+        }
+        Err(Error::backend(
+            manager.inner.store.name(),
+            "three fresh session ids collided; the store's create is not keeping records apart",
+        ))
+    }
+
+    async fn touch(
+        &self,
+        id: &SessionId,
+        key: &SessionKey,
+        base: &Record,
+        now: Timestamp,
+    ) -> Result<Option<String>> {
+        let manager = &self.manager;
+        let config = &manager.inner.config;
+        if now.duration_since(base.accessed_at) < config.touch_interval {
+            return Ok(None);
+        }
+        let idle_deadline = now.saturating_add(config.idle_timeout);
+        let touched = manager
+            .inner
+            .store
+            .touch(key, now, idle_deadline)
+            .await
+            .map_err(|err| err.context("failed to touch session"))?;
+        let expires_at = match base.absolute_deadline {
+            Some(absolute) => absolute.min(idle_deadline),
+            None => idle_deadline,
+        };
+        Ok((touched && config.lifetime == CookieLifetime::Persistent)
+            .then(|| manager.cookie(id, Some(expires_at), now)))
+    }
+
+    /// Applies `changes` onto the stored session by compare-and-swap,
+    /// reloading and reapplying on conflict; moves it to a new id if asked.
+    async fn save(
+        &self,
+        id: SessionId,
+        key: SessionKey,
+        mut base: Record,
+        changes: ChangeSet,
+        now: Timestamp,
+    ) -> Result<Option<String>> {
+        let manager = &self.manager;
+        let store = &manager.inner.store;
+        let save_failed = |err: Error| err.context("failed to save session");
+        let mut backoff = Backoff::new(random_u64());
+        for _ in 0..MAX_SAVE_ATTEMPTS {
+            let merged = match self.apply(&base, &changes, now) {
+                Ok(merged) => merged,
+                Err(err) => {
+                    tracing::warn!(session = %key.fingerprint(), error = %err, "session changed into unreadable data; changes dropped");
+                    return Ok(None);
+                }
+            };
+            let has_info = merged.user.is_some() || merged.data != crate::record::EMPTY_DATA;
+            let done = if !has_info {
+                if store
+                    .delete(&key, Some(base.version))
+                    .await
+                    .map_err(save_failed)?
+                {
+                    let had_cookie = !matches!(self.incoming, Incoming::Absent);
+                    return Ok(had_cookie.then(|| manager.revocation_cookie()));
+                }
+                false
+            } else if changes.rotate {
+                let new_id = SessionId::generate();
+                let new_key = new_id.key();
+                let mut moved = merged.clone();
+                moved.lease = None;
+                if store
+                    .create(&new_key, &moved, now)
+                    .await
+                    .map_err(save_failed)?
+                    == CreateOutcome::Created
+                {
+                    if store
+                        .delete(&key, Some(base.version))
+                        .await
+                        .map_err(save_failed)?
+                    {
+                        tracing::debug!(from = %key.fingerprint(), to = %new_key.fingerprint(), "session id renewed");
+                        return Ok(Some(manager.cookie(&new_id, Some(moved.expires_at()), now)));
+                    }
+                    // Someone wrote the old record meanwhile: undo and merge again.
+                    store.delete(&new_key, None).await.map_err(save_failed)?;
+                }
+                false
+            } else if store
+                .replace(&key, base.version, &merged, now)
+                .await
+                .map_err(save_failed)?
+            {
+                let refresh = manager.inner.config.lifetime == CookieLifetime::Persistent;
+                return Ok(refresh.then(|| manager.cookie(&id, Some(merged.expires_at()), now)));
+            } else {
+                false
+            };
+            debug_assert!(!done);
+            match store.load(&key, now).await {
+                Ok(Some(latest)) if !manager.is_expired(&latest, now) => base = latest,
+                Ok(_) => {
+                    tracing::debug!(session = %key.fingerprint(), "session deleted by another request; changes dropped");
+                    return Ok(None);
+                }
+                Err(err) if err.is_decode() => return Ok(None),
+                Err(err) => return Err(save_failed(err)),
+            }
+            backoff.wait().await;
+        }
+        Err(Error::backend(
+            store.name(),
+            "too many concurrent writers on one session; changes dropped",
+        ))
+    }
+
+    /// The record that results from applying `changes` onto `base`.
+    fn apply(&self, base: &Record, changes: &ChangeSet, now: Timestamp) -> Result<Record> {
+        let config = &self.manager.inner.config;
+        let mut merged = base.clone();
+        if !changes.data.is_empty() {
+            let mut data = decode_data(&base.data)?;
+            for (key, value) in &changes.data {
+                match value {
+                    Some(value) => data.insert(key.clone(), value.clone()),
+                    None => data.remove(key),
+                };
+            }
+            merged.data = encode_data(&data);
+        }
+        if let Some(user) = &changes.user {
+            merged.user.clone_from(user);
+        }
+        if merged
+            .lease
+            .is_some_and(|lease| Some(lease.token) == changes.lease_token)
+        {
+            merged.lease = None;
+        }
+        merged.version = base.version + 1;
+        merged.accessed_at = now;
+        merged.idle_deadline = now.saturating_add(config.idle_timeout);
+        Ok(merged)
+    }
+}
+
+fn random_u64() -> u64 {
+    let mut bytes = [0u8; 8];
+    getrandom::fill(&mut bytes).expect("the operating system's random source failed");
+    u64::from_le_bytes(bytes)
+}
+
+/// Jittered exponential backoff for lock waits and save retries.
+struct Backoff {
+    next: Duration,
+    seed: u64,
+}
+
+impl Backoff {
+    fn new(seed: u64) -> Self {
+        Self {
+            next: Duration::from_micros(500),
+            seed: seed | 1,
+        }
+    }
+
+    async fn wait(&mut self) {
+        // xorshift: cheap jitter so waiters do not wake in lockstep.
+        self.seed ^= self.seed << 13;
+        self.seed ^= self.seed >> 7;
+        self.seed ^= self.seed << 17;
+        let jitter = Duration::from_micros(self.seed % 1_000);
+        tokio::time::sleep(self.next + jitter).await;
+        self.next = (self.next * 2).min(Duration::from_millis(20));
+    }
+}

@@ -1,0 +1,228 @@
+//! [`MemoryStore`]: sessions in the process's memory, the original's volatile store.
+//!
+//! | persistent | multiprocess safe | thread safe | server-side expiry | atomic create |
+//! |---|---|---|---|---|
+//! | no | no | yes | yes: evicted on write and by purge | yes |
+//!
+//! For tests, development and single-process applications that can afford
+//! to log everyone out on restart. An expiry index makes eviction cost
+//! proportional to what expired, so dead sessions never pile up; a user index
+//! serves [`find_by_user`](crate::SessionStore::find_by_user).
+//!
+//! ```
+//! use session2::{MemoryStore, SessionManager};
+//!
+//! let manager = SessionManager::new(MemoryStore::new());
+//! assert!(!manager.store().capabilities().is_multiprocess_safe);
+//! ```
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::ops::Bound;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use async_trait::async_trait;
+
+use crate::store::{Capabilities, CreateOutcome, Page, SessionStore};
+use crate::{Record, Result, SessionKey, Timestamp};
+
+/// An in-memory store; clones share the same sessions.
+#[derive(Clone, Debug, Default)]
+pub struct MemoryStore {
+    state: Arc<Mutex<State>>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    records: BTreeMap<SessionKey, Record>,
+    by_expiry: BTreeSet<(Timestamp, SessionKey)>,
+    by_user: HashMap<String, BTreeSet<SessionKey>>,
+}
+
+impl State {
+    fn insert(&mut self, key: SessionKey, record: Record) {
+        self.by_expiry.insert((record.expires_at(), key));
+        if let Some(user) = &record.user {
+            self.by_user.entry(user.clone()).or_default().insert(key);
+        }
+        if let Some(old) = self.records.insert(key, record) {
+            self.unindex(&key, &old);
+        }
+    }
+
+    fn remove(&mut self, key: &SessionKey) -> Option<Record> {
+        let old = self.records.remove(key)?;
+        self.unindex(key, &old);
+        Some(old)
+    }
+
+    /// Drops the index entries of `old` that the current record (if any) does not share.
+    fn unindex(&mut self, key: &SessionKey, old: &Record) {
+        let current = self.records.get(key);
+        if current.map(Record::expires_at) != Some(old.expires_at()) {
+            self.by_expiry.remove(&(old.expires_at(), *key));
+        }
+        if let Some(user) = &old.user
+            && current.and_then(|record| record.user.as_ref()) != Some(user)
+            && let Some(keys) = self.by_user.get_mut(user)
+        {
+            keys.remove(key);
+            if keys.is_empty() {
+                self.by_user.remove(user);
+            }
+        }
+    }
+
+    fn live(&self, key: &SessionKey, now: Timestamp) -> Option<&Record> {
+        self.records
+            .get(key)
+            .filter(|record| !record.is_expired_at(now))
+    }
+
+    fn purge(&mut self, now: Timestamp) -> u64 {
+        let mut purged = 0;
+        while let Some(&(expires_at, key)) = self.by_expiry.first() {
+            if expires_at > now {
+                break;
+            }
+            if self.remove(&key).is_some() {
+                purged += 1;
+            }
+            self.by_expiry.remove(&(expires_at, key));
+        }
+        purged
+    }
+}
+
+impl MemoryStore {
+    /// An empty store.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock leaves the maps consistent: every
+        // mutation is a single insert or remove.
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+#[async_trait]
+impl SessionStore for MemoryStore {
+    fn name(&self) -> &'static str {
+        "memory"
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            is_multiprocess_safe: false,
+            is_thread_safe: true,
+        }
+    }
+
+    async fn setup(&self) -> Result<()> {
+        Ok(())
+    }
+
+    async fn load(&self, key: &SessionKey, now: Timestamp) -> Result<Option<Record>> {
+        Ok(self.state().live(key, now).cloned())
+    }
+
+    async fn create(
+        &self,
+        key: &SessionKey,
+        record: &Record,
+        now: Timestamp,
+    ) -> Result<CreateOutcome> {
+        let mut state = self.state();
+        state.purge(now);
+        if state.records.contains_key(key) {
+            return Ok(CreateOutcome::Collision);
+        }
+        state.insert(*key, record.clone());
+        Ok(CreateOutcome::Created)
+    }
+
+    async fn replace(
+        &self,
+        key: &SessionKey,
+        expected_version: u64,
+        record: &Record,
+        now: Timestamp,
+    ) -> Result<bool> {
+        let mut state = self.state();
+        match state.live(key, now) {
+            Some(stored) if stored.version == expected_version => {
+                state.insert(*key, record.clone());
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+
+    async fn delete(&self, key: &SessionKey, expected_version: Option<u64>) -> Result<bool> {
+        let mut state = self.state();
+        match state.records.get(key) {
+            Some(stored) if expected_version.is_none_or(|version| version == stored.version) => {
+                state.remove(key);
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+
+    async fn touch(
+        &self,
+        key: &SessionKey,
+        accessed_at: Timestamp,
+        idle_deadline: Timestamp,
+    ) -> Result<bool> {
+        let mut state = self.state();
+        let Some(stored) = state.live(key, accessed_at) else {
+            return Ok(false);
+        };
+        let mut touched = stored.clone();
+        touched.accessed_at = accessed_at;
+        touched.idle_deadline = idle_deadline;
+        state.insert(*key, touched);
+        Ok(true)
+    }
+
+    async fn purge_expired(&self, now: Timestamp) -> Result<u64> {
+        Ok(self.state().purge(now))
+    }
+
+    async fn list(&self, after: Option<&SessionKey>, limit: usize) -> Result<Page> {
+        let state = self.state();
+        let start = after.map_or(Bound::Unbounded, Bound::Excluded);
+        let mut records: Vec<_> = state
+            .records
+            .range((start, Bound::Unbounded))
+            .take(limit.saturating_add(1))
+            .map(|(key, record)| (*key, record.clone()))
+            .collect();
+        let next = if records.len() > limit {
+            records.truncate(limit);
+            records.last().map(|(key, _)| *key)
+        } else {
+            None
+        };
+        Ok(Page { records, next })
+    }
+
+    async fn count(&self) -> Result<u64> {
+        Ok(self.state().records.len() as u64)
+    }
+
+    async fn find_by_user(&self, user: &str, now: Timestamp) -> Result<Vec<(SessionKey, Record)>> {
+        let state = self.state();
+        let Some(keys) = state.by_user.get(user) else {
+            return Ok(Vec::new());
+        };
+        Ok(keys
+            .iter()
+            .filter_map(|key| state.live(key, now).map(|record| (*key, record.clone())))
+            .collect())
+    }
+}

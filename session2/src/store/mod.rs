@@ -1,0 +1,153 @@
+//! The store contract: the few primitives every back end implements.
+//!
+//! A [`SessionStore`] keeps [`Record`]s under [`SessionKey`]s. Everything the
+//! library promises (no lost updates, no resurrected sessions, exclusive
+//! sessions across processes, expiry, id rotation, per-user logout) is built
+//! once, in the [`SessionManager`](crate::SessionManager), out of these
+//! primitives; a store only has to make each one atomic:
+//!
+//! | primitive | contract |
+//! |---|---|
+//! | [`load`](SessionStore::load) | the record and its version; `None` if missing or expired |
+//! | [`create`](SessionStore::create) | insert only if no live record has the key; a collision never overwrites |
+//! | [`replace`](SessionStore::replace) | compare-and-swap on the version; never recreates a deleted record |
+//! | [`delete`](SessionStore::delete) | remove, optionally only at a given version |
+//! | [`touch`](SessionStore::touch) | move the idle deadline without rewriting data or bumping the version |
+//! | [`purge_expired`](SessionStore::purge_expired) | delete every record expired at `now` |
+//! | [`list`](SessionStore::list), [`count`](SessionStore::count) | page through records by key, count them |
+//! | [`find_by_user`](SessionStore::find_by_user) | a user's live sessions, through an index |
+//!
+//! Stores receive "now" from the caller and never read a clock, so expiry is
+//! decided by one clock and tests can move it.
+//!
+//! Third-party stores prove they meet the contract by running the public
+//! conformance suite (`session2::testing`, cargo feature `testing`).
+
+#[cfg(feature = "memory")]
+mod memory;
+mod url;
+
+use std::fmt;
+
+use async_trait::async_trait;
+
+#[cfg(feature = "memory")]
+#[cfg_attr(docsrs, doc(cfg(feature = "memory")))]
+pub use self::memory::MemoryStore;
+pub use self::url::open;
+use crate::{Record, Result, SessionKey, Timestamp};
+
+/// What a store can safely be shared by, so an application can refuse a
+/// store that does not fit its deployment (the original's two flags).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Capabilities {
+    /// Several OS processes (workers, machines) may use the store at once.
+    pub is_multiprocess_safe: bool,
+    /// Several threads of one process may use the store at once.
+    pub is_thread_safe: bool,
+}
+
+/// Whether [`SessionStore::create`] stored the record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CreateOutcome {
+    /// The record was stored.
+    Created,
+    /// A live record already has this key; nothing was written.
+    Collision,
+}
+
+/// One page of [`SessionStore::list`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Page {
+    /// Records in ascending key order.
+    pub records: Vec<(SessionKey, Record)>,
+    /// The key to pass as `after` for the next page; `None` on the last page.
+    pub next: Option<SessionKey>,
+}
+
+/// A session back end: a map from [`SessionKey`] to versioned [`Record`].
+///
+/// All methods are safe to call concurrently from many tasks, and, for a
+/// store whose [`capabilities`](SessionStore::capabilities) say so, from many
+/// processes. A method fails with a backend error
+/// ([`Error::is_backend`](crate::Error::is_backend)) when the server or file
+/// system cannot be reached; it never panics on stored data it cannot read.
+#[async_trait]
+pub trait SessionStore: Send + Sync + fmt::Debug + 'static {
+    /// A short name for errors and logs, such as `"postgres"`.
+    fn name(&self) -> &'static str;
+
+    /// Whether the store is safe across processes and threads.
+    fn capabilities(&self) -> Capabilities;
+
+    /// Creates what the store needs (directory, table, indexes). Idempotent:
+    /// running it on a store that already holds sessions changes nothing and
+    /// never drops or truncates data.
+    async fn setup(&self) -> Result<()>;
+
+    /// The record stored under `key`.
+    ///
+    /// Returns `None` when the key is missing or the record is expired at
+    /// `now`. A record whose metadata cannot be decoded fails with a decode
+    /// error ([`Error::is_decode`](crate::Error::is_decode)), which the manager
+    /// treats as an absent session.
+    async fn load(&self, key: &SessionKey, now: Timestamp) -> Result<Option<Record>>;
+
+    /// Stores `record` under `key` only if no live record has that key.
+    ///
+    /// An expired record under the key may be replaced. On
+    /// [`CreateOutcome::Collision`] nothing is written.
+    async fn create(
+        &self,
+        key: &SessionKey,
+        record: &Record,
+        now: Timestamp,
+    ) -> Result<CreateOutcome>;
+
+    /// Compare-and-swap: replaces the record under `key` with `record` only
+    /// if the stored record's version is `expected_version`.
+    ///
+    /// Returns `false`, writing nothing, when the versions differ, or when
+    /// the record is missing or expired at `now`: a replace never recreates a
+    /// deleted session. The caller sets `record.version` (normally
+    /// `expected_version + 1`).
+    async fn replace(
+        &self,
+        key: &SessionKey,
+        expected_version: u64,
+        record: &Record,
+        now: Timestamp,
+    ) -> Result<bool>;
+
+    /// Deletes the record under `key`; with `expected_version`, only if the
+    /// stored version matches. Returns whether a record was deleted.
+    async fn delete(&self, key: &SessionKey, expected_version: Option<u64>) -> Result<bool>;
+
+    /// Sets `accessed_at` and `idle_deadline` of a live record without
+    /// rewriting its data or changing its version, so a concurrent
+    /// compare-and-swap is unaffected. Returns `false` when the record is
+    /// missing or expired at `accessed_at`.
+    async fn touch(
+        &self,
+        key: &SessionKey,
+        accessed_at: Timestamp,
+        idle_deadline: Timestamp,
+    ) -> Result<bool>;
+
+    /// Deletes every record expired at `now` and returns how many it deleted.
+    /// Records that cannot be decoded are deleted too (they can never be read).
+    async fn purge_expired(&self, now: Timestamp) -> Result<u64>;
+
+    /// Up to `limit` records with keys after `after` (from the start when
+    /// `None`), in ascending key order. Expired records not yet purged may
+    /// be included (an admin tool reports them); undecodable ones are
+    /// skipped. Memory use is bounded by `limit`, not by the store's size.
+    async fn list(&self, after: Option<&SessionKey>, limit: usize) -> Result<Page>;
+
+    /// The number of records stored, expired ones not yet purged included.
+    async fn count(&self) -> Result<u64>;
+
+    /// The live records (at `now`) whose user is `user`, through an index:
+    /// never a scan of every session.
+    async fn find_by_user(&self, user: &str, now: Timestamp) -> Result<Vec<(SessionKey, Record)>>;
+}

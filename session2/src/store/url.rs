@@ -1,0 +1,84 @@
+//! Opening a store from a URL, the syntax shared by the CLI and the demo.
+//!
+//! | URL | store |
+//! |---|---|
+//! | `memory:` | [`MemoryStore`](super::MemoryStore) |
+//! | `dir:PATH` | [`DirectoryStore`](super::DirectoryStore) |
+//! | `sqlite:PATH`, `redb:PATH`, `postgres://…`, `mysql://…`, `redis://…` | their stores, when compiled in |
+//!
+//! A scheme whose store was not compiled in fails with an error that names
+//! the cargo feature to enable.
+
+use std::sync::Arc;
+
+use super::SessionStore;
+use crate::{Error, Result};
+
+/// Opens the store a URL names, without calling [`SessionStore::setup`].
+///
+/// ```
+/// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
+/// let store = session2::store::open("memory:").await?;
+/// assert_eq!(store.name(), "memory");
+/// assert!(session2::store::open("gopher://x").await.unwrap_err().is_config());
+/// # Ok::<_, session2::Error>(()) }).unwrap();
+/// ```
+pub async fn open(url: &str) -> Result<Arc<dyn SessionStore>> {
+    let (scheme, rest) = url.split_once(':').ok_or_else(|| {
+        Error::config(format_args!(
+            "store URL `{url}` has no scheme; expected `memory:`, `dir:PATH`, `sqlite:PATH`, `redb:PATH`, `postgres://…`, `mysql://…` or `redis://…`"
+        ))
+    })?;
+    match scheme {
+        "memory" => open_memory(rest),
+        "dir" => open_directory(rest),
+        "sqlite" => Err(Error::unsupported("sqlite", "sqlite")),
+        "redb" => Err(Error::unsupported("redb", "redb")),
+        "postgres" | "postgresql" => Err(Error::unsupported("postgres", "postgres")),
+        "mysql" | "mariadb" => Err(Error::unsupported("mysql", "mysql")),
+        "redis" | "rediss" => Err(Error::unsupported("redis", "redis")),
+        other => Err(Error::config(format_args!(
+            "unknown store scheme `{other}` in `{url}`; expected memory, dir, sqlite, redb, postgres, mysql or redis"
+        ))),
+    }
+}
+
+#[cfg(feature = "memory")]
+fn open_memory(rest: &str) -> Result<Arc<dyn SessionStore>> {
+    if !rest.is_empty() {
+        return Err(Error::config("`memory:` takes no path or options"));
+    }
+    Ok(Arc::new(super::MemoryStore::new()))
+}
+
+#[cfg(not(feature = "memory"))]
+fn open_memory(_rest: &str) -> Result<Arc<dyn SessionStore>> {
+    Err(Error::unsupported("memory", "memory"))
+}
+
+#[cfg(feature = "directory")]
+fn open_directory(path: &str) -> Result<Arc<dyn SessionStore>> {
+    let path = path.strip_prefix("//").unwrap_or(path);
+    if path.is_empty() {
+        return Err(Error::config("`dir:` needs a path, as in `dir:./sessions`"));
+    }
+    Ok(Arc::new(super::DirectoryStore::new(path)))
+}
+
+#[cfg(not(feature = "directory"))]
+fn open_directory(_path: &str) -> Result<Arc<dyn SessionStore>> {
+    Err(Error::unsupported("dir", "directory"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn unknown_and_missing_schemes_are_config_errors() {
+        assert!(open("nope").await.unwrap_err().is_config());
+        assert!(open("ftp://x").await.unwrap_err().is_config());
+        assert!(open("dir:").await.unwrap_err().is_config());
+        assert!(open("memory:x").await.unwrap_err().is_config());
+    }
+}
