@@ -71,6 +71,8 @@ pub use crate::id::{SessionId, SessionKey};
 pub use crate::manager::{Outcome, RequestSession, SessionManager};
 pub use crate::record::{Lease, RECORD_FORMAT, Record};
 pub use crate::session::Session;
+#[cfg(feature = "directory")]
+pub use crate::store::DirectoryStore;
 #[cfg(feature = "memory")]
 pub use crate::store::MemoryStore;
 pub use crate::store::{Capabilities, CreateOutcome, Page, SessionStore};
