@@ -1,0 +1,51 @@
+//! The conformance suite and SQL cases against [`PostgresStore`], on the server
+//! at `SESSION2_TEST_POSTGRES_URL` (read at run time; default `postgres://postgres@127.0.0.1:5432/test`),
+//! each store on its own table.
+
+#[macro_use]
+mod sql_cases;
+
+use std::sync::Arc;
+
+use session2::SessionStore;
+use session2::store::PostgresStore;
+
+fn url() -> String {
+    std::env::var("SESSION2_TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned())
+}
+
+async fn factory() -> Option<Arc<dyn SessionStore>> {
+    store().await
+}
+
+async fn store() -> Option<Arc<dyn SessionStore>> {
+    store_on(&sql_cases::unique_table_name()).await
+}
+
+/// A set-up store on `table`, or `None` (under CI: a panic) when the server is unreachable.
+async fn store_on(table: &str) -> Option<Arc<dyn SessionStore>> {
+    let store =
+        session2::testing::require_server("postgres", PostgresStore::connect(&url()).await)?
+            .with_table_name(table)
+            .expect("a valid table name");
+    store.setup().await.expect("setup");
+    Some(Arc::new(store))
+}
+
+session2::conformance_tests!(factory);
+sql_store_cases!();
+
+#[test]
+fn table_name_with_sql_is_refused() {
+    session2::testing::run(async {
+        let connected = PostgresStore::connect(&url()).await;
+        let Some(store) = session2::testing::require_server("postgres", connected) else {
+            return;
+        };
+        for bad in ["s; DROP TABLE t", "s\"", "a b", "über", "", "x`y"] {
+            assert!(store.clone().with_table_name(bad).unwrap_err().is_config());
+        }
+        assert_eq!(store.table_name(), "session2_sessions");
+    });
+}
