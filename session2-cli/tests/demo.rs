@@ -415,6 +415,97 @@ mod scenarios {
         assert_eq!(state(&client, &demo).await["counter"], 64);
     }
 
+    pub(crate) async fn sessions_page_lists_and_ends_sessions(store: &str, cwd: &Path) {
+        let demo = Demo::start(store, cwd);
+        let laptop = browser();
+        let phone = browser();
+        let login = |client: reqwest::Client, user: &'static str| {
+            let url = demo.url("/login");
+            async move {
+                client
+                    .post(url)
+                    .form(&[("user", user)])
+                    .send()
+                    .await
+                    .unwrap()
+                    .status()
+            }
+        };
+        let anonymous = browser().get(demo.url("/sessions")).send().await.unwrap();
+        assert_eq!(
+            anonymous.status(),
+            StatusCode::SEE_OTHER,
+            "no user, no sessions page"
+        );
+        post(&laptop, &demo, "/increment").await;
+        assert_eq!(login(laptop.clone(), "carol").await, StatusCode::SEE_OTHER);
+        assert_eq!(login(phone.clone(), "carol").await, StatusCode::SEE_OTHER);
+        let other = browser();
+        assert_eq!(login(other.clone(), "mallory").await, StatusCode::SEE_OTHER);
+        let page = laptop
+            .get(demo.url("/sessions"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert!(page.contains("2 active session(s)"), "{page}");
+        assert_eq!(page.matches("this device").count(), 1);
+        let phone_fingerprint = state(&phone, &demo).await["fingerprint"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let mallory_fingerprint = state(&other, &demo).await["fingerprint"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        assert!(page.contains(&phone_fingerprint) && !page.contains(&mallory_fingerprint));
+        // Someone else's session cannot be ended from here.
+        let foreign = laptop
+            .post(demo.url("/sessions/end"))
+            .form(&[("fingerprint", &mallory_fingerprint)])
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(foreign.status(), StatusCode::NOT_FOUND);
+        assert_eq!(state(&other, &demo).await["active"], true);
+        // End the phone's session from the laptop.
+        let ended = laptop
+            .post(demo.url("/sessions/end"))
+            .form(&[("fingerprint", &phone_fingerprint)])
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(ended.status(), StatusCode::SEE_OTHER);
+        assert_eq!(state(&phone, &demo).await["active"], false);
+        let page = laptop
+            .get(demo.url("/sessions"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert!(page.contains("1 active session(s)"), "{page}");
+        // Log out everywhere.
+        assert_eq!(login(phone.clone(), "carol").await, StatusCode::SEE_OTHER);
+        let everywhere = post(&laptop, &demo, "/logout-everywhere").await;
+        assert_eq!(everywhere.status(), StatusCode::SEE_OTHER);
+        assert!(
+            set_cookies(&everywhere)
+                .iter()
+                .any(|cookie| cookie.contains("Max-Age=0"))
+        );
+        assert_eq!(state(&laptop, &demo).await["active"], false);
+        assert_eq!(state(&phone, &demo).await["active"], false);
+        assert_eq!(
+            state(&other, &demo).await["active"],
+            true,
+            "other users are untouched"
+        );
+    }
+
     pub(crate) async fn restart_keeps_the_session(store: &str, cwd: &Path) {
         let demo = Demo::start(store, cwd);
         let created = bare().post(demo.url("/increment")).send().await.unwrap();
@@ -526,6 +617,7 @@ macro_rules! every_scenario {
                 login_renews_the_id_and_keeps_the_counter,
                 forged_cookies_get_a_fresh_session,
                 concurrent_increments_end_at_64,
+                sessions_page_lists_and_ends_sessions,
             ]
         );
     };
