@@ -22,6 +22,7 @@ use session2::{ExclusiveSession, Session, SessionConfig, SessionLayer, SessionMa
 const DEFAULT_STORE: &str = "dir:session2-data";
 const COUNTER: &str = "counter";
 const MAX_USER_LEN: usize = 128;
+const STYLE: &str = "body{font-family:sans-serif;max-width:44em;margin:2em auto}form{display:inline-block;margin:.2em}td,th{padding:.2em .6em;text-align:left}";
 
 #[derive(Debug, clap::Args)]
 pub(crate) struct DemoArgs {
@@ -151,7 +152,7 @@ async fn index(session: Session) -> Html<String> {
         r#"<!doctype html>
 <html lang="en">
 <head><meta charset="utf-8"><title>session2 demo</title>
-<style>body{{font-family:sans-serif;max-width:40em;margin:2em auto}}form{{display:inline-block;margin:.2em}}</style>
+<style>{STYLE}</style>
 </head>
 <body>
 <h1>session2 demo</h1>
@@ -246,7 +247,7 @@ async fn sessions_page(State(manager): State<SessionManager>, session: Session) 
     Html(format!(
         r#"<!doctype html>
 <html lang="en">
-<head><meta charset="utf-8"><title>Your sessions — session2 demo</title></head>
+<head><meta charset="utf-8"><title>Your sessions — session2 demo</title><style>{STYLE}</style></head>
 <body>
 <h1>Sessions of {user}</h1>
 <p id="session-count">{count} active session(s).</p>

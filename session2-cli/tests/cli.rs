@@ -1,5 +1,7 @@
 //! Tests of the `session2` command line: the real binary against real stores.
 
+mod common;
+
 use std::path::Path;
 use std::process::{Command, Output};
 use std::sync::Arc;
@@ -348,22 +350,9 @@ async fn succeed_async(args: &[&str]) -> String {
 
 /// Starts `session2 demo` on `store` and checks it serves the session `id`.
 async fn demo_knows(store: &str, id: &SessionId, cwd: &Path, counter: i64, user: &str) {
-    use std::io::{BufRead, BufReader};
-    let mut child = Command::new(env!("CARGO_BIN_EXE_session2"))
-        .args(["demo", "--store", store, "--port", "0"])
-        .current_dir(cwd)
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let base = loop {
-        let line = lines.next().expect("the demo listens").unwrap();
-        if let Some(url) = line.strip_prefix("listening on ") {
-            break url.trim_end_matches('/').to_owned();
-        }
-    };
+    let demo = common::Demo::start(store, cwd);
     let state: Value = reqwest::Client::new()
-        .get(format!("{base}/api/session"))
+        .get(demo.url("/api/session"))
         .header("cookie", format!("id={id}"))
         .send()
         .await
@@ -371,8 +360,6 @@ async fn demo_knows(store: &str, id: &SessionId, cwd: &Path, counter: i64, user:
         .json()
         .await
         .unwrap();
-    let _ = child.kill();
-    let _ = child.wait();
     assert_eq!(state["active"], true, "{state}");
     assert_eq!(state["counter"], counter);
     assert_eq!(state["user"], user);

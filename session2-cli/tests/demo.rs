@@ -5,66 +5,16 @@
 //! bottom); restart and two-process scenarios only on persistent,
 //! multiprocess-safe stores.
 
-use std::io::{BufRead, BufReader};
+mod common;
+
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
+
+use common::Demo;
 
 use reqwest::StatusCode;
 use reqwest::header::SET_COOKIE;
 use serde_json::Value;
-
-/// A running `session2 demo`; killed when dropped.
-struct Demo {
-    child: Child,
-    base: String,
-}
-
-impl Demo {
-    fn start(store: &str, cwd: &Path) -> Demo {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_session2"));
-        command.args(["demo", "--port", "0"]);
-        if !store.is_empty() {
-            command.args(["--store", store]);
-        }
-        let mut child = command
-            .current_dir(cwd)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("the session2 binary starts");
-        let stdout = child.stdout.take().expect("piped stdout");
-        let mut lines = BufReader::new(stdout).lines();
-        let base = loop {
-            let line = lines
-                .next()
-                .unwrap_or_else(|| panic!("the demo exited before listening (store {store})"))
-                .expect("readable stdout");
-            if let Some(url) = line.strip_prefix("listening on ") {
-                break url.trim_end_matches('/').to_owned();
-            }
-        };
-        // Keep draining stdout so the demo never blocks on a full pipe.
-        std::thread::spawn(move || for _ in lines {});
-        Demo { child, base }
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.base)
-    }
-
-    fn stop(mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Demo {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// A browser-like client: keeps cookies, does not follow redirects.
 fn browser() -> reqwest::Client {
