@@ -253,6 +253,36 @@ impl SessionManager {
         self.inner.store.purge_expired(self.now()).await
     }
 
+    /// Starts a background task that purges expired sessions every
+    /// `interval`, for stores without server-side expiry. It runs until the
+    /// returned handle is aborted or the runtime shuts down; a failed purge
+    /// is logged and retried at the next tick.
+    ///
+    /// ```
+    /// # tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap().block_on(async {
+    /// let manager = session2::SessionManager::new(session2::MemoryStore::new());
+    /// let reaper = manager.spawn_reaper(std::time::Duration::from_secs(60));
+    /// reaper.abort();
+    /// # });
+    /// ```
+    pub fn spawn_reaper(&self, interval: Duration) -> tokio::task::JoinHandle<()> {
+        let manager = self.clone();
+        tokio::spawn(async move {
+            let mut ticks = tokio::time::interval(interval);
+            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                ticks.tick().await;
+                match manager.purge_expired().await {
+                    Ok(0) => {}
+                    Ok(purged) => tracing::debug!(purged, "reaper purged expired sessions"),
+                    Err(err) => {
+                        tracing::warn!(error = %err, "reaper failed to purge expired sessions")
+                    }
+                }
+            }
+        })
+    }
+
     /// Whether `record` is expired at `now` by its own deadlines or by the
     /// current configuration (which may be stricter than when it was written).
     fn is_expired(&self, record: &Record, now: Timestamp) -> bool {
@@ -656,7 +686,8 @@ impl RequestSession {
                 }
             };
             let has_info = merged.user.is_some() || merged.data != crate::record::EMPTY_DATA;
-            let done = if !has_info {
+            if !has_info {
+                // Nothing left to keep: the session ends, as if never stored.
                 if store
                     .delete(&key, Some(base.version))
                     .await
@@ -665,11 +696,10 @@ impl RequestSession {
                     let had_cookie = !matches!(self.incoming, Incoming::Absent);
                     return Ok(had_cookie.then(|| manager.revocation_cookie()));
                 }
-                false
             } else if changes.rotate {
                 let new_id = SessionId::generate();
                 let new_key = new_id.key();
-                let mut moved = merged.clone();
+                let mut moved = merged;
                 moved.lease = None;
                 if store
                     .create(&new_key, &moved, now)
@@ -688,7 +718,6 @@ impl RequestSession {
                     // Someone wrote the old record meanwhile: undo and merge again.
                     store.delete(&new_key, None).await.map_err(save_failed)?;
                 }
-                false
             } else if store
                 .replace(&key, base.version, &merged, now)
                 .await
@@ -696,10 +725,8 @@ impl RequestSession {
             {
                 let refresh = manager.inner.config.lifetime == CookieLifetime::Persistent;
                 return Ok(refresh.then(|| manager.cookie(&id, Some(merged.expires_at()), now)));
-            } else {
-                false
-            };
-            debug_assert!(!done);
+            }
+            // Lost a race: merge again onto the latest version, if there still is one.
             match store.load(&key, now).await {
                 Ok(Some(latest)) if !manager.is_expired(&latest, now) => base = latest,
                 Ok(_) => {
@@ -775,5 +802,69 @@ impl Backoff {
         let jitter = Duration::from_micros(self.seed % 1_000);
         tokio::time::sleep(self.next + jitter).await;
         self.next = (self.next * 2).min(Duration::from_millis(20));
+    }
+}
+
+#[cfg(all(test, feature = "memory"))]
+mod tests {
+    use super::*;
+    use crate::{ManualClock, MemoryStore};
+
+    #[tokio::test]
+    async fn the_reaper_purges_expired_sessions() {
+        let clock = ManualClock::starting_now();
+        let store = MemoryStore::new();
+        let manager = SessionManager::new(store.clone()).with_clock(clock.clone());
+        let request = manager.start(None);
+        request.session().await.unwrap().insert("n", 1).unwrap();
+        request.finish(Outcome::Success).await.unwrap().unwrap();
+        assert_eq!(store.count().await.unwrap(), 1);
+        clock.advance(Duration::from_secs(31 * 60));
+        let reaper = manager.spawn_reaper(Duration::from_millis(5));
+        while store.count().await.unwrap() > 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        reaper.abort();
+    }
+
+    #[test]
+    fn outcome_follows_the_status() {
+        assert_eq!(Outcome::from_status(200), Outcome::Success);
+        assert_eq!(Outcome::from_status(404), Outcome::Success);
+        assert_eq!(Outcome::from_status(500), Outcome::Failure);
+        assert_eq!(Outcome::from_status(503), Outcome::Failure);
+    }
+
+    #[tokio::test]
+    async fn requests_that_never_load_cost_nothing_and_send_nothing() {
+        let manager = SessionManager::new(MemoryStore::new());
+        let request = manager.start(Some("id=AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"));
+        assert_eq!(request.finish(Outcome::Success).await.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn exclusive_after_plain_in_one_request_is_a_usage_error() {
+        let manager = SessionManager::new(MemoryStore::new());
+        let request = manager.start(None);
+        request.session().await.unwrap();
+        assert!(request.exclusive_session().await.unwrap_err().is_usage());
+    }
+
+    #[test]
+    fn the_first_valid_cookie_of_our_name_wins() {
+        let manager = SessionManager::new(MemoryStore::new());
+        let id = SessionId::generate();
+        let header = format!("other=1; id=../x; id={id}");
+        assert!(
+            matches!(manager.start(Some(&header)).incoming, Incoming::Id(ref parsed) if *parsed == id)
+        );
+        assert!(matches!(
+            manager.start(Some("id=../x")).incoming,
+            Incoming::Malformed
+        ));
+        assert!(matches!(
+            manager.start(Some("ids=x")).incoming,
+            Incoming::Absent
+        ));
     }
 }
