@@ -404,6 +404,10 @@ impl fmt::Debug for RequestSession {
 /// The changes of one request, applied onto whatever version is stored.
 struct ChangeSet {
     data: std::collections::BTreeMap<String, Option<Box<serde_json::value::RawValue>>>,
+    /// The handle's data map, encoded, with the version it was loaded at:
+    /// the merge result as long as that version is still the stored one,
+    /// which spares decoding the stored data again.
+    encoded_on: Option<(u64, Vec<u8>)>,
     user: Option<Option<String>>,
     rotate: bool,
     lease_token: Option<u64>,
@@ -544,7 +548,14 @@ impl RequestSession {
         let now = manager.now();
         let (stored, changes, fresh_data, user, expired, has_info) = {
             let mut state = loaded.session.lock();
+            let encoded_on = match &state.stored {
+                Some(stored) if !state.changes.is_empty() => {
+                    Some((stored.record.version, encode_data(&state.data)))
+                }
+                _ => None,
+            };
             let changes = ChangeSet {
+                encoded_on,
                 data: std::mem::take(&mut state.changes),
                 user: state.user_changed.then(|| state.user.clone()),
                 rotate: state.rotate,
@@ -586,6 +597,7 @@ impl RequestSession {
             if changes.lease_token.is_some() {
                 let release_only = ChangeSet {
                     data: Default::default(),
+                    encoded_on: None,
                     user: None,
                     rotate: false,
                     ..changes
@@ -747,17 +759,30 @@ impl RequestSession {
     /// The record that results from applying `changes` onto `base`.
     fn apply(&self, base: &Record, changes: &ChangeSet, now: Timestamp) -> Result<Record> {
         let config = &self.manager.inner.config;
-        let mut merged = base.clone();
-        if !changes.data.is_empty() {
-            let mut data = decode_data(&base.data)?;
-            for (key, value) in &changes.data {
-                match value {
-                    Some(value) => data.insert(key.clone(), value.clone()),
-                    None => data.remove(key),
-                };
+        let data = match &changes.encoded_on {
+            _ if changes.data.is_empty() => base.data.clone(),
+            Some((version, encoded)) if *version == base.version => encoded.clone(),
+            _ => {
+                let mut data = decode_data(&base.data)?;
+                for (key, value) in &changes.data {
+                    match value {
+                        Some(value) => data.insert(key.clone(), value.clone()),
+                        None => data.remove(key),
+                    };
+                }
+                encode_data(&data)
             }
-            merged.data = encode_data(&data);
-        }
+        };
+        let mut merged = Record {
+            version: base.version,
+            user: base.user.clone(),
+            created_at: base.created_at,
+            accessed_at: base.accessed_at,
+            idle_deadline: base.idle_deadline,
+            absolute_deadline: base.absolute_deadline,
+            lease: base.lease,
+            data,
+        };
         if let Some(user) = &changes.user {
             merged.user.clone_from(user);
         }
