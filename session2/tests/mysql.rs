@@ -6,6 +6,7 @@
 mod sql_cases;
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use session2::SessionStore;
 use session2::store::MySqlStore;
@@ -25,11 +26,32 @@ async fn store() -> Option<Arc<dyn SessionStore>> {
 
 /// A set-up store on `table`, or `None` (under CI: a panic) when the server is unreachable.
 async fn store_on(table: &str) -> Option<Arc<dyn SessionStore>> {
-    let store = session2::testing::require_server("mysql", MySqlStore::connect(&url()).await)?
-        .with_table_name(table)
-        .expect("a valid table name");
+    let store = session2::testing::require_server("mysql", MySqlStore::connect(&url()).await)?;
+    static CLEANED: AtomicBool = AtomicBool::new(false);
+    if !CLEANED.swap(true, Ordering::SeqCst) {
+        drop_stale_test_tables(store.pool()).await;
+    }
+    let store = store.with_table_name(table).expect("a valid table name");
     store.setup().await.expect("setup");
     Some(Arc::new(store))
+}
+
+/// Drops the test tables earlier runs left behind (more than an hour old).
+async fn drop_stale_test_tables(pool: &sqlx::MySqlPool) {
+    let tables: Vec<String> = sqlx::query_scalar("SELECT CONVERT(table_name USING utf8mb4) FROM information_schema.tables WHERE table_schema = DATABASE() AND table_name LIKE 's2test%'")
+        .fetch_all(pool)
+        .await
+        .expect("list test tables");
+    for table in tables
+        .iter()
+        .filter(|table| sql_cases::is_stale_test_table(table))
+    {
+        let drop = format!("`{table}`");
+        sqlx::raw_sql(&format!("DROP TABLE IF EXISTS {drop}"))
+            .execute(pool)
+            .await
+            .expect("drop a stale test table");
+    }
 }
 
 session2::conformance_tests!(factory);

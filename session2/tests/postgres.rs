@@ -8,6 +8,7 @@ mod sql_cases;
 use std::path::PathBuf;
 use std::process::Command;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use session2::SessionStore;
@@ -29,12 +30,33 @@ async fn store() -> Option<Arc<dyn SessionStore>> {
 
 /// A set-up store on `table`, or `None` (under CI: a panic) when the server is unreachable.
 async fn store_on(table: &str) -> Option<Arc<dyn SessionStore>> {
-    let store =
-        session2::testing::require_server("postgres", PostgresStore::connect(&url()).await)?
-            .with_table_name(table)
-            .expect("a valid table name");
+    let connected = PostgresStore::connect(&url()).await;
+    let store = session2::testing::require_server("postgres", connected)?;
+    static CLEANED: AtomicBool = AtomicBool::new(false);
+    if !CLEANED.swap(true, Ordering::SeqCst) {
+        drop_stale_test_tables(store.pool()).await;
+    }
+    let store = store.with_table_name(table).expect("a valid table name");
     store.setup().await.expect("setup");
     Some(Arc::new(store))
+}
+
+/// Drops the test tables earlier runs left behind (more than an hour old).
+async fn drop_stale_test_tables(pool: &sqlx::PgPool) {
+    let tables: Vec<String> = sqlx::query_scalar("SELECT tablename FROM pg_tables WHERE schemaname = current_schema() AND tablename LIKE 's2test%'")
+        .fetch_all(pool)
+        .await
+        .expect("list test tables");
+    for table in tables
+        .iter()
+        .filter(|table| sql_cases::is_stale_test_table(table))
+    {
+        let drop = format!("\"{table}\"");
+        sqlx::raw_sql(&format!("DROP TABLE IF EXISTS {drop}"))
+            .execute(pool)
+            .await
+            .expect("drop a stale test table");
+    }
 }
 
 session2::conformance_tests!(factory);

@@ -7,9 +7,37 @@ use std::time::Duration;
 
 use session2::{CreateOutcome, Record, SessionId, SessionKey, SessionStore, Timestamp};
 
-/// A table name no other case or run uses.
+/// A table name no other case or run uses: `s2test_<unix seconds>_<random>`,
+/// so that [`is_stale_test_table`] can tell old ones.
 pub fn unique_table_name() -> String {
-    format!("s2test_{}", &SessionId::generate().key().to_hex()[..16])
+    let seconds = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |since| since.as_secs());
+    format!(
+        "s2test_{seconds}_{}",
+        &SessionId::generate().key().to_hex()[..12]
+    )
+}
+
+/// Whether `table` is a test table (or its `_schema` companion) made by
+/// [`unique_table_name`] more than an hour ago: test runs drop those, so
+/// the shared test database does not fill up. Only names of the exact form
+/// qualify, so they are safe to quote into a `DROP TABLE`.
+pub fn is_stale_test_table(table: &str) -> bool {
+    let Some(rest) = table.strip_prefix("s2test_") else {
+        return false;
+    };
+    let Some((seconds, suffix)) = rest.split_once('_') else {
+        return false;
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |since| since.as_secs());
+    let suffix_ok = matches!(suffix.len(), 12 | 19)
+        && suffix
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_');
+    suffix_ok && seconds.parse::<u64>().is_ok_and(|made| made + 3600 < now)
 }
 
 pub fn key() -> SessionKey {
