@@ -70,3 +70,15 @@ fn table_name_with_sql_is_refused() {
         assert_eq!(store.table_name(), "session2_sessions");
     });
 }
+
+#[test]
+fn mariadb_scheme_opens_the_mysql_store() {
+    session2::testing::run(async {
+        if store().await.is_none() {
+            return;
+        }
+        let url = url().replacen("mysql://", "mariadb://", 1);
+        let store = session2::store::open(&url).await.unwrap();
+        assert_eq!(store.name(), "mysql");
+    });
+}

@@ -6,6 +6,11 @@
 //! | `dir:PATH` | [`DirectoryStore`](super::DirectoryStore) |
 //! | `sqlite:PATH`, `redb:PATH`, `postgres://…`, `mysql://…`, `redis://…` | their stores, when compiled in |
 //!
+//! The SQL stores take the table name as a query parameter, as in
+//! `postgres://localhost/app?table=web_sessions` (default
+//! `session2_sessions`); it is validated, then removed from the URL handed
+//! to the driver. `mariadb://` is accepted as `mysql://`.
+//!
 //! A scheme whose store was not compiled in fails with an error that names
 //! the cargo feature to enable.
 

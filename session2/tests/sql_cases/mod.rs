@@ -239,6 +239,32 @@ macro_rules! sql_store_cases {
         }
 
         #[test]
+        fn url_opens_the_table_it_names() {
+            session2::testing::run(async {
+                if store().await.is_none() {
+                    return;
+                }
+                let table = sql_cases::unique_table_name();
+                let named = format!("{}?table={table}", url());
+                let first = session2::store::open(&named).await.unwrap();
+                first.setup().await.unwrap();
+                let second = session2::store::open(&named).await.unwrap();
+                let other = format!("{}?table={}", url(), sql_cases::unique_table_name());
+                let other = session2::store::open(&other).await.unwrap();
+                other.setup().await.unwrap();
+                let key = sql_cases::key();
+                let record =
+                    sql_cases::record_at(sql_cases::NOW, std::time::Duration::from_secs(60));
+                first.create(&key, &record, sql_cases::NOW).await.unwrap();
+                assert_eq!(
+                    second.load(&key, sql_cases::NOW).await.unwrap(),
+                    Some(record)
+                );
+                assert_eq!(other.count().await.unwrap(), 0);
+            });
+        }
+
+        #[test]
         fn url_with_sql_in_the_table_name_is_refused() {
             session2::testing::run(async {
                 for bad in ["x;DROP TABLE y", "a%20b", "1abc", "t\"", ""] {
