@@ -36,10 +36,10 @@ async fn store() -> Option<Arc<dyn SessionStore>> {
     store_on(&sql_cases::unique_table_name()).await
 }
 
-/// A set-up store on `table` of a database file all tables of this process share.
+/// A set-up store on `table`, in a database file of its own (named after
+/// the table, so that two stores on one table share it).
 async fn store_on(table: &str) -> Option<Arc<dyn SessionStore>> {
-    static SHARED: OnceLock<PathBuf> = OnceLock::new();
-    let path = SHARED.get_or_init(database);
+    let path = directory().path().join(format!("{table}.db"));
     let store = SqliteStore::connect(&format!("sqlite:{}", path.display()))
         .await
         .expect("open the database")

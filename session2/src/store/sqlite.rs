@@ -61,6 +61,10 @@ pub struct SqliteStore {
 impl SqliteStore {
     /// A store on the application's own pool, using the table
     /// `session2_sessions`.
+    ///
+    /// For several processes on one file, open the pool's connections as
+    /// [`SqliteStore::connect`] does: WAL journal mode and a busy timeout,
+    /// or writers fail with "database is locked" instead of waiting.
     pub fn from_pool(pool: SqlitePool) -> Self {
         let table =
             SqlTable::new(pool, sql::DEFAULT_TABLE).expect("the default table name is valid");
