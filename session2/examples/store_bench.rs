@@ -14,6 +14,9 @@
 //! `save` has every task replace sessions of its own share by
 //! compare-and-swap on the version it last wrote, so each save is exactly
 //! one store operation and none conflicts.
+//!
+//! `examples/pgbench/` holds the equivalent one-row statements for
+//! `pgbench`, the PostgreSQL server's own limit on the same machine.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -196,7 +196,7 @@ pub(crate) struct Statements {
     delete: String,
     /// key, version
     delete_at_version: String,
-    /// accessed_at, idle_deadline, idle_deadline, key, accessed_at
+    /// accessed_at, idle_deadline (three times), key, accessed_at
     touch: String,
     /// now
     purge: String,
