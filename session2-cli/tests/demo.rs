@@ -506,7 +506,7 @@ mod scenarios {
         }
         let demo = Demo::start(store, cwd);
         for (cookie, acknowledged) in cookies.iter().zip(acknowledged) {
-            let state: Value = common::session_state(&demo, &cookie).await;
+            let state: Value = common::session_state(&demo, cookie).await;
             assert_eq!(state["active"], true, "a session was lost in the crash");
             let counter = state["counter"].as_u64().unwrap();
             assert!(
@@ -552,7 +552,7 @@ mod scenarios {
             assert_eq!(task.await.unwrap(), StatusCode::SEE_OTHER);
         }
         for demo in [&first, &second] {
-            let state: Value = common::session_state(&demo, &cookie).await;
+            let state: Value = common::session_state(demo, &cookie).await;
             assert_eq!(state["counter"], 41, "both processes see every increment");
         }
     }
