@@ -43,6 +43,9 @@
 //! |---|---|---|
 //! | `memory` | [`MemoryStore`], in-process | yes |
 //! | `directory` | [`DirectoryStore`], one file per session | yes |
+//! | `sqlite` | `SqliteStore`, a table in an SQLite file (bundled SQLite) | no |
+//! | `postgres` | `PostgresStore`, a PostgreSQL table | no |
+//! | `mysql` | `MySqlStore`, a MySQL or MariaDB table | no |
 //! | `axum` | [`SessionLayer`] (tower) and axum extractors | no |
 //! | `testing` | the public conformance suite for store crates | no |
 #![cfg_attr(docsrs, feature(doc_cfg))]
@@ -87,4 +90,10 @@ pub use crate::session::Session;
 pub use crate::store::DirectoryStore;
 #[cfg(feature = "memory")]
 pub use crate::store::MemoryStore;
+#[cfg(feature = "mysql")]
+pub use crate::store::MySqlStore;
+#[cfg(feature = "postgres")]
+pub use crate::store::PostgresStore;
+#[cfg(feature = "sqlite")]
+pub use crate::store::SqliteStore;
 pub use crate::store::{Capabilities, CreateOutcome, Page, SessionStore};
