@@ -25,6 +25,10 @@
 
 #[cfg(feature = "memory")]
 mod memory;
+#[cfg(feature = "redb")]
+mod redb;
+#[cfg(feature = "redis")]
+mod redis;
 mod url;
 
 use std::fmt;
@@ -34,6 +38,12 @@ use async_trait::async_trait;
 #[cfg(feature = "memory")]
 #[cfg_attr(docsrs, doc(cfg(feature = "memory")))]
 pub use self::memory::MemoryStore;
+#[cfg(feature = "redb")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redb")))]
+pub use self::redb::RedbStore;
+#[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+pub use self::redis::RedisStore;
 pub use self::url::open;
 use crate::{Record, Result, SessionKey, Timestamp};
 
