@@ -67,10 +67,18 @@ mod layer;
 pub use crate::clock::{Clock, ManualClock, SystemClock, Timestamp};
 pub use crate::config::{CookieLifetime, SameSite, SessionConfig};
 pub use crate::error::{Error, Result};
+#[cfg(feature = "axum")]
+#[cfg_attr(docsrs, doc(cfg(feature = "axum")))]
+pub use crate::extract::{ExclusiveSession, SessionRejection};
 pub use crate::id::{SessionId, SessionKey};
+#[cfg(feature = "axum")]
+#[cfg_attr(docsrs, doc(cfg(feature = "axum")))]
+pub use crate::layer::{SessionLayer, SessionService};
 pub use crate::manager::{Outcome, RequestSession, SessionManager};
 pub use crate::record::{Lease, RECORD_FORMAT, Record};
 pub use crate::session::Session;
+#[cfg(feature = "directory")]
+pub use crate::store::DirectoryStore;
 #[cfg(feature = "memory")]
 pub use crate::store::MemoryStore;
 pub use crate::store::{Capabilities, CreateOutcome, Page, SessionStore};

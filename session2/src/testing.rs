@@ -1,1 +1,852 @@
-//! The conformance suite (in progress).
+//! The public conformance suite: one set of cases every store must pass.
+//!
+//! A store crate stamps the whole suite into its tests with
+//! [`conformance_tests!`](crate::conformance_tests), giving it a factory
+//! that returns a fresh, isolated, set-up store (a unique table, prefix or
+//! directory per call: the cases run in parallel). The factory returns
+//! `None` to skip when its server is unreachable; [`require_server`] makes
+//! that decision uniformly: a failure under `CI=true`, a loud warning
+//! elsewhere, never a silent pass.
+//!
+//! The cases cover the store contract (round trip, create collision,
+//! compare-and-swap, no resurrection, touch, expiry, purge, paging,
+//! per-user index, 64 concurrent writers) and the manager's guarantees on
+//! top of the store (merging, leases, logout winning, corrupt and oversized
+//! data, no raw id in the store).
+//!
+//! ```no_run
+//! use std::sync::Arc;
+//! use session2::{MemoryStore, SessionStore};
+//!
+//! async fn factory() -> Option<Arc<dyn SessionStore>> {
+//!     Some(Arc::new(MemoryStore::new()))
+//! }
+//!
+//! session2::conformance_tests!(factory);
+//! # fn main() {}
+//! ```
+
+use std::fmt::Display;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::{
+    Clock, CreateOutcome, Lease, ManualClock, Outcome, Record, SessionConfig, SessionId,
+    SessionKey, SessionManager, SessionStore, SystemClock, Timestamp,
+};
+
+/// Stamps one `#[test]` per conformance case, each calling `$factory` for a
+/// fresh store. See the [module docs](crate::testing).
+#[macro_export]
+macro_rules! conformance_tests {
+    ($factory:path) => {
+        $crate::conformance_tests!(@cases $factory;
+            round_trip_keeps_every_field,
+            create_reports_collision_and_never_overwrites,
+            create_may_replace_an_expired_record,
+            replace_is_compare_and_swap,
+            replace_never_resurrects_a_deleted_record,
+            replace_fails_on_an_expired_record,
+            delete_honours_the_expected_version,
+            touch_moves_only_the_idle_deadline,
+            load_hides_idle_and_absolute_expired_records,
+            purge_removes_exactly_the_expired,
+            list_pages_in_key_order,
+            find_by_user_follows_rotation_and_delete,
+            concurrent_compare_and_swap_loses_nothing,
+            large_record_round_trips,
+            corrupt_data_reads_as_a_fresh_session,
+            oversized_session_is_refused_at_insert,
+            no_raw_session_id_reaches_the_store,
+            merge_keeps_keys_of_concurrent_requests,
+            logout_wins_over_a_slow_request,
+            expiry_follows_the_clock,
+            lease_excludes_a_second_holder_and_expires,
+            exclusive_increments_lose_nothing,
+            failed_request_saves_nothing_and_releases_the_lease,
+        );
+    };
+    (@cases $factory:path; $($case:ident),* $(,)?) => {
+        $(
+            #[test]
+            fn $case() {
+                $crate::testing::run(async {
+                    if let Some(store) = $factory().await {
+                        $crate::testing::cases::$case(store).await;
+                    }
+                });
+            }
+        )*
+    };
+}
+
+/// Runs a future on a fresh multi-threaded runtime, as the stamped tests do.
+pub fn run<F: Future>(future: F) -> F::Output {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(4)
+        .enable_all()
+        .build()
+        .expect("a test runtime starts")
+        .block_on(future)
+}
+
+/// Decides what an unreachable test server means: under `CI=true` the test
+/// fails; elsewhere a loud `SKIPPED` line goes to stderr and `None` comes back.
+///
+/// # Panics
+///
+/// Under `CI=true`, when `result` is an error.
+pub fn require_server<T, E: Display>(server: &str, result: Result<T, E>) -> Option<T> {
+    match result {
+        Ok(value) => Some(value),
+        Err(err) if std::env::var("CI").is_ok_and(|ci| ci == "true") => {
+            panic!("test server `{server}` is unreachable in CI: {err}")
+        }
+        Err(err) => {
+            eprintln!(
+                "\n!!!!!!!! SKIPPED: test server `{server}` is unreachable ({err}); its tests did NOT run !!!!!!!!\n"
+            );
+            None
+        }
+    }
+}
+
+/// The conformance cases, each taking a fresh store.
+pub mod cases {
+    use super::*;
+
+    const MINUTE: Duration = Duration::from_secs(60);
+
+    fn real_now() -> Timestamp {
+        SystemClock.now()
+    }
+
+    fn new_key() -> SessionKey {
+        SessionId::generate().key()
+    }
+
+    /// A live record created at `now`, idle for 30 minutes, absolute 12 hours.
+    fn record_at(now: Timestamp) -> Record {
+        Record::new(
+            now,
+            now.saturating_add(30 * MINUTE),
+            Some(now.saturating_add(12 * 60 * MINUTE)),
+        )
+    }
+
+    fn with_data(mut record: Record, data: &str) -> Record {
+        record.data = data.as_bytes().to_vec();
+        record
+    }
+
+    async fn create(store: &dyn SessionStore, key: &SessionKey, record: &Record, now: Timestamp) {
+        let outcome = store.create(key, record, now).await.expect("create");
+        assert_eq!(outcome, CreateOutcome::Created);
+    }
+
+    fn manager(store: &Arc<dyn SessionStore>, clock: &ManualClock) -> SessionManager {
+        SessionManager::from_arc(Arc::clone(store))
+            .with_config(SessionConfig::default().with_secure(false))
+            .expect("valid config")
+            .with_clock(clock.clone())
+    }
+
+    /// The `name=value` part of a `Set-Cookie` value.
+    fn cookie_pair(set_cookie: &str) -> String {
+        set_cookie.split(';').next().unwrap_or_default().to_owned()
+    }
+
+    fn cookie_value(set_cookie: &str) -> String {
+        cookie_pair(set_cookie)
+            .split_once('=')
+            .map(|(_, value)| value.to_owned())
+            .unwrap_or_default()
+    }
+
+    /// Runs one request that sets `key` to `value`; returns the `Set-Cookie` value.
+    async fn request_setting(
+        manager: &SessionManager,
+        cookie: Option<&str>,
+        key: &str,
+        value: i64,
+    ) -> Option<String> {
+        let request = manager.start(cookie);
+        request
+            .session()
+            .await
+            .expect("load")
+            .insert(key, value)
+            .expect("insert");
+        request.finish(Outcome::Success).await.expect("save")
+    }
+
+    /// Every field written is read back unchanged.
+    pub async fn round_trip_keeps_every_field(store: Arc<dyn SessionStore>) {
+        let now = real_now();
+        let key = new_key();
+        let mut record = with_data(record_at(now), r#"{"a":1,"b":"two","c":[1,2,3]}"#);
+        record.version = 7;
+        record.user = Some("user-é-42".into());
+        record.accessed_at = now.saturating_add(Duration::from_millis(5));
+        record.lease = Some(Lease {
+            token: u64::MAX - 3,
+            until: now.saturating_add(MINUTE),
+        });
+        create(&*store, &key, &record, now).await;
+        assert_eq!(store.load(&key, now).await.unwrap(), Some(record.clone()));
+        assert_eq!(
+            store.load(&new_key(), now).await.unwrap(),
+            None,
+            "an unknown key loads as None"
+        );
+        let mut no_absolute = with_data(record_at(now), "{}");
+        no_absolute.absolute_deadline = None;
+        let other = new_key();
+        create(&*store, &other, &no_absolute, now).await;
+        assert_eq!(store.load(&other, now).await.unwrap(), Some(no_absolute));
+    }
+
+    /// A second create under a live key reports a collision and writes nothing.
+    pub async fn create_reports_collision_and_never_overwrites(store: Arc<dyn SessionStore>) {
+        let now = real_now();
+        let key = new_key();
+        let first = with_data(record_at(now), r#"{"owner":"first"}"#);
+        create(&*store, &key, &first, now).await;
+        let second = with_data(record_at(now), r#"{"owner":"second"}"#);
+        assert_eq!(
+            store.create(&key, &second, now).await.unwrap(),
+            CreateOutcome::Collision
+        );
+        assert_eq!(store.load(&key, now).await.unwrap(), Some(first));
+    }
+
+    /// An expired record does not block a create under its key.
+    pub async fn create_may_replace_an_expired_record(store: Arc<dyn SessionStore>) {
+        let now = real_now();
+        let key = new_key();
+        let mut short = record_at(now);
+        short.idle_deadline = now.saturating_add(MINUTE);
+        create(&*store, &key, &short, now).await;
+        let later = now.saturating_add(2 * MINUTE);
+        let fresh = with_data(record_at(later), r#"{"new":true}"#);
+        assert_eq!(
+            store.create(&key, &fresh, later).await.unwrap(),
+            CreateOutcome::Created
+        );
+        assert_eq!(store.load(&key, later).await.unwrap(), Some(fresh));
+    }
+
+    /// Replace succeeds only at the stored version.
+    pub async fn replace_is_compare_and_swap(store: Arc<dyn SessionStore>) {
+        let now = real_now();
+        let key = new_key();
+        let original = record_at(now);
+        create(&*store, &key, &original, now).await;
+        let mut next = with_data(original.clone(), r#"{"n":2}"#);
+        next.version = 2;
+        assert!(
+            !store.replace(&key, 5, &next, now).await.unwrap(),
+            "a wrong version must lose"
+        );
+        assert_eq!(store.load(&key, now).await.unwrap(), Some(original));
+        assert!(store.replace(&key, 1, &next, now).await.unwrap());
+        assert_eq!(store.load(&key, now).await.unwrap(), Some(next.clone()));
+        assert!(
+            !store.replace(&key, 1, &next, now).await.unwrap(),
+            "the old version is stale now"
+        );
+    }
+
+    /// A replace after a delete does not bring the record back.
+    pub async fn replace_never_resurrects_a_deleted_record(store: Arc<dyn SessionStore>) {
+        let now = real_now();
+        let key = new_key();
+        let original = record_at(now);
+        create(&*store, &key, &original, now).await;
+        assert!(store.delete(&key, None).await.unwrap());
+        let mut next = original;
+        next.version = 2;
+        assert!(!store.replace(&key, 1, &next, now).await.unwrap());
+        assert_eq!(store.load(&key, now).await.unwrap(), None);
+        assert!(
+            !store.replace(&new_key(), 1, &next, now).await.unwrap(),
+            "never creates"
+        );
+    }
+
+    /// A record expired at `now` cannot be replaced.
+    pub async fn replace_fails_on_an_expired_record(store: Arc<dyn SessionStore>) {
+        let now = real_now();
+        let key = new_key();
+        let original = record_at(now);
+        create(&*store, &key, &original, now).await;
+        let later = now.saturating_add(31 * MINUTE);
+        let mut next = original;
+        next.version = 2;
+        assert!(!store.replace(&key, 1, &next, later).await.unwrap());
+    }
+
+    /// `delete(key, Some(version))` deletes only at that version.
+    pub async fn delete_honours_the_expected_version(store: Arc<dyn SessionStore>) {
+        let now = real_now();
+        let key = new_key();
+        create(&*store, &key, &record_at(now), now).await;
+        assert!(!store.delete(&key, Some(2)).await.unwrap());
+        assert!(store.load(&key, now).await.unwrap().is_some());
+        assert!(store.delete(&key, Some(1)).await.unwrap());
+        assert!(
+            !store.delete(&key, None).await.unwrap(),
+            "deleting twice reports false"
+        );
+        assert_eq!(store.load(&key, now).await.unwrap(), None);
+    }
+
+    /// Touch moves `accessed_at` and the idle deadline, nothing else.
+    pub async fn touch_moves_only_the_idle_deadline(store: Arc<dyn SessionStore>) {
+        let now = real_now();
+        let key = new_key();
+        let original = with_data(record_at(now), r#"{"keep":"me"}"#);
+        create(&*store, &key, &original, now).await;
+        let later = now.saturating_add(20 * MINUTE);
+        let deadline = later.saturating_add(30 * MINUTE);
+        assert!(store.touch(&key, later, deadline).await.unwrap());
+        let touched = store
+            .load(&key, now.saturating_add(40 * MINUTE))
+            .await
+            .unwrap()
+            .expect("touch extended the deadline");
+        assert_eq!(touched.version, original.version);
+        assert_eq!(touched.data, original.data);
+        assert_eq!(touched.accessed_at, later);
+        assert_eq!(touched.idle_deadline, deadline);
+        assert_eq!(touched.absolute_deadline, original.absolute_deadline);
+        assert!(
+            !store.touch(&new_key(), later, deadline).await.unwrap(),
+            "a missing record"
+        );
+        let after_expiry = deadline.saturating_add(MINUTE);
+        assert!(
+            !store
+                .touch(&key, after_expiry, after_expiry.saturating_add(MINUTE))
+                .await
+                .unwrap(),
+            "an expired record"
+        );
+    }
+
+    /// Neither an idle-expired nor an absolute-expired record is returned.
+    pub async fn load_hides_idle_and_absolute_expired_records(store: Arc<dyn SessionStore>) {
+        let now = real_now();
+        let idle = new_key();
+        create(&*store, &idle, &record_at(now), now).await;
+        let absolute = new_key();
+        let mut record = record_at(now);
+        record.idle_deadline = now.saturating_add(24 * 60 * MINUTE);
+        record.absolute_deadline = Some(now.saturating_add(45 * MINUTE));
+        create(&*store, &absolute, &record, now).await;
+        let at_idle_deadline = now.saturating_add(30 * MINUTE);
+        assert_eq!(
+            store.load(&idle, at_idle_deadline).await.unwrap(),
+            None,
+            "a deadline equal to now has passed"
+        );
+        assert!(
+            store
+                .load(&absolute, at_idle_deadline)
+                .await
+                .unwrap()
+                .is_some()
+        );
+        assert_eq!(
+            store
+                .load(&absolute, now.saturating_add(46 * MINUTE))
+                .await
+                .unwrap(),
+            None
+        );
+    }
+
+    /// Purge deletes exactly the records expired at `now`.
+    pub async fn purge_removes_exactly_the_expired(store: Arc<dyn SessionStore>) {
+        let now = real_now();
+        let mut live = Vec::new();
+        for i in 0..10 {
+            let key = new_key();
+            let mut record = record_at(now);
+            record.user = Some(format!("purge-user-{}", i % 2));
+            if i % 2 == 0 {
+                record.idle_deadline = now.saturating_add(10 * MINUTE);
+            } else {
+                live.push(key);
+            }
+            create(&*store, &key, &record, now).await;
+        }
+        let later = now.saturating_add(20 * MINUTE);
+        assert_eq!(store.purge_expired(later).await.unwrap(), 5);
+        assert_eq!(store.count().await.unwrap(), 5);
+        for key in &live {
+            assert!(store.load(key, later).await.unwrap().is_some());
+        }
+        assert!(
+            store
+                .find_by_user("purge-user-0", now)
+                .await
+                .unwrap()
+                .is_empty(),
+            "the user index keeps no purged session"
+        );
+        assert_eq!(
+            store
+                .find_by_user("purge-user-1", later)
+                .await
+                .unwrap()
+                .len(),
+            5
+        );
+        assert_eq!(
+            store.purge_expired(later).await.unwrap(),
+            0,
+            "a second purge finds nothing"
+        );
+    }
+
+    /// `list` pages through every record once, in ascending key order.
+    pub async fn list_pages_in_key_order(store: Arc<dyn SessionStore>) {
+        let now = real_now();
+        let mut keys: Vec<SessionKey> = (0..25).map(|_| new_key()).collect();
+        for key in &keys {
+            create(&*store, key, &record_at(now), now).await;
+        }
+        keys.sort();
+        let mut seen = Vec::new();
+        let mut after = None;
+        loop {
+            let page = store.list(after.as_ref(), 10).await.unwrap();
+            assert!(page.records.len() <= 10);
+            seen.extend(page.records.iter().map(|(key, _)| *key));
+            match page.next {
+                Some(next) => after = Some(next),
+                None => break,
+            }
+        }
+        assert_eq!(seen, keys);
+        assert_eq!(store.count().await.unwrap(), 25);
+        assert!(
+            store
+                .list(keys.last(), 10)
+                .await
+                .unwrap()
+                .records
+                .is_empty()
+        );
+    }
+
+    /// The per-user index follows login (id rotation), logout and delete.
+    pub async fn find_by_user_follows_rotation_and_delete(store: Arc<dyn SessionStore>) {
+        let clock = ManualClock::starting_now();
+        let manager = manager(&store, &clock);
+        let user = format!("user-{}", new_key().fingerprint());
+        let mut cookies = Vec::new();
+        for device in 0..3 {
+            let set_cookie = request_setting(&manager, None, "device", device)
+                .await
+                .expect("a new session sets a cookie");
+            let request = manager.start(Some(&cookie_pair(&set_cookie)));
+            request.session().await.unwrap().set_user(user.clone());
+            let renewed = request
+                .finish(Outcome::Success)
+                .await
+                .unwrap()
+                .expect("login renews the id");
+            assert_ne!(cookie_value(&renewed), cookie_value(&set_cookie));
+            let old = manager.start(Some(&cookie_pair(&set_cookie)));
+            assert!(
+                old.session().await.unwrap().is_new(),
+                "the pre-login id no longer works"
+            );
+            cookies.push(cookie_pair(&renewed));
+        }
+        let sessions = manager.sessions_of_user(&user).await.unwrap();
+        assert_eq!(sessions.len(), 3);
+        let expected: Vec<SessionKey> = {
+            let mut keys: Vec<_> = cookies
+                .iter()
+                .map(|cookie| SessionId::parse(&cookie_value(cookie)).unwrap().key())
+                .collect();
+            keys.sort();
+            keys
+        };
+        let mut found: Vec<_> = sessions.iter().map(|(key, _)| *key).collect();
+        found.sort();
+        assert_eq!(found, expected);
+        assert_eq!(store.count().await.unwrap(), 3);
+        let logout = manager.start(Some(&cookies[0]));
+        logout.session().await.unwrap().expire();
+        logout.finish(Outcome::Success).await.unwrap();
+        assert_eq!(manager.sessions_of_user(&user).await.unwrap().len(), 2);
+        assert_eq!(manager.delete_user_sessions(&user).await.unwrap(), 2);
+        assert!(manager.sessions_of_user(&user).await.unwrap().is_empty());
+        assert_eq!(store.count().await.unwrap(), 0);
+    }
+
+    /// 64 tasks incrementing one record by compare-and-swap lose nothing.
+    pub async fn concurrent_compare_and_swap_loses_nothing(store: Arc<dyn SessionStore>) {
+        let now = real_now();
+        let key = new_key();
+        create(&*store, &key, &with_data(record_at(now), r#"{"n":0}"#), now).await;
+        let tasks: Vec<_> = (0..64)
+            .map(|_| {
+                let store = Arc::clone(&store);
+                tokio::spawn(async move {
+                    loop {
+                        let current = store.load(&key, now).await.unwrap().unwrap();
+                        let value: serde_json::Value =
+                            serde_json::from_slice(&current.data).unwrap();
+                        let mut next = current.clone();
+                        next.version += 1;
+                        next.data =
+                            format!(r#"{{"n":{}}}"#, value["n"].as_i64().unwrap() + 1).into_bytes();
+                        if store
+                            .replace(&key, current.version, &next, now)
+                            .await
+                            .unwrap()
+                        {
+                            break;
+                        }
+                        tokio::task::yield_now().await;
+                    }
+                })
+            })
+            .collect();
+        for task in tasks {
+            task.await.unwrap();
+        }
+        let last = store.load(&key, now).await.unwrap().unwrap();
+        assert_eq!(last.data, br#"{"n":64}"#);
+        assert_eq!(last.version, 65);
+    }
+
+    /// A 1 MiB data blob round-trips unchanged.
+    pub async fn large_record_round_trips(store: Arc<dyn SessionStore>) {
+        let now = real_now();
+        let key = new_key();
+        let blob = format!(r#"{{"blob":"{}"}}"#, "x".repeat(1024 * 1024));
+        let record = with_data(record_at(now), &blob);
+        create(&*store, &key, &record, now).await;
+        assert_eq!(store.load(&key, now).await.unwrap(), Some(record));
+    }
+
+    /// Undecodable session data reads as a fresh session: no panic, no error.
+    pub async fn corrupt_data_reads_as_a_fresh_session(store: Arc<dyn SessionStore>) {
+        let clock = ManualClock::starting_now();
+        let manager = manager(&store, &clock);
+        let id = SessionId::generate();
+        let mut record = record_at(clock.now());
+        record.data = b"\xff\x00 not json {".to_vec();
+        create(&*store, &id.key(), &record, clock.now()).await;
+        assert_eq!(
+            store
+                .load(&id.key(), clock.now())
+                .await
+                .unwrap()
+                .map(|r| r.data),
+            Some(record.data.clone()),
+            "opaque bytes are stored as given"
+        );
+        let cookie = format!("id={id}");
+        let request = manager.start(Some(&cookie));
+        let session = request
+            .session()
+            .await
+            .expect("a corrupt record is not an error");
+        assert!(session.is_new());
+        assert_eq!(session.get::<i64>("n").unwrap(), None);
+        session.insert("n", 1).unwrap();
+        let set_cookie = request
+            .finish(Outcome::Success)
+            .await
+            .unwrap()
+            .expect("a fresh session gets a cookie");
+        assert_ne!(
+            cookie_value(&set_cookie),
+            id.to_string(),
+            "the old id is not adopted"
+        );
+    }
+
+    /// An insert that would exceed the size limit fails, and nothing oversized is saved.
+    pub async fn oversized_session_is_refused_at_insert(store: Arc<dyn SessionStore>) {
+        let manager = SessionManager::from_arc(Arc::clone(&store))
+            .with_config(SessionConfig::default().with_max_session_size(4096))
+            .unwrap();
+        let request = manager.start(None);
+        let session = request.session().await.unwrap();
+        session.insert("small", "fits").unwrap();
+        let err = session.insert("big", "x".repeat(8192)).unwrap_err();
+        assert!(err.is_too_large(), "{err}");
+        let set_cookie = request.finish(Outcome::Success).await.unwrap().unwrap();
+        let next = manager.start(Some(&cookie_pair(&set_cookie)));
+        let session = next.session().await.unwrap();
+        assert_eq!(
+            session.get::<String>("small").unwrap().as_deref(),
+            Some("fits")
+        );
+        assert_eq!(session.get::<String>("big").unwrap(), None);
+    }
+
+    /// The raw session id appears in no key and no record the store holds.
+    pub async fn no_raw_session_id_reaches_the_store(store: Arc<dyn SessionStore>) {
+        let clock = ManualClock::starting_now();
+        let manager = manager(&store, &clock);
+        let mut ids = Vec::new();
+        for n in 0..5 {
+            let set_cookie = request_setting(&manager, None, "n", n).await.unwrap();
+            let request = manager.start(Some(&cookie_pair(&set_cookie)));
+            request
+                .session()
+                .await
+                .unwrap()
+                .set_user(format!("user-{n}"));
+            let renewed = request.finish(Outcome::Success).await.unwrap().unwrap();
+            ids.push(cookie_value(&set_cookie));
+            ids.push(cookie_value(&renewed));
+        }
+        let page = store.list(None, 100).await.unwrap();
+        assert_eq!(page.records.len(), 5);
+        for (key, record) in &page.records {
+            let stored = format!(
+                "{} {}",
+                key.to_hex(),
+                String::from_utf8_lossy(&record.encode())
+            );
+            for id in &ids {
+                assert!(!stored.contains(id.as_str()), "raw id found in the store");
+                let id_bytes = SessionId::parse(id).unwrap();
+                assert_ne!(
+                    key,
+                    &SessionKey::from_bytes(pad(id_bytes.to_string().as_bytes()))
+                );
+            }
+        }
+    }
+
+    fn pad(bytes: &[u8]) -> [u8; 32] {
+        let mut padded = [0u8; 32];
+        let len = bytes.len().min(32);
+        padded[..len].copy_from_slice(&bytes[..len]);
+        padded
+    }
+
+    /// Two requests of one session writing different keys keep both.
+    pub async fn merge_keeps_keys_of_concurrent_requests(store: Arc<dyn SessionStore>) {
+        let clock = ManualClock::starting_now();
+        let manager = manager(&store, &clock);
+        let cookie = cookie_pair(&request_setting(&manager, None, "base", 0).await.unwrap());
+        let first = manager.start(Some(&cookie));
+        let second = manager.start(Some(&cookie));
+        first.session().await.unwrap().insert("a", 1).unwrap();
+        let second_session = second.session().await.unwrap();
+        second_session.insert("b", 2).unwrap();
+        second_session.remove("base");
+        first.finish(Outcome::Success).await.unwrap();
+        second.finish(Outcome::Success).await.unwrap();
+        let check = manager.start(Some(&cookie));
+        let session = check.session().await.unwrap();
+        assert_eq!(session.get::<i64>("a").unwrap(), Some(1));
+        assert_eq!(session.get::<i64>("b").unwrap(), Some(2));
+        assert_eq!(session.get::<i64>("base").unwrap(), None);
+    }
+
+    /// A request that loaded before a logout cannot bring the session back.
+    pub async fn logout_wins_over_a_slow_request(store: Arc<dyn SessionStore>) {
+        let clock = ManualClock::starting_now();
+        let manager = manager(&store, &clock);
+        let cookie = cookie_pair(&request_setting(&manager, None, "n", 1).await.unwrap());
+        let slow = manager.start(Some(&cookie));
+        slow.session().await.unwrap().insert("n", 2).unwrap();
+        let logout = manager.start(Some(&cookie));
+        logout.session().await.unwrap().expire();
+        let revoked = logout
+            .finish(Outcome::Success)
+            .await
+            .unwrap()
+            .expect("logout revokes the cookie");
+        assert!(revoked.contains("Max-Age=0"), "{revoked}");
+        assert_eq!(slow.finish(Outcome::Success).await.unwrap(), None);
+        assert_eq!(
+            store.count().await.unwrap(),
+            0,
+            "the slow request resurrected the session"
+        );
+        assert!(
+            manager
+                .start(Some(&cookie))
+                .session()
+                .await
+                .unwrap()
+                .is_new()
+        );
+    }
+
+    /// Idle and absolute timeouts, and touching by read-only requests.
+    pub async fn expiry_follows_the_clock(store: Arc<dyn SessionStore>) {
+        let clock = ManualClock::starting_now();
+        let manager = manager(&store, &clock);
+        let cookie = cookie_pair(&request_setting(&manager, None, "n", 1).await.unwrap());
+        for _ in 0..3 {
+            clock.advance(20 * MINUTE);
+            let read = manager.start(Some(&cookie));
+            assert!(
+                !read.session().await.unwrap().is_new(),
+                "a session read every 20 minutes stays alive"
+            );
+            assert_eq!(
+                read.finish(Outcome::Success).await.unwrap(),
+                None,
+                "touching sends no cookie for browser-session cookies"
+            );
+        }
+        clock.advance(31 * MINUTE);
+        assert!(
+            manager
+                .start(Some(&cookie))
+                .session()
+                .await
+                .unwrap()
+                .is_new(),
+            "idle for 31 minutes"
+        );
+
+        let cookie = cookie_pair(&request_setting(&manager, None, "n", 1).await.unwrap());
+        for _ in 0..40 {
+            clock.advance(20 * MINUTE);
+            let read = manager.start(Some(&cookie));
+            let alive = !read.session().await.unwrap().is_new();
+            read.finish(Outcome::Success).await.unwrap();
+            if !alive {
+                break;
+            }
+        }
+        let request = manager.start(Some(&cookie));
+        assert!(
+            request.session().await.unwrap().is_new(),
+            "the absolute timeout ends even an active session"
+        );
+        let revoked = request
+            .finish(Outcome::Success)
+            .await
+            .unwrap()
+            .expect("the stale cookie is revoked");
+        assert!(revoked.contains("Max-Age=0"));
+    }
+
+    /// An exclusive session's lease keeps a second holder out until it
+    /// expires on its own.
+    pub async fn lease_excludes_a_second_holder_and_expires(store: Arc<dyn SessionStore>) {
+        let clock = ManualClock::starting_now();
+        let manager = SessionManager::from_arc(Arc::clone(&store))
+            .with_config(
+                SessionConfig::default()
+                    .with_lock_wait(Duration::from_millis(200))
+                    .with_lease_duration(Duration::from_secs(30)),
+            )
+            .unwrap()
+            .with_clock(clock.clone());
+        let cookie = cookie_pair(&request_setting(&manager, None, "n", 1).await.unwrap());
+        let holder = manager.start(Some(&cookie));
+        holder
+            .exclusive_session()
+            .await
+            .unwrap()
+            .insert("n", 2)
+            .unwrap();
+        let waiter = manager.start(Some(&cookie));
+        let err = waiter.exclusive_session().await.unwrap_err();
+        assert!(err.is_lock_timeout(), "{err}");
+        // The holder dies without releasing; its lease ends by itself.
+        drop(holder);
+        clock.advance(Duration::from_secs(31));
+        let next = manager.start(Some(&cookie));
+        let session = next
+            .exclusive_session()
+            .await
+            .expect("an expired lease is taken over");
+        assert_eq!(
+            session.get::<i64>("n").unwrap(),
+            Some(1),
+            "the dead holder's changes were never saved"
+        );
+        session.insert("n", 3).unwrap();
+        next.finish(Outcome::Success).await.unwrap();
+        let record = store
+            .load(
+                &SessionId::parse(&cookie_value(&cookie)).unwrap().key(),
+                clock.now(),
+            )
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            record.lease, None,
+            "a finished exclusive session releases its lease"
+        );
+    }
+
+    /// 32 concurrent read-modify-write requests through the exclusive session
+    /// end at exactly 32.
+    pub async fn exclusive_increments_lose_nothing(store: Arc<dyn SessionStore>) {
+        let manager = SessionManager::from_arc(Arc::clone(&store))
+            .with_config(SessionConfig::default().with_lock_wait(Duration::from_secs(60)))
+            .unwrap();
+        let cookie = cookie_pair(&request_setting(&manager, None, "n", 0).await.unwrap());
+        let tasks: Vec<_> = (0..32)
+            .map(|_| {
+                let manager = manager.clone();
+                let cookie = cookie.clone();
+                tokio::spawn(async move {
+                    let request = manager.start(Some(&cookie));
+                    let session = request.exclusive_session().await.unwrap();
+                    let n = session.get::<i64>("n").unwrap().unwrap();
+                    tokio::task::yield_now().await;
+                    session.insert("n", n + 1).unwrap();
+                    request.finish(Outcome::Success).await.unwrap();
+                })
+            })
+            .collect();
+        for task in tasks {
+            task.await.unwrap();
+        }
+        let check = manager.start(Some(&cookie));
+        assert_eq!(
+            check.session().await.unwrap().get::<i64>("n").unwrap(),
+            Some(32)
+        );
+    }
+
+    /// A 5xx response saves nothing, sends no cookie and frees the lease.
+    pub async fn failed_request_saves_nothing_and_releases_the_lease(store: Arc<dyn SessionStore>) {
+        let clock = ManualClock::starting_now();
+        let manager = SessionManager::from_arc(Arc::clone(&store))
+            .with_config(SessionConfig::default().with_lock_wait(Duration::from_millis(200)))
+            .unwrap()
+            .with_clock(clock.clone());
+        let fresh = manager.start(None);
+        fresh.session().await.unwrap().insert("n", 1).unwrap();
+        assert_eq!(fresh.finish(Outcome::Failure).await.unwrap(), None);
+        assert_eq!(store.count().await.unwrap(), 0);
+
+        let cookie = cookie_pair(&request_setting(&manager, None, "n", 1).await.unwrap());
+        let failing = manager.start(Some(&cookie));
+        let session = failing.exclusive_session().await.unwrap();
+        session.insert("n", 2).unwrap();
+        session.expire();
+        assert_eq!(failing.finish(Outcome::Failure).await.unwrap(), None);
+        let next = manager.start(Some(&cookie));
+        let session = next
+            .exclusive_session()
+            .await
+            .expect("the failed request released its lease");
+        assert_eq!(session.get::<i64>("n").unwrap(), Some(1));
+    }
+}

@@ -23,6 +23,8 @@
 //! Third-party stores prove they meet the contract by running the public
 //! conformance suite (`session2::testing`, cargo feature `testing`).
 
+#[cfg(feature = "directory")]
+mod directory;
 #[cfg(feature = "memory")]
 mod memory;
 #[cfg(feature = "redb")]
@@ -35,6 +37,9 @@ use std::fmt;
 
 use async_trait::async_trait;
 
+#[cfg(feature = "directory")]
+#[cfg_attr(docsrs, doc(cfg(feature = "directory")))]
+pub use self::directory::DirectoryStore;
 #[cfg(feature = "memory")]
 #[cfg_attr(docsrs, doc(cfg(feature = "memory")))]
 pub use self::memory::MemoryStore;

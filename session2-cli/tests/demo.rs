@@ -1,0 +1,546 @@
+//! HTTP tests of `session2 demo`: the real binary on loopback, driven by a
+//! real HTTP client that keeps cookies as a browser does.
+//!
+//! The scenarios run once per store URL (see the `stores` module at the
+//! bottom); restart and two-process scenarios only on persistent,
+//! multiprocess-safe stores.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use reqwest::StatusCode;
+use reqwest::header::SET_COOKIE;
+use serde_json::Value;
+
+/// A running `session2 demo`; killed when dropped.
+struct Demo {
+    child: Child,
+    base: String,
+}
+
+impl Demo {
+    fn start(store: &str, cwd: &Path) -> Demo {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_session2"));
+        command.args(["demo", "--port", "0"]);
+        if !store.is_empty() {
+            command.args(["--store", store]);
+        }
+        let mut child = command
+            .current_dir(cwd)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("the session2 binary starts");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let mut lines = BufReader::new(stdout).lines();
+        let base = loop {
+            let line = lines
+                .next()
+                .unwrap_or_else(|| panic!("the demo exited before listening (store {store})"))
+                .expect("readable stdout");
+            if let Some(url) = line.strip_prefix("listening on ") {
+                break url.trim_end_matches('/').to_owned();
+            }
+        };
+        // Keep draining stdout so the demo never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        Demo { child, base }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    fn stop(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Demo {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A browser-like client: keeps cookies, does not follow redirects.
+fn browser() -> reqwest::Client {
+    reqwest::Client::builder()
+        .cookie_store(true)
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(Duration::from_secs(60))
+        .build()
+        .expect("a client")
+}
+
+/// A client without a cookie jar, for hand-made `Cookie` headers.
+fn bare() -> reqwest::Client {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(Duration::from_secs(60))
+        .build()
+        .expect("a client")
+}
+
+async fn state(client: &reqwest::Client, demo: &Demo) -> Value {
+    let response = client
+        .get(demo.url("/api/session"))
+        .send()
+        .await
+        .expect("GET /api/session");
+    assert_eq!(response.status(), StatusCode::OK);
+    response.json().await.expect("JSON")
+}
+
+async fn post(client: &reqwest::Client, demo: &Demo, path: &str) -> reqwest::Response {
+    client
+        .post(demo.url(path))
+        .send()
+        .await
+        .unwrap_or_else(|err| panic!("POST {path}: {err}"))
+}
+
+fn set_cookies(response: &reqwest::Response) -> Vec<String> {
+    response
+        .headers()
+        .get_all(SET_COOKIE)
+        .iter()
+        .map(|value| value.to_str().unwrap().to_owned())
+        .collect()
+}
+
+fn cookie_value(set_cookie: &str) -> String {
+    set_cookie
+        .split(';')
+        .next()
+        .unwrap()
+        .split_once('=')
+        .unwrap()
+        .1
+        .to_owned()
+}
+
+/// Every file below `dir`, for "touched nothing outside the store" checks.
+fn files_below(dir: &Path) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    let mut pending = vec![dir.to_path_buf()];
+    while let Some(dir) = pending.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                pending.push(path);
+            } else {
+                found.push(path);
+            }
+        }
+    }
+    found.sort();
+    found
+}
+
+/// The scenarios every store runs. `store` is the store URL.
+mod scenarios {
+    use super::*;
+
+    pub(crate) async fn increment_persists(store: &str, cwd: &Path) {
+        let demo = Demo::start(store, cwd);
+        let client = browser();
+        let first = post(&client, &demo, "/increment").await;
+        assert_eq!(first.status(), StatusCode::SEE_OTHER);
+        assert_eq!(first.headers()["location"], "/");
+        let cookies = set_cookies(&first);
+        assert_eq!(cookies.len(), 1, "{cookies:?}");
+        assert!(
+            cookies[0].contains("HttpOnly")
+                && cookies[0].contains("SameSite=Lax")
+                && cookies[0].contains("Path=/")
+        );
+        let second = post(&client, &demo, "/increment").await;
+        assert!(
+            set_cookies(&second).is_empty(),
+            "an unchanged id sends no cookie again"
+        );
+        let state = state(&client, &demo).await;
+        assert_eq!(state["counter"], 2);
+        assert_eq!(state["active"], true);
+        let page = client
+            .get(demo.url("/"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert!(page.contains("Counter is at 2."), "{page}");
+        let fingerprint = state["fingerprint"].as_str().unwrap();
+        assert!(page.contains(fingerprint));
+    }
+
+    pub(crate) async fn increment_fail_saves_nothing(store: &str, cwd: &Path) {
+        let demo = Demo::start(store, cwd);
+        let client = browser();
+        post(&client, &demo, "/increment").await;
+        let failed = post(&client, &demo, "/increment-fail").await;
+        assert_eq!(failed.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        assert!(set_cookies(&failed).is_empty());
+        assert_eq!(state(&client, &demo).await["counter"], 1);
+        // The failed request released its lease: the next increment does not wait.
+        let next = post(&client, &demo, "/increment").await;
+        assert_eq!(next.status(), StatusCode::SEE_OTHER);
+        assert_eq!(state(&client, &demo).await["counter"], 2);
+
+        let anonymous = browser();
+        let failed = post(&anonymous, &demo, "/increment-fail").await;
+        assert_eq!(failed.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        assert!(
+            set_cookies(&failed).is_empty(),
+            "a failed new session gets no cookie"
+        );
+    }
+
+    pub(crate) async fn logout_deletes_and_revokes(store: &str, cwd: &Path) {
+        let demo = Demo::start(store, cwd);
+        let client = browser();
+        let created = post(&client, &demo, "/increment").await;
+        let id = cookie_value(&set_cookies(&created)[0]);
+        let logout = post(&client, &demo, "/logout").await;
+        assert_eq!(logout.status(), StatusCode::SEE_OTHER);
+        let revoked = set_cookies(&logout);
+        assert_eq!(revoked.len(), 1);
+        assert!(
+            revoked[0].starts_with("id=;") && revoked[0].contains("Max-Age=0"),
+            "{revoked:?}"
+        );
+        assert!(
+            revoked[0].contains("Path=/")
+                && revoked[0].contains("SameSite=Lax")
+                && revoked[0].contains("HttpOnly")
+        );
+        assert_eq!(state(&client, &demo).await["active"], false);
+        // Replaying the old cookie by hand finds nothing: it was deleted server-side.
+        let replay = bare()
+            .get(demo.url("/api/session"))
+            .header("cookie", format!("id={id}"))
+            .send()
+            .await
+            .unwrap();
+        let body: Value = replay.json().await.unwrap();
+        assert_eq!(body["active"], false);
+        assert_eq!(body["counter"], 0);
+    }
+
+    pub(crate) async fn logout_without_session_is_harmless(store: &str, cwd: &Path) {
+        let demo = Demo::start(store, cwd);
+        let client = browser();
+        let logout = post(&client, &demo, "/logout").await;
+        assert_eq!(logout.status(), StatusCode::SEE_OTHER);
+        assert!(set_cookies(&logout).is_empty());
+    }
+
+    pub(crate) async fn logout_fail_keeps_the_session(store: &str, cwd: &Path) {
+        let demo = Demo::start(store, cwd);
+        let client = browser();
+        post(&client, &demo, "/increment").await;
+        let failed = post(&client, &demo, "/logout-fail").await;
+        assert_eq!(failed.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        assert!(set_cookies(&failed).is_empty());
+        let state = state(&client, &demo).await;
+        assert_eq!(state["active"], true);
+        assert_eq!(state["counter"], 1);
+    }
+
+    pub(crate) async fn anonymous_get_sets_no_cookie(store: &str, cwd: &Path) {
+        let demo = Demo::start(store, cwd);
+        let client = browser();
+        for path in ["/", "/api/session", "/", "/nonexistent"] {
+            let response = client.get(demo.url(path)).send().await.unwrap();
+            assert!(set_cookies(&response).is_empty(), "GET {path} set a cookie");
+        }
+        assert_eq!(state(&client, &demo).await["active"], false);
+    }
+
+    pub(crate) async fn login_renews_the_id_and_keeps_the_counter(store: &str, cwd: &Path) {
+        let demo = Demo::start(store, cwd);
+        let client = browser();
+        let created = post(&client, &demo, "/increment").await;
+        let before = cookie_value(&set_cookies(&created)[0]);
+        post(&client, &demo, "/increment").await;
+        let fingerprint_before = state(&client, &demo).await["fingerprint"].clone();
+        let login = client
+            .post(demo.url("/login"))
+            .form(&[("user", "alice <b>")])
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(login.status(), StatusCode::SEE_OTHER);
+        let renewed = set_cookies(&login);
+        assert_eq!(renewed.len(), 1);
+        let after = cookie_value(&renewed[0]);
+        assert_ne!(before, after, "login must renew the session id");
+        let state = state(&client, &demo).await;
+        assert_eq!(state["user"], "alice <b>");
+        assert_eq!(state["counter"], 2);
+        assert_ne!(state["fingerprint"], fingerprint_before);
+        let page = client
+            .get(demo.url("/"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert!(
+            page.contains("alice &lt;b&gt;") && !page.contains("alice <b>"),
+            "the user name is escaped"
+        );
+        // The pre-login id is dead.
+        let old = bare()
+            .get(demo.url("/api/session"))
+            .header("cookie", format!("id={before}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(old.json::<Value>().await.unwrap()["active"], false);
+        let empty = client
+            .post(demo.url("/login"))
+            .form(&[("user", "  ")])
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(empty.status(), StatusCode::BAD_REQUEST);
+    }
+
+    pub(crate) async fn forged_cookies_get_a_fresh_session(store: &str, cwd: &Path) {
+        let demo = Demo::start(store, cwd);
+        let before = files_below(cwd);
+        let unknown = "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA";
+        let junk = "x".repeat(10 * 1024);
+        let forged = [
+            "../../etc/passwd",
+            "/etc/passwd",
+            "..%2f..%2fetc%2fpasswd",
+            "session2-data/../../x",
+            "",
+            unknown,
+            junk.as_str(),
+            "\u{7f}\u{1}",
+        ];
+        for value in forged {
+            let cookie = format!("id={value}");
+            let Ok(request) = bare()
+                .post(demo.url("/increment"))
+                .header("cookie", &cookie)
+                .build()
+            else {
+                continue; // not even a valid header value
+            };
+            let response = bare().execute(request).await.unwrap();
+            assert_eq!(
+                response.status(),
+                StatusCode::SEE_OTHER,
+                "cookie {cookie:.40}"
+            );
+            let cookies = set_cookies(&response);
+            assert_eq!(
+                cookies.len(),
+                1,
+                "a fresh session gets exactly one new cookie"
+            );
+            let id = cookie_value(&cookies[0]);
+            assert_ne!(id, value, "a client-chosen id must never be adopted");
+            assert_eq!(id.len(), 32);
+            let state: Value = bare()
+                .get(demo.url("/api/session"))
+                .header("cookie", format!("id={id}"))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            assert_eq!(
+                state["counter"], 1,
+                "the forged cookie's request started from zero"
+            );
+        }
+        // A read with an unknown id revokes the stale cookie and stores nothing.
+        let read = bare()
+            .get(demo.url("/api/session"))
+            .header("cookie", format!("id={unknown}"))
+            .send()
+            .await
+            .unwrap();
+        let revoked = set_cookies(&read);
+        assert!(
+            revoked.len() == 1 && revoked[0].contains("Max-Age=0"),
+            "{revoked:?}"
+        );
+        // Nothing was written outside the store's own directory.
+        let outside: Vec<_> = files_below(cwd)
+            .into_iter()
+            .filter(|path| {
+                !before.contains(path)
+                    && !path.starts_with(cwd.join("session2-data"))
+                    && !path.starts_with(cwd.join("store"))
+            })
+            .collect();
+        assert!(
+            outside.is_empty(),
+            "files appeared outside the store: {outside:?}"
+        );
+        assert!(!Path::new("/etc/passwd-session2").exists());
+    }
+
+    pub(crate) async fn concurrent_increments_end_at_64(store: &str, cwd: &Path) {
+        let demo = Demo::start(store, cwd);
+        let client = browser();
+        let created = client.post(demo.url("/increment")).send().await.unwrap();
+        assert_eq!(created.status(), StatusCode::SEE_OTHER);
+        let tasks: Vec<_> = (0..63)
+            .map(|_| {
+                let client = client.clone();
+                let url = demo.url("/increment");
+                tokio::spawn(async move { client.post(url).send().await.unwrap().status() })
+            })
+            .collect();
+        for task in tasks {
+            assert_eq!(task.await.unwrap(), StatusCode::SEE_OTHER);
+        }
+        assert_eq!(state(&client, &demo).await["counter"], 64);
+    }
+
+    pub(crate) async fn restart_keeps_the_session(store: &str, cwd: &Path) {
+        let demo = Demo::start(store, cwd);
+        let created = bare().post(demo.url("/increment")).send().await.unwrap();
+        let cookie = format!("id={}", cookie_value(&set_cookies(&created)[0]));
+        demo.stop();
+        let demo = Demo::start(store, cwd);
+        let incremented = bare()
+            .post(demo.url("/increment"))
+            .header("cookie", &cookie)
+            .send()
+            .await
+            .unwrap();
+        assert!(
+            set_cookies(&incremented).is_empty(),
+            "the restarted demo kept the id"
+        );
+        let state: Value = bare()
+            .get(demo.url("/api/session"))
+            .header("cookie", &cookie)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(
+            state["active"], true,
+            "the restarted demo knows the session"
+        );
+        assert_eq!(state["counter"], 2);
+    }
+
+    pub(crate) async fn two_processes_share_the_store(store: &str, cwd: &Path) {
+        let first = Demo::start(store, cwd);
+        let second = Demo::start(store, cwd);
+        let created = bare().post(first.url("/increment")).send().await.unwrap();
+        let id = cookie_value(&set_cookies(&created)[0]);
+        let cookie = format!("id={id}");
+        let mut tasks = Vec::new();
+        for n in 0..40 {
+            let url = if n % 2 == 0 {
+                first.url("/increment")
+            } else {
+                second.url("/increment")
+            };
+            let cookie = cookie.clone();
+            tasks.push(tokio::spawn(async move {
+                bare()
+                    .post(url)
+                    .header("cookie", cookie)
+                    .send()
+                    .await
+                    .unwrap()
+                    .status()
+            }));
+        }
+        for task in tasks {
+            assert_eq!(task.await.unwrap(), StatusCode::SEE_OTHER);
+        }
+        for demo in [&first, &second] {
+            let state: Value = bare()
+                .get(demo.url("/api/session"))
+                .header("cookie", &cookie)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            assert_eq!(state["counter"], 41, "both processes see every increment");
+        }
+    }
+}
+
+/// Stamps the scenarios for one store. `$url` maps the test's working
+/// directory to a store URL, or `None` when the store's server is
+/// unreachable (skipped loudly, or failed under `CI=true`).
+macro_rules! demo_tests {
+    ($store:ident, $url:expr, [$($scenario:ident),* $(,)?]) => {
+        mod $store {
+            use super::*;
+
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $scenario() {
+                    let cwd = tempfile::tempdir().expect("a temporary directory");
+                    let url: fn(&Path) -> Option<String> = $url;
+                    if let Some(url) = url(cwd.path()) {
+                        scenarios::$scenario(&url, cwd.path()).await;
+                    }
+                }
+            )*
+        }
+    };
+}
+
+macro_rules! every_scenario {
+    ($store:ident, $url:expr) => {
+        demo_tests!(
+            $store,
+            $url,
+            [
+                increment_persists,
+                increment_fail_saves_nothing,
+                logout_deletes_and_revokes,
+                logout_without_session_is_harmless,
+                logout_fail_keeps_the_session,
+                anonymous_get_sets_no_cookie,
+                login_renews_the_id_and_keeps_the_counter,
+                forged_cookies_get_a_fresh_session,
+                concurrent_increments_end_at_64,
+            ]
+        );
+    };
+}
+
+every_scenario!(memory, |_| Some("memory:".to_owned()));
+every_scenario!(directory, |cwd| Some(format!(
+    "dir:{}",
+    cwd.join("store").display()
+)));
+// No `--store`: the demo's embedded default, a directory under its working directory.
+every_scenario!(default_store, |_| Some(String::new()));
+
+demo_tests!(
+    directory_processes,
+    |cwd| Some(format!("dir:{}", cwd.join("store").display())),
+    [restart_keeps_the_session, two_processes_share_the_store,]
+);

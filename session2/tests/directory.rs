@@ -1,0 +1,270 @@
+//! The conformance suite and file-level tests against the directory store.
+
+use std::sync::Arc;
+
+use session2::{DirectoryStore, SessionStore};
+
+async fn factory() -> Option<Arc<dyn SessionStore>> {
+    let dir = tempfile::tempdir().expect("a temporary directory").keep();
+    let store = DirectoryStore::new(dir.join("sessions"));
+    store.setup().await.expect("setup");
+    Some(Arc::new(store))
+}
+
+session2::conformance_tests!(factory);
+
+mod files {
+    use std::process::Command;
+    use std::time::Duration;
+
+    use session2::{
+        Clock, DirectoryStore, Outcome, Record, SessionConfig, SessionId, SessionManager,
+        SessionStore, SystemClock,
+    };
+
+    const WORKER_ENV: &str = "SESSION2_HAMMER_WORKER";
+    const PROCESSES: usize = 4;
+    const ROUNDS: i64 = 20;
+
+    fn counter(record: &Record, name: &str) -> i64 {
+        let value: serde_json::Value = serde_json::from_slice(&record.data).expect("valid data");
+        value[name].as_i64().unwrap_or(0)
+    }
+
+    /// One worker process: increments `n` in every session `ROUNDS` times
+    /// through exclusive sessions (leases across processes), and `raw`
+    /// `ROUNDS` times by raw compare-and-swap (which must not disturb `n`).
+    async fn hammer(root: &str, ids: &[SessionId]) {
+        let store = DirectoryStore::new(root);
+        let manager = SessionManager::new(store.clone())
+            .with_config(SessionConfig::default().with_lock_wait(Duration::from_secs(120)))
+            .unwrap();
+        for _ in 0..ROUNDS {
+            for id in ids {
+                let request = manager.start(Some(&format!("id={id}")));
+                let session = request.exclusive_session().await.expect("lease");
+                assert!(!session.is_new(), "the session must exist");
+                let n = session.get::<i64>("n").unwrap().unwrap();
+                session.insert("n", n + 1).unwrap();
+                request.finish(Outcome::Success).await.expect("save");
+
+                let key = id.key();
+                loop {
+                    let now = SystemClock.now();
+                    let current = store
+                        .load(&key, now)
+                        .await
+                        .expect("no torn read")
+                        .expect("present");
+                    let mut data: serde_json::Map<String, serde_json::Value> =
+                        serde_json::from_slice(&current.data).expect("valid data");
+                    data.insert("raw".into(), (counter(&current, "raw") + 1).into());
+                    let mut next = current.clone();
+                    next.version += 1;
+                    next.data = serde_json::to_vec(&data).unwrap();
+                    if store
+                        .replace(&key, current.version, &next, now)
+                        .await
+                        .unwrap()
+                    {
+                        break;
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn several_processes_hammer_the_same_sessions() {
+        if let Ok(spec) = std::env::var(WORKER_ENV) {
+            let (root, ids) = spec.split_once('|').unwrap();
+            let ids: Vec<SessionId> = ids
+                .split(',')
+                .map(|id| SessionId::parse(id).unwrap())
+                .collect();
+            session2::testing::run(hammer(root, &ids));
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("sessions");
+        let store = DirectoryStore::new(&root);
+        let ids: Vec<SessionId> = (0..3).map(|_| SessionId::generate()).collect();
+        session2::testing::run(async {
+            store.setup().await.unwrap();
+            let now = SystemClock.now();
+            for id in &ids {
+                let mut record =
+                    Record::new(now, now.saturating_add(Duration::from_secs(3600)), None);
+                record.data = br#"{"n":0}"#.to_vec();
+                store.create(&id.key(), &record, now).await.unwrap();
+            }
+        });
+        let spec = format!(
+            "{}|{}",
+            root.display(),
+            ids.iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(",")
+        );
+        let exe = std::env::current_exe().unwrap();
+        let mut workers: Vec<_> = (0..PROCESSES)
+            .map(|_| {
+                Command::new(&exe)
+                    .args([
+                        "--exact",
+                        "files::several_processes_hammer_the_same_sessions",
+                        "--nocapture",
+                        "--test-threads=1",
+                    ])
+                    .env(WORKER_ENV, &spec)
+                    .stdout(std::process::Stdio::null())
+                    .spawn()
+                    .expect("a worker process starts")
+            })
+            .collect();
+        // Meanwhile, read continuously until the workers are done: a torn
+        // file would fail to decode.
+        let reads = session2::testing::run(async {
+            let mut reads = 0u64;
+            while workers
+                .iter_mut()
+                .any(|worker| worker.try_wait().unwrap().is_none())
+            {
+                for id in &ids {
+                    let record = store
+                        .load(&id.key(), SystemClock.now())
+                        .await
+                        .expect("never a torn read");
+                    assert!(record.is_some());
+                    reads += 1;
+                }
+            }
+            reads
+        });
+        for mut worker in workers {
+            assert!(worker.wait().unwrap().success(), "a worker failed");
+        }
+        assert!(reads > 0);
+        session2::testing::run(async {
+            for id in &ids {
+                let record = store
+                    .load(&id.key(), SystemClock.now())
+                    .await
+                    .unwrap()
+                    .unwrap();
+                assert_eq!(
+                    counter(&record, "n"),
+                    PROCESSES as i64 * ROUNDS,
+                    "an exclusive increment was lost"
+                );
+                assert_eq!(
+                    counter(&record, "raw"),
+                    PROCESSES as i64 * ROUNDS,
+                    "a compare-and-swap increment was lost"
+                );
+                assert_eq!(record.lease, None);
+            }
+        });
+    }
+
+    #[test]
+    fn corrupt_and_foreign_files_never_panic() {
+        session2::testing::run(async {
+            let dir = tempfile::tempdir().unwrap();
+            let root = dir.path().join("sessions");
+            let store = DirectoryStore::new(&root);
+            store.setup().await.unwrap();
+            let now = SystemClock.now();
+            let id = SessionId::generate();
+            let key = id.key();
+            let record = Record::new(now, now.saturating_add(Duration::from_secs(600)), None);
+            store.create(&key, &record, now).await.unwrap();
+            let hex = key.to_hex();
+            let path = root.join(&hex[..2]).join(&hex);
+            for garbage in [
+                &b""[..],
+                b"{\"format\":1",
+                b"\x00\xff\xfe",
+                br#"{"format":99}"#,
+            ] {
+                std::fs::write(&path, garbage).unwrap();
+                let err = store.load(&key, now).await.unwrap_err();
+                assert!(err.is_decode(), "{err}");
+                // Through the manager a corrupt record is a fresh session.
+                let manager = SessionManager::new(store.clone());
+                let request = manager.start(Some(&format!("id={id}")));
+                assert!(request.session().await.unwrap().is_new());
+                assert!(
+                    store.list(None, 10).await.unwrap().records.is_empty(),
+                    "list skips it"
+                );
+            }
+            // Foreign files in the tree are ignored by list, count and purge.
+            std::fs::write(root.join("README"), "not a session").unwrap();
+            std::fs::write(root.join(&hex[..2]).join("notes.txt"), "x").unwrap();
+            assert_eq!(store.count().await.unwrap(), 1);
+            // Purge removes the undecodable record once its time has come.
+            let later = now.saturating_add(Duration::from_secs(3600));
+            let file = std::fs::File::options().write(true).open(&path).unwrap();
+            file.set_modified(now.to_system_time()).unwrap();
+            assert_eq!(store.purge_expired(later).await.unwrap(), 1);
+            assert_eq!(store.count().await.unwrap(), 0);
+            assert!(root.join("README").exists());
+        });
+    }
+
+    #[test]
+    fn files_are_private_sharded_and_named_by_hash() {
+        session2::testing::run(async {
+            use std::os::unix::fs::PermissionsExt;
+            let dir = tempfile::tempdir().unwrap();
+            let root = dir.path().join("sessions");
+            let store = DirectoryStore::new(&root);
+            store.setup().await.unwrap();
+            store.setup().await.unwrap();
+            let mode = std::fs::metadata(&root).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o700);
+            let manager = SessionManager::new(store.clone());
+            let request = manager.start(None);
+            request.session().await.unwrap().insert("n", 1).unwrap();
+            let cookie = request.finish(Outcome::Success).await.unwrap().unwrap();
+            let id = cookie
+                .split(';')
+                .next()
+                .unwrap()
+                .split_once('=')
+                .unwrap()
+                .1
+                .to_owned();
+            let hex = SessionId::parse(&id).unwrap().key().to_hex();
+            let path = root.join(&hex[..2]).join(&hex);
+            assert!(path.is_file());
+            assert_eq!(
+                std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+                0o600
+            );
+            let mut names = Vec::new();
+            for entry in walk(&root) {
+                names.push(entry.clone());
+                let contents = std::fs::read(&entry).unwrap_or_default();
+                assert!(!String::from_utf8_lossy(&contents).contains(&id));
+                assert!(!entry.to_string_lossy().contains(&id));
+            }
+            assert!(!names.is_empty());
+        });
+    }
+
+    fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+        let mut found = Vec::new();
+        for entry in std::fs::read_dir(dir).unwrap().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                found.extend(walk(&path));
+            } else {
+                found.push(path);
+            }
+        }
+        found
+    }
+}
