@@ -1,34 +1,33 @@
-//! The Redis store against a real server (`SESSION2_TEST_REDIS_URL`,
-//! default `redis://127.0.0.1:6379`).
+//! The conformance suite and Redis-specific tests against a real server
+//! (`SESSION2_TEST_REDIS_URL`, default `redis://127.0.0.1:6379`).
 
-#![cfg(feature = "redis")]
-
+use std::sync::Arc;
 use std::time::Duration;
 
 use redis::AsyncCommands;
 use session2::store::RedisStore;
-use session2::{CreateOutcome, Record, SessionId, SessionKey, SessionStore, SystemClock, Timestamp};
-use session2::Clock;
+use session2::{
+    Clock, CreateOutcome, Record, SessionId, SessionKey, SessionStore, SystemClock, Timestamp,
+};
+
+/// A fresh store under a random prefix (its own hash tag), or `None` when
+/// Redis is unreachable outside CI.
+async fn factory() -> Option<Arc<dyn SessionStore>> {
+    Some(Arc::new(fresh_store().await?))
+}
+
+session2::conformance_tests!(factory);
 
 fn redis_url() -> String {
     std::env::var("SESSION2_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
 }
 
-/// A store under a fresh random prefix, or `None` (skipped) when Redis is down.
 async fn fresh_store() -> Option<RedisStore> {
     let prefix = format!("s2test-{}", SessionId::generate().key().fingerprint());
-    let connected = RedisStore::connect(&redis_url()).await;
-    let store = match connected {
-        Ok(store) => store.with_prefix(prefix),
-        Err(err) if std::env::var("CI").as_deref() == Ok("true") => {
-            panic!("redis is required in CI: {err}")
-        }
-        Err(err) => {
-            eprintln!("SKIPPED: redis unreachable: {err}");
-            return None;
-        }
-    };
-    store.setup().await.unwrap();
+    let store =
+        session2::testing::require_server("redis", RedisStore::connect(&redis_url()).await)?
+            .with_prefix(prefix);
+    store.setup().await.expect("setup");
     Some(store)
 }
 
@@ -54,13 +53,21 @@ const HOUR: Duration = Duration::from_secs(3600);
 
 #[tokio::test]
 async fn primitives_follow_the_contract() {
-    let Some(store) = fresh_store().await else { return };
+    let Some(store) = fresh_store().await else {
+        return;
+    };
     let now = SystemClock.now();
     let key = new_key();
     let mut first = record(now, HOUR, Some("alice"));
     first.data = b"\xff\x00 not json at all".to_vec();
-    assert_eq!(store.create(&key, &first, now).await.unwrap(), CreateOutcome::Created);
-    assert_eq!(store.create(&key, &first, now).await.unwrap(), CreateOutcome::Collision);
+    assert_eq!(
+        store.create(&key, &first, now).await.unwrap(),
+        CreateOutcome::Created
+    );
+    assert_eq!(
+        store.create(&key, &first, now).await.unwrap(),
+        CreateOutcome::Collision
+    );
     assert_eq!(store.load(&key, now).await.unwrap(), Some(first.clone()));
 
     let mut second = first.clone();
@@ -69,39 +76,58 @@ async fn primitives_follow_the_contract() {
     assert!(!store.replace(&key, 7, &second, now).await.unwrap());
     assert!(store.replace(&key, 1, &second, now).await.unwrap());
     assert!(store.find_by_user("alice", now).await.unwrap().is_empty());
-    assert_eq!(store.find_by_user("bob", now).await.unwrap(), vec![(key, second.clone())]);
+    assert_eq!(
+        store.find_by_user("bob", now).await.unwrap(),
+        vec![(key, second.clone())]
+    );
 
     let later = now.saturating_add(Duration::from_secs(60));
     let deadline = later.saturating_add(HOUR);
     assert!(store.touch(&key, later, deadline).await.unwrap());
     let touched = store.load(&key, later).await.unwrap().unwrap();
-    assert_eq!((touched.version, touched.accessed_at, touched.idle_deadline), (2, later, deadline));
+    assert_eq!(
+        (touched.version, touched.accessed_at, touched.idle_deadline),
+        (2, later, deadline)
+    );
     assert_eq!(touched.data, second.data);
 
     // Expired per the caller's clock although Redis still holds it.
     let far = now.saturating_add(3 * HOUR);
     assert_eq!(store.load(&key, far).await.unwrap(), None);
     assert!(!store.replace(&key, 2, &second, far).await.unwrap());
-    assert!(!store.touch(&key, far, far.saturating_add(HOUR)).await.unwrap());
+    assert!(
+        !store
+            .touch(&key, far, far.saturating_add(HOUR))
+            .await
+            .unwrap()
+    );
     assert!(store.find_by_user("bob", far).await.unwrap().is_empty());
     assert_eq!(store.count().await.unwrap(), 1);
 
     assert!(!store.delete(&key, Some(1)).await.unwrap());
     assert!(store.delete(&key, Some(2)).await.unwrap());
     assert!(!store.delete(&key, None).await.unwrap());
-    assert!(!store.replace(&key, 2, &second, now).await.unwrap(), "replace recreated a deleted record");
+    assert!(
+        !store.replace(&key, 2, &second, now).await.unwrap(),
+        "replace recreated a deleted record"
+    );
     assert_eq!(store.load(&key, now).await.unwrap(), None);
     assert_eq!(store.count().await.unwrap(), 0);
 }
 
 #[tokio::test]
 async fn list_pages_in_key_order_and_purge_is_exact() {
-    let Some(store) = fresh_store().await else { return };
+    let Some(store) = fresh_store().await else {
+        return;
+    };
     let now = SystemClock.now();
     let mut keys: Vec<SessionKey> = (0..25).map(|_| new_key()).collect();
     for (i, key) in keys.iter().enumerate() {
         let ttl = if i % 2 == 0 { HOUR } else { 2 * HOUR };
-        store.create(key, &record(now, ttl, Some("u")), now).await.unwrap();
+        store
+            .create(key, &record(now, ttl, Some("u")), now)
+            .await
+            .unwrap();
     }
     keys.sort();
     let mut seen = Vec::new();
@@ -116,45 +142,71 @@ async fn list_pages_in_key_order_and_purge_is_exact() {
     }
     assert_eq!(seen, keys);
     assert_eq!(store.count().await.unwrap(), 25);
-    assert_eq!(store.purge_expired(now.saturating_add(HOUR)).await.unwrap(), 13);
+    assert_eq!(
+        store.purge_expired(now.saturating_add(HOUR)).await.unwrap(),
+        13
+    );
     assert_eq!(store.count().await.unwrap(), 12);
     assert_eq!(store.find_by_user("u", now).await.unwrap().len(), 12);
-    assert_eq!(store.purge_expired(now.saturating_add(HOUR)).await.unwrap(), 0);
+    assert_eq!(
+        store.purge_expired(now.saturating_add(HOUR)).await.unwrap(),
+        0
+    );
 }
 
 #[tokio::test]
 async fn redis_expires_a_session_by_itself() {
-    let Some(store) = fresh_store().await else { return };
+    let Some(store) = fresh_store().await else {
+        return;
+    };
     let now = SystemClock.now();
     let key = new_key();
     store
-        .create(&key, &record(now, Duration::from_millis(300), Some("eve")), now)
+        .create(
+            &key,
+            &record(now, Duration::from_millis(300), Some("eve")),
+            now,
+        )
         .await
         .unwrap();
     let mut raw = raw().await;
     let name = store.session_key_name(&key);
     assert!(raw.exists::<_, bool>(&name).await.unwrap());
     tokio::time::sleep(Duration::from_secs(1)).await;
-    assert!(!raw.exists::<_, bool>(&name).await.unwrap(), "redis kept an expired session");
+    assert!(
+        !raw.exists::<_, bool>(&name).await.unwrap(),
+        "redis kept an expired session"
+    );
     // The index entries it left behind are dropped by reads.
     assert_eq!(store.count().await.unwrap(), 0);
     let prefix = store.prefix();
     let exp: usize = raw.zcard(format!("{{{prefix}}}:exp")).await.unwrap();
     assert_eq!(exp, 0);
-    assert!(store.find_by_user("eve", SystemClock.now()).await.unwrap().is_empty());
+    assert!(
+        store
+            .find_by_user("eve", SystemClock.now())
+            .await
+            .unwrap()
+            .is_empty()
+    );
     let user_set: usize = raw.scard(format!("{{{prefix}}}:u:eve")).await.unwrap();
     assert_eq!(user_set, 0);
 }
 
 #[tokio::test]
 async fn purge_leaves_no_index_entries_of_expired_or_deleted_sessions() {
-    let Some(store) = fresh_store().await else { return };
+    let Some(store) = fresh_store().await else {
+        return;
+    };
     let now = SystemClock.now();
     let mut live = Vec::new();
     for i in 0..10 {
         let key = new_key();
         let ttl = if i < 6 { HOUR } else { 3 * HOUR };
-        store.create(&key, &record(now, ttl, Some("carol")), now).await.unwrap();
+        store
+            .create(&key, &record(now, ttl, Some("carol")), now)
+            .await
+            .unwrap();
         if i >= 6 {
             live.push(key);
         }
@@ -163,12 +215,24 @@ async fn purge_leaves_no_index_entries_of_expired_or_deleted_sessions() {
             live.retain(|k| *k != key);
         }
     }
-    assert_eq!(store.purge_expired(now.saturating_add(2 * HOUR)).await.unwrap(), 5);
+    assert_eq!(
+        store
+            .purge_expired(now.saturating_add(2 * HOUR))
+            .await
+            .unwrap(),
+        5
+    );
     let mut raw = raw().await;
     let prefix = store.prefix();
     let mut user_set: Vec<String> = raw.smembers(format!("{{{prefix}}}:u:carol")).await.unwrap();
-    let mut exp: Vec<String> = raw.zrange(format!("{{{prefix}}}:exp"), 0, -1).await.unwrap();
-    let mut index: Vec<String> = raw.zrange(format!("{{{prefix}}}:keys"), 0, -1).await.unwrap();
+    let mut exp: Vec<String> = raw
+        .zrange(format!("{{{prefix}}}:exp"), 0, -1)
+        .await
+        .unwrap();
+    let mut index: Vec<String> = raw
+        .zrange(format!("{{{prefix}}}:keys"), 0, -1)
+        .await
+        .unwrap();
     let owners: usize = raw.hlen(format!("{{{prefix}}}:owner")).await.unwrap();
     let mut expected: Vec<String> = live.iter().map(SessionKey::to_hex).collect();
     for list in [&mut user_set, &mut exp, &mut index, &mut expected] {
@@ -179,26 +243,40 @@ async fn purge_leaves_no_index_entries_of_expired_or_deleted_sessions() {
     assert_eq!(index, expected);
     assert_eq!(owners, expected.len());
 
-    assert_eq!(store.purge_expired(now.saturating_add(4 * HOUR)).await.unwrap(), 3);
+    assert_eq!(
+        store
+            .purge_expired(now.saturating_add(4 * HOUR))
+            .await
+            .unwrap(),
+        3
+    );
     let left: Vec<String> = raw.keys(format!("{{{prefix}}}:*")).await.unwrap();
     assert!(left.is_empty(), "left behind: {left:?}");
 }
 
 #[tokio::test]
 async fn corrupt_values_are_decode_errors_and_purged() {
-    let Some(store) = fresh_store().await else { return };
+    let Some(store) = fresh_store().await else {
+        return;
+    };
     let now = SystemClock.now();
     let mut raw = raw().await;
 
     let garbage = new_key();
     let _: () = raw
-        .set(store.session_key_name(&garbage), b"\x00\xffgarbage".as_slice())
+        .set(
+            store.session_key_name(&garbage),
+            b"\x00\xffgarbage".as_slice(),
+        )
         .await
         .unwrap();
     assert!(store.load(&garbage, now).await.unwrap_err().is_decode());
 
     let garbled = new_key();
-    store.create(&garbled, &record(now, HOUR, Some("dan")), now).await.unwrap();
+    store
+        .create(&garbled, &record(now, HOUR, Some("dan")), now)
+        .await
+        .unwrap();
     let _: () = raw
         .hset(store.session_key_name(&garbled), "version", "not a number")
         .await

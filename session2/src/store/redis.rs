@@ -380,9 +380,8 @@ impl RedisStore {
     /// a few seconds. The connection reconnects by itself if the server goes
     /// away later; calls made while it is down fail with backend errors.
     pub async fn connect(url: &str) -> Result<Self> {
-        let client = redis::Client::open(url).map_err(|err| {
-            Error::config(format_args!("invalid redis URL: {err}"))
-        })?;
+        let client = redis::Client::open(url)
+            .map_err(|err| Error::config(format_args!("invalid redis URL: {err}")))?;
         let config = ConnectionManagerConfig::new()
             .set_number_of_retries(1)
             .set_connection_timeout(Some(Duration::from_secs(5)))
@@ -560,7 +559,9 @@ fn decode_fields(value: Value) -> Result<Record> {
     let pairs: Vec<(Value, Value)> = match value {
         Value::Array(items) => {
             if items.len() % 2 != 0 {
-                return Err(Error::decode("redis session hash has an odd number of items"));
+                return Err(Error::decode(
+                    "redis session hash has an odd number of items",
+                ));
             }
             let mut items = items.into_iter();
             let mut pairs = Vec::new();
@@ -613,13 +614,9 @@ fn record_from_fields(mut fields: HashMap<Vec<u8>, Vec<u8>>) -> Result<Record> {
             })
             .transpose()
     }
-    fn required<T: std::str::FromStr>(
-        fields: &HashMap<Vec<u8>, Vec<u8>>,
-        name: &str,
-    ) -> Result<T> {
-        number(fields, name)?.ok_or_else(|| {
-            Error::decode(format_args!("redis session has no `{name}` field"))
-        })
+    fn required<T: std::str::FromStr>(fields: &HashMap<Vec<u8>, Vec<u8>>, name: &str) -> Result<T> {
+        number(fields, name)?
+            .ok_or_else(|| Error::decode(format_args!("redis session has no `{name}` field")))
     }
     let at = Timestamp::from_millis;
     let lease = match (
@@ -661,7 +658,10 @@ fn decode_entries(value: Value) -> Result<Vec<(SessionKey, Option<Record>)>> {
         let (Some(fields), Some(Value::BulkString(hex))) = (pair.pop(), pair.pop()) else {
             return Err(Error::backend(STORE, "unexpected entry from a script"));
         };
-        let Some(key) = std::str::from_utf8(&hex).ok().and_then(SessionKey::from_hex) else {
+        let Some(key) = std::str::from_utf8(&hex)
+            .ok()
+            .and_then(SessionKey::from_hex)
+        else {
             continue;
         };
         out.push((key, decode_fields(fields).ok()));

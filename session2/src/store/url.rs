@@ -153,7 +153,10 @@ mod tests {
         );
         assert_eq!(
             split_redis_prefix("redis://h?protocol=resp3&prefix=a:b"),
-            ("redis://h?protocol=resp3".to_owned(), Some("a:b".to_owned()))
+            (
+                "redis://h?protocol=resp3".to_owned(),
+                Some("a:b".to_owned())
+            )
         );
     }
 }
