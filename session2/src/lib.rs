@@ -81,4 +81,8 @@ pub use crate::session::Session;
 pub use crate::store::DirectoryStore;
 #[cfg(feature = "memory")]
 pub use crate::store::MemoryStore;
+#[cfg(feature = "redb")]
+pub use crate::store::RedbStore;
+#[cfg(feature = "redis")]
+pub use crate::store::RedisStore;
 pub use crate::store::{Capabilities, CreateOutcome, Page, SessionStore};
