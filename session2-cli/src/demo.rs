@@ -117,10 +117,8 @@ fn counter(session: &Session) -> i64 {
     session.get::<i64>(COUNTER).ok().flatten().unwrap_or(0)
 }
 
-fn bump(session: &Session) -> Result<(), Response> {
-    session
-        .insert(COUNTER, counter(session) + 1)
-        .map_err(|err| (StatusCode::PAYLOAD_TOO_LARGE, err.to_string()).into_response())
+fn bump(session: &Session) -> session2::Result<()> {
+    session.insert(COUNTER, counter(session) + 1)
 }
 
 async fn api_session(session: Session) -> Json<SessionView> {
@@ -169,7 +167,7 @@ async fn index(session: Session) -> Html<String> {
 async fn increment(ExclusiveSession(session): ExclusiveSession) -> Response {
     match bump(&session) {
         Ok(()) => Redirect::to("/").into_response(),
-        Err(response) => response,
+        Err(err) => (StatusCode::PAYLOAD_TOO_LARGE, err.to_string()).into_response(),
     }
 }
 

@@ -47,6 +47,11 @@
 //! | `testing` | the public conformance suite for store crates | no |
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+/// The README's examples, compiled and run as doctests.
+#[cfg(all(doctest, feature = "axum", feature = "directory"))]
+#[doc = include_str!("../../README.md")]
+pub struct ReadmeDoctests;
+
 mod clock;
 mod config;
 mod error;

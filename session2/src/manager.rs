@@ -656,7 +656,8 @@ impl RequestSession {
                 }
             };
             let has_info = merged.user.is_some() || merged.data != crate::record::EMPTY_DATA;
-            let done = if !has_info {
+            if !has_info {
+                // Nothing left to keep: the session ends, as if never stored.
                 if store
                     .delete(&key, Some(base.version))
                     .await
@@ -665,11 +666,10 @@ impl RequestSession {
                     let had_cookie = !matches!(self.incoming, Incoming::Absent);
                     return Ok(had_cookie.then(|| manager.revocation_cookie()));
                 }
-                false
             } else if changes.rotate {
                 let new_id = SessionId::generate();
                 let new_key = new_id.key();
-                let mut moved = merged.clone();
+                let mut moved = merged;
                 moved.lease = None;
                 if store
                     .create(&new_key, &moved, now)
@@ -688,7 +688,6 @@ impl RequestSession {
                     // Someone wrote the old record meanwhile: undo and merge again.
                     store.delete(&new_key, None).await.map_err(save_failed)?;
                 }
-                false
             } else if store
                 .replace(&key, base.version, &merged, now)
                 .await
@@ -696,10 +695,8 @@ impl RequestSession {
             {
                 let refresh = manager.inner.config.lifetime == CookieLifetime::Persistent;
                 return Ok(refresh.then(|| manager.cookie(&id, Some(merged.expires_at()), now)));
-            } else {
-                false
-            };
-            debug_assert!(!done);
+            }
+            // Lost a race: merge again onto the latest version, if there still is one.
             match store.load(&key, now).await {
                 Ok(Some(latest)) if !manager.is_expired(&latest, now) => base = latest,
                 Ok(_) => {

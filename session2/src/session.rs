@@ -30,7 +30,20 @@ use serde_json::value::RawValue;
 use crate::record::{DataMap, EMPTY_DATA, entry_size};
 use crate::{Error, Record, Result, SessionId, SessionKey, Timestamp};
 
-/// A request's view of its session. See the [module docs](self).
+/// A request's view of its session: user, typed data, timestamps, logout
+/// and id renewal.
+///
+/// Cheap to clone; clones share state. Reads and writes are synchronous;
+/// the [`SessionManager`](crate::SessionManager) loaded it before the
+/// handler ran and saves this request's changes after the response.
+///
+/// ```
+/// let session = session2::Session::detached();
+/// session.insert("cart", vec!["apple", "pear"])?;
+/// assert_eq!(session.get::<Vec<String>>("cart")?.map(|cart| cart.len()), Some(2));
+/// assert!(session.remove("cart"));
+/// # Ok::<_, session2::Error>(())
+/// ```
 #[derive(Clone)]
 pub struct Session {
     state: Arc<Mutex<SessionState>>,

@@ -117,7 +117,7 @@ fn into_error(context: &str, err: io::Error) -> Error {
         let inner = err.into_inner().expect("checked above");
         return inner
             .downcast::<DecodeFailure>()
-            .map_or_else(|other| Error::decode(other), |failure| failure.0);
+            .map_or_else(Error::decode, |failure| failure.0);
     }
     Error::backend_source(STORE_NAME, context, err)
 }
@@ -546,7 +546,7 @@ impl SessionStore for DirectoryStore {
                     _ => remove_if_present(&dir.join(&name))?,
                 }
             }
-            found.sort_by(|a, b| a.0.cmp(&b.0));
+            found.sort_by_key(|(key, _)| *key);
             Ok(found)
         })
         .await
