@@ -18,6 +18,25 @@ async fn factory() -> Option<Arc<dyn SessionStore>> {
 
 session2::conformance_tests!(factory);
 
+/// The suite again over RESP3, where Redis answers `HGETALL` with a map.
+mod resp3 {
+    use std::sync::Arc;
+
+    use session2::{SessionId, SessionStore};
+
+    async fn factory() -> Option<Arc<dyn SessionStore>> {
+        let prefix = format!("s2resp3-{}", SessionId::generate().key().fingerprint());
+        let base = super::redis_url();
+        let separator = if base.contains('?') { '&' } else { '?' };
+        let url = format!("{base}{separator}protocol=resp3&prefix={prefix}");
+        let store = session2::testing::require_server("redis", session2::store::open(&url).await)?;
+        store.setup().await.expect("setup");
+        Some(store)
+    }
+
+    session2::conformance_tests!(factory);
+}
+
 fn redis_url() -> String {
     std::env::var("SESSION2_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
 }
