@@ -4,19 +4,7 @@
 //! |---|---|---|---|---|
 //! | yes: crash-safe transactions | no: one process holds the file | yes | no: purge, proportional to what expired | yes: one write transaction |
 //!
-//! Use it for an application that runs as one process and wants its sessions
-//! to survive restarts without running a database server. The file is locked
-//! while a store holds it: opening it a second time (from another process,
-//! or another store in the same process) fails at once with an error saying
-//! the file is in use, rather than waiting or corrupting it.
-//!
-//! Three tables: the records (key bytes → [`Record::encode`]), an expiry
-//! index ((expires at, key) → ()) that makes
-//! [`purge_expired`](SessionStore::purge_expired) cost what expired, and a
-//! user index ((user, key) → ()) for
-//! [`find_by_user`](SessionStore::find_by_user). Every write is one write
-//! transaction, so compare-and-swap and create are atomic; redb calls run on
-//! tokio's blocking threads.
+//! See [`RedbStore`] for when to use it, its tables and file locking.
 //!
 //! ```no_run
 //! use session2::{SessionManager, store::RedbStore};
@@ -55,6 +43,24 @@ const PURGE_BATCH: usize = 1_000;
 const AFTER_ALL_KEYS: &[u8] = &[0xff; 33];
 
 /// A store in one redb database file; clones share the open database.
+///
+/// | persistent | multiprocess safe | thread safe | server-side expiry | atomic create |
+/// |---|---|---|---|---|
+/// | yes: crash-safe transactions | no: one process holds the file | yes | no: purge, proportional to what expired | yes: one write transaction |
+///
+/// Use it for an application that runs as one process and wants its sessions
+/// to survive restarts without running a database server. The file is locked
+/// while a store holds it: opening it a second time (from another process,
+/// or another store in the same process) fails at once with an error saying
+/// the file is in use, rather than waiting or corrupting it.
+///
+/// Three tables: the records (key bytes → [`Record::encode`]), an expiry
+/// index ((expires at, key) → ()) that makes
+/// [`purge_expired`](SessionStore::purge_expired) cost what expired, and a
+/// user index ((user, key) → ()) for
+/// [`find_by_user`](SessionStore::find_by_user). Every write is one write
+/// transaction, so compare-and-swap and create are atomic; redb calls run on
+/// tokio's blocking threads.
 #[cfg_attr(docsrs, doc(cfg(feature = "redb")))]
 #[derive(Clone, Debug)]
 pub struct RedbStore {

@@ -4,46 +4,7 @@
 //! |---|---|---|---|---|
 //! | as Redis is configured (RDB/AOF) | yes | yes | yes: `PEXPIREAT` per session, plus purge | yes: one Lua script |
 //!
-//! Use it when several workers or machines serve one application and Redis
-//! is already at hand. Build it from the application's own
-//! [`ConnectionManager`] ([`RedisStore::new`]) or cluster connection
-//! ([`RedisStore::from_cluster`]), or from a URL ([`RedisStore::connect`],
-//! or `redis://host/db?prefix=app` through [`store::open`](crate::store::open)).
-//!
-//! # Layout
-//!
-//! With the default prefix `session2`, one store uses these keys:
-//!
-//! | key | type | holds |
-//! |---|---|---|
-//! | `{session2}:s:<hex key>` | hash | one session: its metadata fields and its `data` blob (binary), with `PEXPIREAT` at its expiry |
-//! | `{session2}:exp` | sorted set | every session, scored by its expiry in Unix milliseconds |
-//! | `{session2}:keys` | sorted set | every session, score 0, so `ZRANGEBYLEX` pages through keys in order |
-//! | `{session2}:owner` | hash | session → user, for sessions that have a user |
-//! | `{session2}:u:<user>` | set | the sessions of one user |
-//!
-//! Every key carries the same hash tag (`{session2}`), so **one store lives
-//! in one hash slot** of a Redis Cluster: each operation is a single Lua
-//! script that changes a session and its indexes atomically, and Redis runs
-//! a script only over keys of one slot. To spread sessions over a cluster,
-//! run several stores with different prefixes.
-//!
-//! A session is a hash, not one encoded value, so that
-//! [`touch`](SessionStore::touch) rewrites two small fields in a script
-//! without reading or re-encoding the data blob (decoding JSON in Lua with
-//! `cjson` would also round large numbers in the application's data).
-//!
-//! # Expiry
-//!
-//! Redis deletes a session by itself at its expiry, so dead sessions never
-//! pile up even when nobody purges. Every decision about expiry in the
-//! scripts uses the `now` the caller passes, never the server's clock;
-//! [`purge_expired`](SessionStore::purge_expired) walks the expiry index up
-//! to `now` and deletes exactly those sessions and their index entries.
-//! Index entries left behind by sessions Redis expired by itself are dropped
-//! as reads ([`list`](SessionStore::list), [`count`](SessionStore::count),
-//! [`find_by_user`](SessionStore::find_by_user)) and purges meet them.
-//! Listing pages through the key index (never `KEYS` or `SCAN`).
+//! See [`RedisStore`] for the key layout, Redis Cluster use and expiry.
 //!
 //! ```no_run
 //! use session2::{SessionManager, store::RedisStore};
@@ -285,7 +246,57 @@ impl ConnectionLike for Connection {
 
 /// A store in Redis (or a Redis Cluster); clones share the connection.
 ///
-/// See the [module documentation](self) for the key layout and guarantees.
+/// | persistent | multiprocess safe | thread safe | server-side expiry | atomic create |
+/// |---|---|---|---|---|
+/// | as Redis is configured (RDB/AOF) | yes | yes | yes: `PEXPIREAT` per session, plus purge | yes: one Lua script |
+///
+/// Use it when several workers or machines serve one application and Redis
+/// is already at hand. Build it from the application's own
+/// [`ConnectionManager`] ([`RedisStore::new`]) or cluster connection
+/// ([`RedisStore::from_cluster`]), or from a URL ([`RedisStore::connect`],
+/// or `redis://host/db?prefix=app` through [`store::open`](crate::store::open)).
+///
+/// # Layout
+///
+/// With the default prefix `session2`, one store uses these keys:
+///
+/// | key | type | holds |
+/// |---|---|---|
+/// | `{session2}:s:<hex key>` | hash | one session: its metadata fields and its `data` blob (binary), with `PEXPIREAT` at its expiry |
+/// | `{session2}:exp` | sorted set | every session, scored by its expiry in Unix milliseconds |
+/// | `{session2}:keys` | sorted set | every session, score 0, so `ZRANGEBYLEX` pages through keys in order |
+/// | `{session2}:owner` | hash | session → user, for sessions that have a user |
+/// | `{session2}:u:<user>` | set | the sessions of one user |
+///
+/// Every key carries the same hash tag (`{session2}`), so **one store lives
+/// in one hash slot** of a Redis Cluster: each operation is a single Lua
+/// script that changes a session and its indexes atomically, and Redis runs
+/// a script only over keys of one slot. To spread sessions over a cluster,
+/// run several stores with different prefixes.
+///
+/// A session is a hash, not one encoded value, so that
+/// [`touch`](SessionStore::touch) rewrites two small fields in a script
+/// without reading or re-encoding the data blob (decoding JSON in Lua with
+/// `cjson` would also round large numbers in the application's data).
+///
+/// # Expiry
+///
+/// Redis deletes a session by itself at its expiry, so dead sessions' data
+/// never piles up even when nobody purges. Every decision about expiry in the
+/// scripts uses the `now` the caller passes, never the server's clock;
+/// [`purge_expired`](SessionStore::purge_expired) walks the expiry index up
+/// to `now` and deletes exactly those sessions and their index entries.
+/// Index entries left behind by sessions Redis expired by itself are dropped
+/// when reads ([`list`](SessionStore::list), [`count`](SessionStore::count),
+/// [`find_by_user`](SessionStore::find_by_user)) or purges meet them, so run
+/// purge regularly to keep the indexes small.
+/// Listing pages through the key index (never `KEYS` or `SCAN`);
+/// [`count`](SessionStore::count) is exact: `ZCARD` of the key index after
+/// dropping the entries whose session Redis already expired.
+///
+/// A session whose hash cannot be decoded (or a foreign value under its
+/// key) fails [`load`](SessionStore::load) with a decode error and is put in
+/// the expiry index as already due, so the next purge deletes it.
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 #[derive(Clone)]
 pub struct RedisStore {
