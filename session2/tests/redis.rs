@@ -326,3 +326,67 @@ async fn open_parses_the_prefix_option() {
     let bad = format!("{}?prefix=a{{b", redis_url());
     assert!(session2::store::open(&bad).await.unwrap_err().is_config());
 }
+
+#[tokio::test]
+async fn independent_connections_lose_no_update() {
+    let Some(first) = fresh_store().await else {
+        return;
+    };
+    let now = SystemClock.now();
+    let key = new_key();
+    let mut initial = record(now, HOUR, None);
+    initial.data = br#"{"n":0}"#.to_vec();
+    first.create(&key, &initial, now).await.unwrap();
+    let mut tasks = Vec::new();
+    for _ in 0..4 {
+        // A separate connection each, as separate processes would have.
+        let store = RedisStore::connect(&redis_url())
+            .await
+            .unwrap()
+            .with_prefix(first.prefix());
+        for _ in 0..4 {
+            let store = store.clone();
+            tasks.push(tokio::spawn(async move {
+                for _ in 0..25 {
+                    loop {
+                        let current = store.load(&key, now).await.unwrap().unwrap();
+                        let value: serde_json::Value =
+                            serde_json::from_slice(&current.data).unwrap();
+                        let mut next = current.clone();
+                        next.version += 1;
+                        next.data =
+                            format!(r#"{{"n":{}}}"#, value["n"].as_i64().unwrap() + 1).into_bytes();
+                        if store
+                            .replace(&key, current.version, &next, now)
+                            .await
+                            .unwrap()
+                        {
+                            break;
+                        }
+                    }
+                }
+            }));
+        }
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let last = first.load(&key, now).await.unwrap().unwrap();
+    assert_eq!(last.data, br#"{"n":400}"#);
+    assert_eq!(last.version, 401);
+}
+
+#[tokio::test]
+async fn an_unreachable_server_is_a_prompt_backend_error() {
+    let started = std::time::Instant::now();
+    let err = RedisStore::connect("redis://127.0.0.1:1")
+        .await
+        .unwrap_err();
+    assert!(err.is_backend(), "{err}");
+    assert!(err.to_string().contains("redis"), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(15), "connect hung");
+    let err = session2::store::open("redis://127.0.0.1:1/0?prefix=x")
+        .await
+        .unwrap_err();
+    assert!(err.is_backend(), "{err}");
+}

@@ -251,7 +251,7 @@ impl ConnectionLike for Connection {
 /// | as Redis is configured (RDB/AOF) | yes | yes | yes: `PEXPIREAT` per session, plus purge | yes: one Lua script |
 ///
 /// Use it when several workers or machines serve one application and Redis
-/// is already at hand. Build it from the application's own
+/// (5 or later, or Valkey) is already at hand. Build it from the application's own
 /// [`ConnectionManager`] ([`RedisStore::new`]) or cluster connection
 /// ([`RedisStore::from_cluster`]), or from a URL ([`RedisStore::connect`],
 /// or `redis://host/db?prefix=app` through [`store::open`](crate::store::open)).
