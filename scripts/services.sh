@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Brings up the servers the tests talk to: PostgreSQL (127.0.0.1:5432, trust
+# Brings up what the tests talk to: PostgreSQL (127.0.0.1:5432, trust
 # auth, database `test`), MariaDB (127.0.0.1:3306, root without password,
 # database `test`) and Redis (127.0.0.1:6379). Starts each one that is not
 # answering, installs it from Debian's packages if it is missing, and waits
-# until it answers. Idempotent: on a machine where all three run it only checks.
+# until it answers; installs Debian's chromium and chromium-driver for the
+# browser test. Idempotent: on a machine where all three run it only checks.
 set -euo pipefail
 
 log() { printf 'services: %s\n' "$*" >&2; }
@@ -94,7 +95,14 @@ ensure_mariadb() {
   mariadb -h 127.0.0.1 -uroot -e 'CREATE DATABASE IF NOT EXISTS test'
 }
 
+ensure_browser() {
+  if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then
+    apt_install chromium chromium-driver
+  fi
+}
+
 ensure_redis
 ensure_postgres
 ensure_mariadb
-log "PostgreSQL, MariaDB and Redis answer on 127.0.0.1"
+ensure_browser
+log "PostgreSQL, MariaDB and Redis answer on 127.0.0.1; Chromium and chromedriver are installed"

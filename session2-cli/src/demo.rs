@@ -3,12 +3,14 @@
 //! Routes (a contract the tests rely on):
 //! `GET /` (HTML), `GET /api/session` (JSON), `POST /increment`,
 //! `POST /increment-fail`, `POST /login` (form field `user`),
-//! `POST /logout`, `POST /logout-fail`.
+//! `POST /logout`, `POST /logout-fail`, `GET /sessions` (the user's
+//! sessions, each with a button to end it), `POST /sessions/end` (form
+//! field `fingerprint`), `POST /logout-everywhere`.
 
 use std::net::SocketAddr;
 
 use anyhow::Context as _;
-use axum::extract::Form;
+use axum::extract::{Form, State};
 use axum::http::StatusCode;
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
@@ -20,6 +22,7 @@ use session2::{ExclusiveSession, Session, SessionConfig, SessionLayer, SessionMa
 const DEFAULT_STORE: &str = "dir:session2-data";
 const COUNTER: &str = "counter";
 const MAX_USER_LEN: usize = 128;
+const STYLE: &str = "body{font-family:sans-serif;max-width:44em;margin:2em auto}form{display:inline-block;margin:.2em}td,th{padding:.2em .6em;text-align:left}";
 
 #[derive(Debug, clap::Args)]
 pub(crate) struct DemoArgs {
@@ -60,7 +63,7 @@ pub(crate) async fn serve(args: DemoArgs) -> anyhow::Result<()> {
 
 /// The demo's routes over `manager`.
 pub(crate) fn app(manager: SessionManager) -> Router {
-    Router::new()
+    Router::<SessionManager>::new()
         .route("/", get(index))
         .route("/api/session", get(api_session))
         .route("/increment", post(increment))
@@ -68,7 +71,11 @@ pub(crate) fn app(manager: SessionManager) -> Router {
         .route("/login", post(login))
         .route("/logout", post(logout))
         .route("/logout-fail", post(logout_fail))
-        .layer(SessionLayer::new(manager))
+        .route("/sessions", get(sessions_page))
+        .route("/sessions/end", post(end_session))
+        .route("/logout-everywhere", post(logout_everywhere))
+        .layer(SessionLayer::new(manager.clone()))
+        .with_state(manager)
 }
 
 async fn shutdown_signal() {
@@ -145,7 +152,7 @@ async fn index(session: Session) -> Html<String> {
         r#"<!doctype html>
 <html lang="en">
 <head><meta charset="utf-8"><title>session2 demo</title>
-<style>body{{font-family:sans-serif;max-width:40em;margin:2em auto}}form{{display:inline-block;margin:.2em}}</style>
+<style>{STYLE}</style>
 </head>
 <body>
 <h1>session2 demo</h1>
@@ -157,6 +164,7 @@ async fn index(session: Session) -> Html<String> {
 <form method="post" action="/login"><input id="user-name" name="user" placeholder="user name" required maxlength="{MAX_USER_LEN}"><button id="login">Log in</button></form>
 <form method="post" action="/logout"><button id="logout">Log out</button></form>
 <form method="post" action="/logout-fail"><button id="logout-fail">Log out, then fail</button></form>
+<p><a id="sessions-link" href="/sessions">Your sessions</a></p>
 </body>
 </html>
 "#,
@@ -208,6 +216,107 @@ async fn logout_fail(session: Session) -> Response {
     (
         StatusCode::INTERNAL_SERVER_ERROR,
         "logged out, then failed: the session survives",
+    )
+        .into_response()
+}
+
+/// `GET /sessions`: the logged-in user's sessions, with "this device" marked.
+async fn sessions_page(State(manager): State<SessionManager>, session: Session) -> Response {
+    let Some(user) = session.user() else {
+        return Redirect::to("/").into_response();
+    };
+    let sessions = match manager.sessions_of_user(&user).await {
+        Ok(sessions) => sessions,
+        Err(err) => return store_unavailable(&err),
+    };
+    let current = session.fingerprint();
+    let mut rows = String::new();
+    for (key, record) in &sessions {
+        let fingerprint = key.fingerprint();
+        let this_device = current.as_deref() == Some(fingerprint.as_str());
+        rows.push_str(&format!(
+            r#"<tr class="session"><td><code>{fingerprint}</code>{marker}</td><td>{created}</td><td>{accessed}</td>
+<td><form method="post" action="/sessions/end"><input type="hidden" name="fingerprint" value="{fingerprint}"><button class="end">End</button></form></td></tr>
+"#,
+            fingerprint = escape(&fingerprint),
+            marker = if this_device { r#" <strong class="this-device">this device</strong>"# } else { "" },
+            created = escape(&crate::output::format_time(record.created_at)),
+            accessed = escape(&crate::output::format_time(record.accessed_at)),
+        ));
+    }
+    Html(format!(
+        r#"<!doctype html>
+<html lang="en">
+<head><meta charset="utf-8"><title>Your sessions — session2 demo</title><style>{STYLE}</style></head>
+<body>
+<h1>Sessions of {user}</h1>
+<p id="session-count">{count} active session(s).</p>
+<table>
+<tr><th>Session</th><th>Created</th><th>Last access</th><th></th></tr>
+{rows}</table>
+<form method="post" action="/logout-everywhere"><button id="logout-everywhere">Log out everywhere</button></form>
+<p><a href="/">Back</a></p>
+</body>
+</html>
+"#,
+        user = escape(&user),
+        count = sessions.len(),
+    ))
+    .into_response()
+}
+
+#[derive(Debug, Deserialize)]
+struct EndForm {
+    fingerprint: String,
+}
+
+/// `POST /sessions/end`: ends one of the logged-in user's own sessions.
+async fn end_session(
+    State(manager): State<SessionManager>,
+    session: Session,
+    Form(form): Form<EndForm>,
+) -> Response {
+    let Some(user) = session.user() else {
+        return (StatusCode::FORBIDDEN, "log in first").into_response();
+    };
+    let sessions = match manager.sessions_of_user(&user).await {
+        Ok(sessions) => sessions,
+        Err(err) => return store_unavailable(&err),
+    };
+    // Only a session of this very user can be ended from here.
+    let Some((key, _)) = sessions
+        .iter()
+        .find(|(key, _)| key.fingerprint() == form.fingerprint)
+    else {
+        return (StatusCode::NOT_FOUND, "no such session of yours").into_response();
+    };
+    if session.fingerprint().as_deref() == Some(form.fingerprint.as_str()) {
+        session.expire();
+        return Redirect::to("/").into_response();
+    }
+    match manager.delete_session(key).await {
+        Ok(_) => Redirect::to("/sessions").into_response(),
+        Err(err) => store_unavailable(&err),
+    }
+}
+
+/// `POST /logout-everywhere`: ends every session of the logged-in user.
+async fn logout_everywhere(State(manager): State<SessionManager>, session: Session) -> Response {
+    let Some(user) = session.user() else {
+        return Redirect::to("/").into_response();
+    };
+    if let Err(err) = manager.delete_user_sessions(&user).await {
+        return store_unavailable(&err);
+    }
+    session.expire();
+    Redirect::to("/").into_response()
+}
+
+fn store_unavailable(err: &session2::Error) -> Response {
+    tracing::error!(error = %err, "session store unavailable");
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        "sessions are unavailable right now; try again",
     )
         .into_response()
 }

@@ -65,8 +65,9 @@ impl Default for SessionConfig {
             absolute_timeout: Some(Duration::from_secs(12 * 60 * 60)),
             touch_interval: Duration::from_secs(60),
             max_session_size: 64 * 1024,
-            lease_duration: Duration::from_secs(30),
-            lock_wait: Duration::from_secs(10),
+            // A waiter outlasts a dead holder's lease instead of failing.
+            lease_duration: Duration::from_secs(10),
+            lock_wait: Duration::from_secs(15),
             cookie_name: "id".to_owned(),
             host_prefix: false,
             secure: true,
@@ -111,7 +112,9 @@ impl SessionConfig {
     }
 
     /// How long an exclusive session's lease binds if its holder never
-    /// releases it (default 30 seconds).
+    /// releases it, say because its process died (default 10 seconds). A
+    /// handler that runs longer loses its exclusivity: its changes are then
+    /// merged like a plain session's.
     #[must_use]
     pub fn with_lease_duration(mut self, duration: Duration) -> Self {
         self.lease_duration = duration;
@@ -119,7 +122,8 @@ impl SessionConfig {
     }
 
     /// How long an exclusive session waits for another holder's lease before
-    /// giving up with a lock-timeout error (default 10 seconds).
+    /// giving up with a lock-timeout error (default 15 seconds, longer than
+    /// the default lease, so a lease left by a crashed process is waited out).
     #[must_use]
     pub fn with_lock_wait(mut self, wait: Duration) -> Self {
         self.lock_wait = wait;

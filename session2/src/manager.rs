@@ -253,6 +253,36 @@ impl SessionManager {
         self.inner.store.purge_expired(self.now()).await
     }
 
+    /// Starts a background task that purges expired sessions every
+    /// `interval`, for stores without server-side expiry. It runs until the
+    /// returned handle is aborted or the runtime shuts down; a failed purge
+    /// is logged and retried at the next tick.
+    ///
+    /// ```
+    /// # tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap().block_on(async {
+    /// let manager = session2::SessionManager::new(session2::MemoryStore::new());
+    /// let reaper = manager.spawn_reaper(std::time::Duration::from_secs(60));
+    /// reaper.abort();
+    /// # });
+    /// ```
+    pub fn spawn_reaper(&self, interval: Duration) -> tokio::task::JoinHandle<()> {
+        let manager = self.clone();
+        tokio::spawn(async move {
+            let mut ticks = tokio::time::interval(interval);
+            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                ticks.tick().await;
+                match manager.purge_expired().await {
+                    Ok(0) => {}
+                    Ok(purged) => tracing::debug!(purged, "reaper purged expired sessions"),
+                    Err(err) => {
+                        tracing::warn!(error = %err, "reaper failed to purge expired sessions")
+                    }
+                }
+            }
+        })
+    }
+
     /// Whether `record` is expired at `now` by its own deadlines or by the
     /// current configuration (which may be stricter than when it was written).
     fn is_expired(&self, record: &Record, now: Timestamp) -> bool {
@@ -374,6 +404,10 @@ impl fmt::Debug for RequestSession {
 /// The changes of one request, applied onto whatever version is stored.
 struct ChangeSet {
     data: std::collections::BTreeMap<String, Option<Box<serde_json::value::RawValue>>>,
+    /// The handle's data map, encoded, with the version it was loaded at:
+    /// the merge result as long as that version is still the stored one,
+    /// which spares decoding the stored data again.
+    encoded_on: Option<(u64, Vec<u8>)>,
     user: Option<Option<String>>,
     rotate: bool,
     lease_token: Option<u64>,
@@ -514,7 +548,14 @@ impl RequestSession {
         let now = manager.now();
         let (stored, changes, fresh_data, user, expired, has_info) = {
             let mut state = loaded.session.lock();
+            let encoded_on = match &state.stored {
+                Some(stored) if !state.changes.is_empty() => {
+                    Some((stored.record.version, encode_data(&state.data)))
+                }
+                _ => None,
+            };
             let changes = ChangeSet {
+                encoded_on,
                 data: std::mem::take(&mut state.changes),
                 user: state.user_changed.then(|| state.user.clone()),
                 rotate: state.rotate,
@@ -556,6 +597,7 @@ impl RequestSession {
             if changes.lease_token.is_some() {
                 let release_only = ChangeSet {
                     data: Default::default(),
+                    encoded_on: None,
                     user: None,
                     rotate: false,
                     ..changes
@@ -717,17 +759,30 @@ impl RequestSession {
     /// The record that results from applying `changes` onto `base`.
     fn apply(&self, base: &Record, changes: &ChangeSet, now: Timestamp) -> Result<Record> {
         let config = &self.manager.inner.config;
-        let mut merged = base.clone();
-        if !changes.data.is_empty() {
-            let mut data = decode_data(&base.data)?;
-            for (key, value) in &changes.data {
-                match value {
-                    Some(value) => data.insert(key.clone(), value.clone()),
-                    None => data.remove(key),
-                };
+        let data = match &changes.encoded_on {
+            _ if changes.data.is_empty() => base.data.clone(),
+            Some((version, encoded)) if *version == base.version => encoded.clone(),
+            _ => {
+                let mut data = decode_data(&base.data)?;
+                for (key, value) in &changes.data {
+                    match value {
+                        Some(value) => data.insert(key.clone(), value.clone()),
+                        None => data.remove(key),
+                    };
+                }
+                encode_data(&data)
             }
-            merged.data = encode_data(&data);
-        }
+        };
+        let mut merged = Record {
+            version: base.version,
+            user: base.user.clone(),
+            created_at: base.created_at,
+            accessed_at: base.accessed_at,
+            idle_deadline: base.idle_deadline,
+            absolute_deadline: base.absolute_deadline,
+            lease: base.lease,
+            data,
+        };
         if let Some(user) = &changes.user {
             merged.user.clone_from(user);
         }
@@ -772,5 +827,69 @@ impl Backoff {
         let jitter = Duration::from_micros(self.seed % 1_000);
         tokio::time::sleep(self.next + jitter).await;
         self.next = (self.next * 2).min(Duration::from_millis(20));
+    }
+}
+
+#[cfg(all(test, feature = "memory"))]
+mod tests {
+    use super::*;
+    use crate::{ManualClock, MemoryStore};
+
+    #[tokio::test]
+    async fn the_reaper_purges_expired_sessions() {
+        let clock = ManualClock::starting_now();
+        let store = MemoryStore::new();
+        let manager = SessionManager::new(store.clone()).with_clock(clock.clone());
+        let request = manager.start(None);
+        request.session().await.unwrap().insert("n", 1).unwrap();
+        request.finish(Outcome::Success).await.unwrap().unwrap();
+        assert_eq!(store.count().await.unwrap(), 1);
+        clock.advance(Duration::from_secs(31 * 60));
+        let reaper = manager.spawn_reaper(Duration::from_millis(5));
+        while store.count().await.unwrap() > 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        reaper.abort();
+    }
+
+    #[test]
+    fn outcome_follows_the_status() {
+        assert_eq!(Outcome::from_status(200), Outcome::Success);
+        assert_eq!(Outcome::from_status(404), Outcome::Success);
+        assert_eq!(Outcome::from_status(500), Outcome::Failure);
+        assert_eq!(Outcome::from_status(503), Outcome::Failure);
+    }
+
+    #[tokio::test]
+    async fn requests_that_never_load_cost_nothing_and_send_nothing() {
+        let manager = SessionManager::new(MemoryStore::new());
+        let request = manager.start(Some("id=AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"));
+        assert_eq!(request.finish(Outcome::Success).await.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn exclusive_after_plain_in_one_request_is_a_usage_error() {
+        let manager = SessionManager::new(MemoryStore::new());
+        let request = manager.start(None);
+        request.session().await.unwrap();
+        assert!(request.exclusive_session().await.unwrap_err().is_usage());
+    }
+
+    #[test]
+    fn the_first_valid_cookie_of_our_name_wins() {
+        let manager = SessionManager::new(MemoryStore::new());
+        let id = SessionId::generate();
+        let header = format!("other=1; id=../x; id={id}");
+        assert!(
+            matches!(manager.start(Some(&header)).incoming, Incoming::Id(ref parsed) if *parsed == id)
+        );
+        assert!(matches!(
+            manager.start(Some("id=../x")).incoming,
+            Incoming::Malformed
+        ));
+        assert!(matches!(
+            manager.start(Some("ids=x")).incoming,
+            Incoming::Absent
+        ));
     }
 }

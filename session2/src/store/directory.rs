@@ -232,7 +232,14 @@ impl Files {
 
     /// The shard directories, in key order.
     fn shards(&self) -> io::Result<Vec<String>> {
-        let mut shards: Vec<String> = fs::read_dir(&*self.root)?
+        let entries = fs::read_dir(&*self.root).map_err(|err| match err.kind() {
+            io::ErrorKind::NotFound => io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("directory `{}` does not exist; create it with `session2 setup` or `SessionStore::setup`", self.root.display()),
+            ),
+            _ => err,
+        })?;
+        let mut shards: Vec<String> = entries
             .filter_map(|entry| entry.ok()?.file_name().into_string().ok())
             .filter(|name| name.len() == 2 && name.bytes().all(|b| b.is_ascii_hexdigit()))
             .collect();
@@ -319,7 +326,7 @@ fn ensure_private_dir(root: &Path, dir: &Path) -> io::Result<()> {
         return Err(io::Error::new(
             io::ErrorKind::NotFound,
             format!(
-                "directory `{}` does not exist; run setup first",
+                "directory `{}` does not exist; create it with `session2 setup` or `SessionStore::setup`",
                 root.display()
             ),
         ));

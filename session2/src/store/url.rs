@@ -62,6 +62,11 @@ fn open_directory(path: &str) -> Result<Arc<dyn SessionStore>> {
     if path.is_empty() {
         return Err(Error::config("`dir:` needs a path, as in `dir:./sessions`"));
     }
+    if let Some((_, options)) = path.split_once('?') {
+        return Err(Error::config(format_args!(
+            "`dir:` takes no options, got `?{options}`"
+        )));
+    }
     Ok(Arc::new(super::DirectoryStore::new(path)))
 }
 
