@@ -11,10 +11,12 @@ local sprefix, uprefix = ARGV[1], ARGV[2]
 -- The metadata of the record under `skey`: nil when missing (or expired by
 -- Redis), false when it cannot be read, else its version and expiry.
 local function current(skey)
-  local kind = redis.call('TYPE', skey)['ok']
-  if kind == 'none' then return nil end
-  if kind ~= 'hash' then return false end
-  local fields = redis.call('HMGET', skey, 'version', 'expires_at')
+  local fields = redis.pcall('HMGET', skey, 'version', 'expires_at')
+  if fields['err'] then return false end
+  if not fields[1] and not fields[2] then
+    if redis.call('EXISTS', skey) == 0 then return nil end
+    return false
+  end
   local expires_at = tonumber(fields[2])
   if not fields[1] or not string.match(fields[1], '^%d+$') or not expires_at then return false end
   return { version = fields[1], expires_at = expires_at }
