@@ -231,7 +231,7 @@ fn list_show_count_stats_on_known_data() {
     assert!(stats["size_bytes"]["max"].as_u64().unwrap() > 0);
     let text = succeed(&["stats", &url, "--top", "1"]);
     assert!(
-        text.contains("live            3") && text.contains("alice") && !text.contains("bob"),
+        text.contains("  live              3") && text.contains("alice") && !text.contains("bob"),
         "{text}"
     );
 }
