@@ -323,6 +323,9 @@ async fn open_parses_the_prefix_option() {
     assert_eq!(store.name(), "redis");
     assert!(store.capabilities().is_multiprocess_safe);
     assert_eq!(store.count().await.unwrap(), 0);
+    let trailing = format!("{}?prefix=app:", redis_url());
+    let same = session2::store::open(&trailing).await.unwrap();
+    assert!(format!("{same:?}").contains(r#"prefix: "app""#), "{same:?}");
     let bad = format!("{}?prefix=a{{b", redis_url());
     assert!(session2::store::open(&bad).await.unwrap_err().is_config());
 }

@@ -353,9 +353,10 @@ impl fmt::Debug for RedisStore {
     }
 }
 
-/// Whether `prefix` can name a store: non-empty and without braces, so that
-/// the hash tag `{prefix}` is the whole prefix.
+/// Whether `prefix` can name a store: non-empty (after dropping a trailing
+/// `:`) and without braces, so that the hash tag `{prefix}` is the whole prefix.
 pub(super) fn check_prefix(prefix: &str) -> Result<()> {
+    let prefix = prefix.trim_end_matches(':');
     if prefix.is_empty() || prefix.contains(['{', '}']) {
         return Err(Error::config(format_args!(
             "redis key prefix `{prefix}` must be non-empty and contain no `{{` or `}}`"
@@ -423,7 +424,8 @@ impl RedisStore {
     }
 
     /// Puts every key of this store under `{prefix}:` instead of
-    /// `{session2}:`, so several applications can share one Redis.
+    /// `{session2}:`, so several applications can share one Redis. A
+    /// trailing `:` is dropped (`app:` and `app` name the same store).
     ///
     /// # Panics
     ///
@@ -439,7 +441,7 @@ impl RedisStore {
 
     /// Like [`RedisStore::with_prefix`], with a config error for an invalid prefix.
     pub fn try_with_prefix(mut self, prefix: impl AsRef<str>) -> Result<Self> {
-        let prefix = prefix.as_ref();
+        let prefix = prefix.as_ref().trim_end_matches(':');
         check_prefix(prefix)?;
         self.keys = KeyNames::new(prefix);
         Ok(self)
@@ -903,7 +905,8 @@ mod tests {
     fn prefixes_must_fit_in_a_hash_tag() {
         assert!(check_prefix("session2").is_ok());
         assert!(check_prefix("app:v2").is_ok());
-        for bad in ["", "{x", "x}", "a{b}c"] {
+        assert!(check_prefix("session2:").is_ok());
+        for bad in ["", ":", "{x", "x}", "a{b}c"] {
             assert!(check_prefix(bad).unwrap_err().is_config(), "{bad}");
         }
     }
