@@ -63,6 +63,7 @@ pub mod store;
 #[cfg(feature = "testing")]
 #[cfg_attr(docsrs, doc(cfg(feature = "testing")))]
 pub mod testing;
+mod util;
 
 #[cfg(feature = "axum")]
 mod extract;
