@@ -328,28 +328,33 @@ pub(crate) async fn stats(
         println!("{}", serde_json::to_string_pretty(&stats)?);
         return Ok(());
     }
-    println!("sessions          {}", stats.total);
-    println!("  live            {}", stats.live);
-    println!("  idle-expired    {}", stats.idle_expired);
-    println!("  absolute-expired {}", stats.absolute_expired);
-    println!("  locked now      {}", stats.locked);
-    println!("  with a user     {}", stats.with_user);
-    println!(
-        "by age            <1h {}  <1d {}  <1w {}  older {}",
-        stats.by_age.under_1_hour,
-        stats.by_age.under_1_day,
-        stats.by_age.under_1_week,
-        stats.by_age.older
+    let line = |label: &str, value: String| println!("{label:<20}{value}");
+    line("sessions", stats.total.to_string());
+    line("  live", stats.live.to_string());
+    line("  idle-expired", stats.idle_expired.to_string());
+    line("  absolute-expired", stats.absolute_expired.to_string());
+    line("  locked now", stats.locked.to_string());
+    line("  with a user", stats.with_user.to_string());
+    let ages = &stats.by_age;
+    line(
+        "by age",
+        format!(
+            "<1h {}  <1d {}  <1w {}  older {}",
+            ages.under_1_hour, ages.under_1_day, ages.under_1_week, ages.older
+        ),
     );
     let sizes = &stats.size_bytes;
-    println!(
-        "size              total {}  min {}  median {}  p90 {}  p99 {}  max {}",
-        size_text(usize::try_from(sizes.total).unwrap_or(usize::MAX)),
-        size_text(sizes.min),
-        size_text(sizes.median),
-        size_text(sizes.p90),
-        size_text(sizes.p99),
-        size_text(sizes.max)
+    line(
+        "size",
+        format!(
+            "total {}  min {}  median {}  p90 {}  p99 {}  max {}",
+            size_text(usize::try_from(sizes.total).unwrap_or(usize::MAX)),
+            size_text(sizes.min),
+            size_text(sizes.median),
+            size_text(sizes.p90),
+            size_text(sizes.p99),
+            size_text(sizes.max)
+        ),
     );
     println!("top users");
     for user in &stats.top_users {

@@ -174,13 +174,7 @@ mod scenarios {
         );
         assert_eq!(state(&client, &demo).await["active"], false);
         // Replaying the old cookie by hand finds nothing: it was deleted server-side.
-        let replay = bare()
-            .get(demo.url("/api/session"))
-            .header("cookie", format!("id={id}"))
-            .send()
-            .await
-            .unwrap();
-        let body: Value = replay.json().await.unwrap();
+        let body = common::session_state(&demo, &format!("id={id}")).await;
         assert_eq!(body["active"], false);
         assert_eq!(body["counter"], 0);
     }
@@ -250,13 +244,8 @@ mod scenarios {
             "the user name is escaped"
         );
         // The pre-login id is dead.
-        let old = bare()
-            .get(demo.url("/api/session"))
-            .header("cookie", format!("id={before}"))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(old.json::<Value>().await.unwrap()["active"], false);
+        let old = common::session_state(&demo, &format!("id={before}")).await;
+        assert_eq!(old["active"], false);
         let empty = client
             .post(demo.url("/login"))
             .form(&[("user", "  ")])
@@ -305,15 +294,7 @@ mod scenarios {
             let id = cookie_value(&cookies[0]);
             assert_ne!(id, value, "a client-chosen id must never be adopted");
             assert_eq!(id.len(), 32);
-            let state: Value = bare()
-                .get(demo.url("/api/session"))
-                .header("cookie", format!("id={id}"))
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
+            let state: Value = common::session_state(&demo, &format!("id={id}")).await;
             assert_eq!(
                 state["counter"], 1,
                 "the forged cookie's request started from zero"
@@ -332,13 +313,16 @@ mod scenarios {
             "{revoked:?}"
         );
         // Nothing was written outside the store's own directory.
+        let is_store_file = |path: &Path| {
+            path.starts_with(cwd.join("session2-data"))
+                || path.starts_with(cwd.join("store"))
+                || path
+                    .file_name()
+                    .is_some_and(|name| name.to_string_lossy().starts_with("sessions."))
+        };
         let outside: Vec<_> = files_below(cwd)
             .into_iter()
-            .filter(|path| {
-                !before.contains(path)
-                    && !path.starts_with(cwd.join("session2-data"))
-                    && !path.starts_with(cwd.join("store"))
-            })
+            .filter(|path| !before.contains(path) && !is_store_file(path))
             .collect();
         assert!(
             outside.is_empty(),
@@ -472,15 +456,7 @@ mod scenarios {
             set_cookies(&incremented).is_empty(),
             "the restarted demo kept the id"
         );
-        let state: Value = bare()
-            .get(demo.url("/api/session"))
-            .header("cookie", &cookie)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let state: Value = common::session_state(&demo, &cookie).await;
         assert_eq!(
             state["active"], true,
             "the restarted demo knows the session"
@@ -533,15 +509,7 @@ mod scenarios {
         }
         let demo = Demo::start(store, cwd);
         for (cookie, acknowledged) in cookies.iter().zip(acknowledged) {
-            let state: Value = bare()
-                .get(demo.url("/api/session"))
-                .header("cookie", cookie)
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
+            let state: Value = common::session_state(&demo, cookie).await;
             assert_eq!(state["active"], true, "a session was lost in the crash");
             let counter = state["counter"].as_u64().unwrap();
             assert!(
@@ -587,15 +555,7 @@ mod scenarios {
             assert_eq!(task.await.unwrap(), StatusCode::SEE_OTHER);
         }
         for demo in [&first, &second] {
-            let state: Value = bare()
-                .get(demo.url("/api/session"))
-                .header("cookie", &cookie)
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
+            let state: Value = common::session_state(demo, &cookie).await;
             assert_eq!(state["counter"], 41, "both processes see every increment");
         }
     }
@@ -649,8 +609,54 @@ every_scenario!(directory, |cwd| Some(format!(
     "dir:{}",
     cwd.join("store").display()
 )));
+every_scenario!(sqlite, |cwd| Some(format!(
+    "sqlite:{}",
+    cwd.join("sessions.db").display()
+)));
+every_scenario!(redb, |cwd| Some(format!(
+    "redb:{}",
+    cwd.join("sessions.redb").display()
+)));
+every_scenario!(postgres, |_| common::postgres_store());
+every_scenario!(mysql, |_| common::mysql_store());
+every_scenario!(redis, |_| common::redis_store());
+
 // No `--store`: the demo's embedded default, a directory under its working directory.
 every_scenario!(default_store, |_| Some(String::new()));
+
+demo_tests!(
+    sqlite_processes,
+    |cwd| Some(format!("sqlite:{}", cwd.join("sessions.db").display())),
+    [
+        restart_keeps_the_session,
+        two_processes_share_the_store,
+        sigkill_loses_no_acknowledged_increment,
+    ]
+);
+
+demo_tests!(
+    postgres_processes,
+    |_| common::postgres_store(),
+    [restart_keeps_the_session, two_processes_share_the_store]
+);
+
+demo_tests!(
+    mysql_processes,
+    |_| common::mysql_store(),
+    [restart_keeps_the_session, two_processes_share_the_store]
+);
+
+demo_tests!(
+    redis_processes,
+    |_| common::redis_store(),
+    [restart_keeps_the_session, two_processes_share_the_store]
+);
+
+demo_tests!(
+    redb_restart,
+    |cwd| Some(format!("redb:{}", cwd.join("sessions.redb").display())),
+    [restart_keeps_the_session]
+);
 
 demo_tests!(
     directory_processes,

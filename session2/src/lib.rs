@@ -66,6 +66,7 @@ pub mod store;
 #[cfg(feature = "testing")]
 #[cfg_attr(docsrs, doc(cfg(feature = "testing")))]
 pub mod testing;
+mod util;
 
 #[cfg(feature = "axum")]
 mod extract;
@@ -93,6 +94,10 @@ pub use crate::store::MemoryStore;
 pub use crate::store::MySqlStore;
 #[cfg(feature = "postgres")]
 pub use crate::store::PostgresStore;
+#[cfg(feature = "redb")]
+pub use crate::store::RedbStore;
+#[cfg(feature = "redis")]
+pub use crate::store::RedisStore;
 #[cfg(feature = "sqlite")]
 pub use crate::store::SqliteStore;
 pub use crate::store::{Capabilities, CreateOutcome, Page, SessionStore};

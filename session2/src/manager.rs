@@ -49,11 +49,13 @@
 
 use std::fmt;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use crate::record::{decode_data, encode_data};
 use crate::session::{SessionState, Stored};
 use crate::store::CreateOutcome;
+use crate::util::key_locks::KeyLocks;
 use crate::{
     Clock, CookieLifetime, Error, Lease, Record, Result, SameSite, Session, SessionConfig,
     SessionId, SessionKey, SessionStore, SystemClock, Timestamp,
@@ -73,6 +75,7 @@ struct Inner {
     config: SessionConfig,
     cookie_name: String,
     clock: Arc<dyn Clock>,
+    local_locks: Arc<KeyLocks>,
 }
 
 impl fmt::Debug for SessionManager {
@@ -119,6 +122,7 @@ impl SessionManager {
                 store,
                 config,
                 clock: Arc::new(SystemClock),
+                local_locks: Arc::default(),
             }),
         }
     }
@@ -148,6 +152,7 @@ impl SessionManager {
             config: self.inner.config.clone(),
             cookie_name: self.inner.cookie_name.clone(),
             clock: Arc::clone(&self.inner.clock),
+            local_locks: Arc::clone(&self.inner.local_locks),
         };
         change(&mut inner);
         Self {
@@ -173,11 +178,7 @@ impl SessionManager {
     /// Begins a request from the value of its `Cookie` header, if any. Reads
     /// nothing from the store.
     pub fn start(&self, cookie_header: Option<&str>) -> RequestSession {
-        RequestSession {
-            manager: self.clone(),
-            incoming: self.incoming_id(cookie_header.into_iter()),
-            loaded: tokio::sync::OnceCell::new(),
-        }
+        self.request(self.incoming_id(cookie_header.into_iter()))
     }
 
     /// Like [`SessionManager::start`], for a request with several `Cookie` headers.
@@ -185,10 +186,40 @@ impl SessionManager {
         &self,
         cookie_headers: impl Iterator<Item = &'a str>,
     ) -> RequestSession {
+        self.request(self.incoming_id(cookie_headers))
+    }
+
+    fn request(&self, incoming: Incoming) -> RequestSession {
         RequestSession {
             manager: self.clone(),
-            incoming: self.incoming_id(cookie_headers),
+            incoming,
             loaded: tokio::sync::OnceCell::new(),
+            local_guard: std::sync::Mutex::new(None),
+            finished: AtomicBool::new(false),
+        }
+    }
+
+    /// Releases the lease `token` holds on `key`, if it still does, without
+    /// changing anything else but the version.
+    async fn release_lease(&self, key: &SessionKey, token: u64) -> Result<()> {
+        let store = &self.inner.store;
+        loop {
+            let now = self.now();
+            let record = match store.load(key, now).await {
+                Ok(Some(record)) => record,
+                Ok(None) => return Ok(()),
+                Err(err) if err.is_decode() => return Ok(()),
+                Err(err) => return Err(err.context("failed to release the session's lease")),
+            };
+            if record.lease.is_none_or(|lease| lease.token != token) {
+                return Ok(());
+            }
+            let mut released = record.clone();
+            released.lease = None;
+            released.version = record.version + 1;
+            if store.replace(key, record.version, &released, now).await? {
+                return Ok(());
+            }
         }
     }
 
@@ -385,6 +416,10 @@ pub struct RequestSession {
     manager: SessionManager,
     incoming: Incoming,
     loaded: tokio::sync::OnceCell<Loaded>,
+    /// This process's lock on the session, held by an exclusive session
+    /// from before it takes the lease until after it releases it.
+    local_guard: std::sync::Mutex<Option<tokio::sync::OwnedMutexGuard<()>>>,
+    finished: AtomicBool,
 }
 
 struct Loaded {
@@ -490,6 +525,29 @@ impl RequestSession {
         let key = id.key();
         let token = random_u64();
         let started = tokio::time::Instant::now();
+        let local = manager.inner.local_locks.lock_for(&key);
+        let guard = tokio::time::timeout(config.lock_wait, local.lock_owned())
+            .await
+            .map_err(|_| Error::lock_timeout(started.elapsed()))?;
+        *lock_ignoring_poison(&self.local_guard) = Some(guard);
+        let result = self.take_lease(id, key, token, started).await;
+        if result.is_err() {
+            lock_ignoring_poison(&self.local_guard).take();
+        }
+        result
+    }
+
+    /// Loads the session and takes its lease in the store by compare-and-swap,
+    /// waiting while another process holds it.
+    async fn take_lease(
+        &self,
+        id: &SessionId,
+        key: SessionKey,
+        token: u64,
+        started: tokio::time::Instant,
+    ) -> Result<SessionState> {
+        let manager = &self.manager;
+        let config = &manager.inner.config;
         let mut backoff = Backoff::new(token);
         loop {
             let now = manager.now();
@@ -541,6 +599,14 @@ impl RequestSession {
     /// A backend error if the store fails while saving; the response should
     /// then become a 503, since the handler's changes were not kept.
     pub async fn finish(&self, outcome: Outcome) -> Result<Option<String>> {
+        let result = self.save_outcome(outcome).await;
+        self.finished.store(true, Ordering::SeqCst);
+        // After the lease is released: the next local request may go.
+        lock_ignoring_poison(&self.local_guard).take();
+        result
+    }
+
+    async fn save_outcome(&self, outcome: Outcome) -> Result<Option<String>> {
         let Some(loaded) = self.loaded.get() else {
             return Ok(None);
         };
@@ -594,15 +660,8 @@ impl RequestSession {
         };
 
         if outcome == Outcome::Failure {
-            if changes.lease_token.is_some() {
-                let release_only = ChangeSet {
-                    data: Default::default(),
-                    encoded_on: None,
-                    user: None,
-                    rotate: false,
-                    ..changes
-                };
-                self.save(id, key, base, release_only, now).await?;
+            if let Some(token) = changes.lease_token {
+                manager.release_lease(&key, token).await?;
             }
             return Ok(None);
         }
@@ -797,6 +856,43 @@ impl RequestSession {
         merged.idle_deadline = now.saturating_add(config.idle_timeout);
         Ok(merged)
     }
+}
+
+impl Drop for RequestSession {
+    /// A request dropped before `finish` (a client that went away, a
+    /// cancelled future) still releases its lease, in the background, so
+    /// the session is not locked until the lease expires.
+    fn drop(&mut self) {
+        if self.finished.load(Ordering::SeqCst) {
+            return;
+        }
+        let Some(loaded) = self.loaded.get() else {
+            return;
+        };
+        let (token, key) = {
+            let state = loaded.session.lock();
+            match (state.lease_token, &state.stored) {
+                (Some(token), Some(stored)) => (token, stored.key),
+                _ => return,
+            }
+        };
+        let guard = lock_ignoring_poison(&self.local_guard).take();
+        let manager = self.manager.clone();
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                if let Err(err) = manager.release_lease(&key, token).await {
+                    tracing::warn!(session = %key.fingerprint(), error = %err, "failed to release an abandoned lease");
+                }
+                drop(guard);
+            });
+        }
+    }
+}
+
+fn lock_ignoring_poison<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 fn random_u64() -> u64 {

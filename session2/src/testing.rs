@@ -65,6 +65,7 @@ macro_rules! conformance_tests {
             lease_excludes_a_second_holder_and_expires,
             exclusive_increments_lose_nothing,
             failed_request_saves_nothing_and_releases_the_lease,
+            abandoned_request_releases_its_lease,
         );
     };
     (@cases $factory:path; $($case:ident),* $(,)?) => {
@@ -745,29 +746,40 @@ pub mod cases {
     /// expires on its own.
     pub async fn lease_excludes_a_second_holder_and_expires(store: Arc<dyn SessionStore>) {
         let clock = ManualClock::starting_now();
-        let manager = SessionManager::from_arc(Arc::clone(&store))
-            .with_config(
-                SessionConfig::default()
-                    .with_lock_wait(Duration::from_millis(200))
-                    .with_lease_duration(Duration::from_secs(30)),
-            )
-            .unwrap()
-            .with_clock(clock.clone());
-        let cookie = cookie_pair(&request_setting(&manager, None, "n", 1).await.unwrap());
-        let holder = manager.start(Some(&cookie));
+        // Two managers over one store: two processes, as far as locking goes.
+        let process = || {
+            SessionManager::from_arc(Arc::clone(&store))
+                .with_config(
+                    SessionConfig::default()
+                        .with_lock_wait(Duration::from_millis(200))
+                        .with_lease_duration(Duration::from_secs(30)),
+                )
+                .unwrap()
+                .with_clock(clock.clone())
+        };
+        let (first, second) = (process(), process());
+        let cookie = cookie_pair(&request_setting(&first, None, "n", 1).await.unwrap());
+        let holder = first.start(Some(&cookie));
         holder
             .exclusive_session()
             .await
             .unwrap()
             .insert("n", 2)
             .unwrap();
-        let waiter = manager.start(Some(&cookie));
+        let waiter = second.start(Some(&cookie));
         let err = waiter.exclusive_session().await.unwrap_err();
         assert!(err.is_lock_timeout(), "{err}");
-        // The holder dies without releasing; its lease ends by itself.
-        drop(holder);
+        let local_waiter = first.start(Some(&cookie));
+        let err = local_waiter.exclusive_session().await.unwrap_err();
+        assert!(
+            err.is_lock_timeout(),
+            "a waiter in the holder's own process too: {err}"
+        );
+        // The holder's process dies: nothing runs its cleanup, and the lease
+        // ends by itself.
+        std::mem::forget(holder);
         clock.advance(Duration::from_secs(31));
-        let next = manager.start(Some(&cookie));
+        let next = second.start(Some(&cookie));
         let session = next
             .exclusive_session()
             .await
@@ -848,5 +860,38 @@ pub mod cases {
             .await
             .expect("the failed request released its lease");
         assert_eq!(session.get::<i64>("n").unwrap(), Some(1));
+    }
+
+    /// A request dropped before it finished (a client that went away)
+    /// releases its lease at once instead of holding the session until the
+    /// lease expires.
+    pub async fn abandoned_request_releases_its_lease(store: Arc<dyn SessionStore>) {
+        let manager = SessionManager::from_arc(Arc::clone(&store))
+            .with_config(
+                SessionConfig::default()
+                    .with_lease_duration(Duration::from_secs(600))
+                    .with_lock_wait(Duration::from_secs(30)),
+            )
+            .unwrap();
+        let cookie = cookie_pair(&request_setting(&manager, None, "n", 1).await.unwrap());
+        let abandoned = manager.start(Some(&cookie));
+        abandoned
+            .exclusive_session()
+            .await
+            .unwrap()
+            .insert("n", 99)
+            .unwrap();
+        drop(abandoned);
+        let next = manager.start(Some(&cookie));
+        let session = tokio::time::timeout(Duration::from_secs(20), next.exclusive_session())
+            .await
+            .expect("the abandoned lease was released long before it expired")
+            .unwrap();
+        assert_eq!(
+            session.get::<i64>("n").unwrap(),
+            Some(1),
+            "nothing of the abandoned request was saved"
+        );
+        next.finish(Outcome::Success).await.unwrap();
     }
 }

@@ -38,10 +38,10 @@ pub async fn open(url: &str) -> Result<Arc<dyn SessionStore>> {
         "memory" => open_memory(rest),
         "dir" => open_directory(rest),
         "sqlite" => open_sqlite(url).await,
-        "redb" => Err(Error::unsupported("redb", "redb")),
+        "redb" => open_redb(rest).await,
         "postgres" | "postgresql" => open_postgres(url).await,
         "mysql" | "mariadb" => open_mysql(&format!("mysql:{rest}")).await,
-        "redis" | "rediss" => Err(Error::unsupported("redis", "redis")),
+        "redis" | "rediss" => open_redis(url).await,
         other => Err(Error::config(format_args!(
             "unknown store scheme `{other}` in `{url}`; expected memory, dir, sqlite, redb, postgres, mysql or redis"
         ))),
@@ -133,6 +133,65 @@ async fn open_mysql(_url: &str) -> Result<Arc<dyn SessionStore>> {
     Err(Error::unsupported("mysql", "mysql"))
 }
 
+#[cfg(feature = "redb")]
+async fn open_redb(path: &str) -> Result<Arc<dyn SessionStore>> {
+    let path = path.strip_prefix("//").unwrap_or(path);
+    if path.is_empty() {
+        return Err(Error::config(
+            "`redb:` needs a path, as in `redb:./sessions.redb`",
+        ));
+    }
+    Ok(Arc::new(super::RedbStore::open(path).await?))
+}
+
+#[cfg(not(feature = "redb"))]
+async fn open_redb(_path: &str) -> Result<Arc<dyn SessionStore>> {
+    Err(Error::unsupported("redb", "redb"))
+}
+
+/// Splits the store's own `prefix` option off a Redis URL, leaving the
+/// client's options (such as `protocol=resp3`) in place.
+#[cfg_attr(not(feature = "redis"), allow(dead_code))]
+fn split_redis_prefix(url: &str) -> (String, Option<String>) {
+    let Some((base, query)) = url.split_once('?') else {
+        return (url.to_owned(), None);
+    };
+    let mut prefix = None;
+    let rest: Vec<&str> = query
+        .split('&')
+        .filter(|pair| match pair.strip_prefix("prefix=") {
+            Some(value) => {
+                prefix = Some(value.to_owned());
+                false
+            }
+            None => !pair.is_empty(),
+        })
+        .collect();
+    if rest.is_empty() {
+        (base.to_owned(), prefix)
+    } else {
+        (format!("{base}?{}", rest.join("&")), prefix)
+    }
+}
+
+#[cfg(feature = "redis")]
+async fn open_redis(url: &str) -> Result<Arc<dyn SessionStore>> {
+    let (url, prefix) = split_redis_prefix(url);
+    if let Some(prefix) = &prefix {
+        super::redis::check_prefix(prefix)?;
+    }
+    let store = super::RedisStore::connect(&url).await?;
+    Ok(Arc::new(match prefix {
+        Some(prefix) => store.try_with_prefix(prefix)?,
+        None => store,
+    }))
+}
+
+#[cfg(not(feature = "redis"))]
+async fn open_redis(_url: &str) -> Result<Arc<dyn SessionStore>> {
+    Err(Error::unsupported("redis", "redis"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -143,5 +202,24 @@ mod tests {
         assert!(open("ftp://x").await.unwrap_err().is_config());
         assert!(open("dir:").await.unwrap_err().is_config());
         assert!(open("memory:x").await.unwrap_err().is_config());
+    }
+
+    #[test]
+    fn redis_prefix_is_split_off_and_other_options_kept() {
+        assert_eq!(
+            split_redis_prefix("redis://h:1/2"),
+            ("redis://h:1/2".to_owned(), None)
+        );
+        assert_eq!(
+            split_redis_prefix("redis://h/0?prefix=app"),
+            ("redis://h/0".to_owned(), Some("app".to_owned()))
+        );
+        assert_eq!(
+            split_redis_prefix("redis://h?protocol=resp3&prefix=a:b"),
+            (
+                "redis://h?protocol=resp3".to_owned(),
+                Some("a:b".to_owned())
+            )
+        );
     }
 }

@@ -1,0 +1,266 @@
+//! The load generator: V virtual users, each with its own keep-alive
+//! connection and its own cookie, in a closed loop; a warm-up, then a
+//! measured window. Every answer is checked: a counter must go up by exactly
+//! one per read-modify-write, a read must equal the last write. Lost updates
+//! and mismatches are counted and reported, never ignored.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, anyhow};
+use http_body_util::{BodyExt, Empty};
+use hyper::body::Bytes;
+use hyper::{Method, Request, StatusCode};
+use serde::Serialize;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub(crate) enum Workload {
+    /// Read-modify-write of a counter, one session per user (plain session).
+    Rmw,
+    /// The same through session2's exclusive session.
+    RmwExclusive,
+    /// Read only.
+    Read,
+    /// The handler does not touch the session.
+    Anon,
+    /// 90% read-modify-write, 5% read, 3% login, 2% logout.
+    Mix,
+    /// All users share one session, read-modify-write (plain).
+    Contention,
+    /// All users share one session through the exclusive session.
+    ContentionExclusive,
+}
+
+#[derive(Debug, clap::Args)]
+pub(crate) struct LoadArgs {
+    /// The server, as `127.0.0.1:PORT`.
+    #[arg(long)]
+    pub(crate) address: SocketAddr,
+    #[arg(long, value_enum)]
+    pub(crate) workload: Workload,
+    #[arg(long, default_value_t = 64)]
+    pub(crate) users: usize,
+    /// Seconds of warm-up, not measured.
+    #[arg(long, default_value_t = 2.0)]
+    pub(crate) warmup: f64,
+    /// Seconds measured.
+    #[arg(long, default_value_t = 5.0)]
+    pub(crate) duration: f64,
+}
+
+/// One measurement, printed as a JSON line.
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub(crate) struct LoadResult {
+    pub(crate) workload: String,
+    pub(crate) requests: u64,
+    pub(crate) errors: u64,
+    pub(crate) mismatches: u64,
+    pub(crate) lost_updates: u64,
+    pub(crate) requests_per_second: f64,
+    pub(crate) p50_us: u64,
+    pub(crate) p99_us: u64,
+}
+
+/// One keep-alive HTTP/1.1 connection with a cookie jar of one cookie.
+struct Connection {
+    address: SocketAddr,
+    sender: Option<hyper::client::conn::http1::SendRequest<Empty<Bytes>>>,
+    cookie: Option<String>,
+}
+
+impl Connection {
+    fn new(address: SocketAddr) -> Self {
+        Self { address, sender: None, cookie: None }
+    }
+
+    async fn sender(&mut self) -> anyhow::Result<&mut hyper::client::conn::http1::SendRequest<Empty<Bytes>>> {
+        if self.sender.as_ref().is_none_or(|sender| sender.is_closed()) {
+            let stream = tokio::net::TcpStream::connect(self.address).await?;
+            stream.set_nodelay(true)?;
+            let (sender, connection) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+            tokio::spawn(connection);
+            self.sender = Some(sender);
+        }
+        Ok(self.sender.as_mut().expect("connected above"))
+    }
+
+    async fn call(&mut self, method: Method, path: &str) -> anyhow::Result<(StatusCode, String)> {
+        let mut request = Request::builder().method(method).uri(path).header("host", "127.0.0.1");
+        if let Some(cookie) = &self.cookie {
+            request = request.header("cookie", cookie);
+        }
+        let request = request.body(Empty::new())?;
+        let sender = self.sender().await?;
+        sender.ready().await?;
+        let response = sender.send_request(request).await?;
+        let status = response.status();
+        for set_cookie in response.headers().get_all("set-cookie") {
+            let text = set_cookie.to_str()?;
+            let pair = text.split(';').next().unwrap_or_default().trim();
+            let revoked = text.contains("Max-Age=0") || pair.ends_with('=');
+            self.cookie = if revoked { None } else { Some(pair.to_owned()) };
+        }
+        let body = response.into_body().collect().await?.to_bytes();
+        Ok((status, String::from_utf8_lossy(&body).into_owned()))
+    }
+}
+
+struct Counters {
+    requests: AtomicU64,
+    errors: AtomicU64,
+    mismatches: AtomicU64,
+    acknowledged: AtomicU64,
+}
+
+fn parse(body: &str) -> anyhow::Result<i64> {
+    body.trim().parse().map_err(|_| anyhow!("unexpected body {body:?}"))
+}
+
+pub(crate) async fn run(args: LoadArgs) -> anyhow::Result<()> {
+    let result = measure(&args).await?;
+    println!("{}", serde_json::to_string(&result)?);
+    Ok(())
+}
+
+pub(crate) async fn measure(args: &LoadArgs) -> anyhow::Result<LoadResult> {
+    let counters = Arc::new(Counters {
+        requests: AtomicU64::new(0),
+        errors: AtomicU64::new(0),
+        mismatches: AtomicU64::new(0),
+        acknowledged: AtomicU64::new(0),
+    });
+    let shared = matches!(args.workload, Workload::Contention | Workload::ContentionExclusive);
+    let path = match args.workload {
+        Workload::RmwExclusive | Workload::ContentionExclusive => "/rmw-exclusive",
+        _ => "/rmw",
+    };
+    // The shared session of the contention workloads, made before the clock starts.
+    let mut first = Connection::new(args.address);
+    let shared_cookie = if shared {
+        let (_, body) = first.call(Method::POST, path).await.context("creating the shared session")?;
+        anyhow::ensure!(parse(&body)? == 1, "a new session starts at 1");
+        Some(first.cookie.clone().context("the server set no cookie")?)
+    } else {
+        None
+    };
+    let start = Instant::now();
+    let measure_from = start + Duration::from_secs_f64(args.warmup);
+    let end = measure_from + Duration::from_secs_f64(args.duration);
+    let mut users = Vec::new();
+    for user in 0..args.users {
+        let counters = Arc::clone(&counters);
+        let workload = args.workload;
+        let address = args.address;
+        let shared_cookie = shared_cookie.clone();
+        users.push(tokio::spawn(async move {
+            let mut connection = Connection::new(address);
+            connection.cookie = shared_cookie;
+            virtual_user(workload, path, user as u64, &mut connection, &counters, measure_from, end).await
+        }));
+    }
+    let mut latencies = Vec::new();
+    for user in users {
+        latencies.extend(user.await??);
+    }
+    let mut lost_updates = 0;
+    if shared {
+        let (_, body) = first.call(Method::GET, "/read").await?;
+        let expected = 1 + counters.acknowledged.load(Ordering::SeqCst) as i64;
+        lost_updates = u64::try_from(expected - parse(&body)?).unwrap_or(0);
+    }
+    latencies.sort_unstable();
+    let percentile = |p: usize| latencies.get(latencies.len().saturating_sub(1) * p / 100).copied().unwrap_or(0);
+    let requests = latencies.len() as u64;
+    Ok(LoadResult {
+        workload: format!("{:?}", args.workload),
+        requests,
+        errors: counters.errors.load(Ordering::SeqCst),
+        mismatches: counters.mismatches.load(Ordering::SeqCst),
+        lost_updates,
+        requests_per_second: requests as f64 / args.duration,
+        p50_us: percentile(50),
+        p99_us: percentile(99),
+    })
+}
+
+async fn virtual_user(
+    workload: Workload,
+    rmw_path: &'static str,
+    seed: u64,
+    connection: &mut Connection,
+    counters: &Counters,
+    measure_from: Instant,
+    end: Instant,
+) -> anyhow::Result<Vec<u64>> {
+    let mut latencies = Vec::new();
+    let mut random = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    // The counter this user's own session should hold.
+    let mut expected: i64 = 0;
+    if matches!(workload, Workload::Read) {
+        expected = parse(&connection.call(Method::POST, "/rmw").await?.1)?;
+    }
+    loop {
+        let began = Instant::now();
+        if began >= end {
+            return Ok(latencies);
+        }
+        random ^= random << 13;
+        random ^= random >> 7;
+        random ^= random << 17;
+        let (method, path) = match workload {
+            Workload::Rmw | Workload::RmwExclusive | Workload::Contention | Workload::ContentionExclusive => {
+                (Method::POST, rmw_path)
+            }
+            Workload::Read => (Method::GET, "/read"),
+            Workload::Anon => (Method::GET, "/anon"),
+            Workload::Mix => match random % 100 {
+                0..90 => (Method::POST, "/rmw"),
+                90..95 => (Method::GET, "/read"),
+                95..98 => (Method::POST, "/login"),
+                _ => (Method::POST, "/logout"),
+            },
+        };
+        let answer = connection.call(method, path).await;
+        let took = began.elapsed();
+        let measured = began >= measure_from;
+        if measured {
+            counters.requests.fetch_add(1, Ordering::Relaxed);
+            latencies.push(took.as_micros() as u64);
+        }
+        let (status, body) = match answer {
+            Ok((status, body)) if status.is_success() => (status, body),
+            Ok(_) | Err(_) => {
+                if measured {
+                    counters.errors.fetch_add(1, Ordering::Relaxed);
+                }
+                continue;
+            }
+        };
+        let _ = status;
+        let correct = match (workload, path) {
+            (Workload::Anon, _) => body == "ok" && connection.cookie.is_none(),
+            (Workload::Contention | Workload::ContentionExclusive, _) => {
+                counters.acknowledged.fetch_add(1, Ordering::Relaxed);
+                true
+            }
+            (_, "/rmw" | "/rmw-exclusive") => {
+                let value = parse(&body)?;
+                let ok = value == expected + 1;
+                expected = value;
+                ok
+            }
+            (_, "/read" | "/login") => parse(&body)? == expected,
+            (_, "/logout") => {
+                expected = 0;
+                connection.cookie.is_none()
+            }
+            _ => true,
+        };
+        if !correct && measured {
+            counters.mismatches.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}

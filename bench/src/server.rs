@@ -1,0 +1,170 @@
+//! The benchmark server: the same routes on session2, on tower-sessions, or
+//! on no session layer at all (the floor for anonymous requests).
+//!
+//! | route | does |
+//! |---|---|
+//! | `POST /rmw` | counter + 1, returns it (session2: plain session) |
+//! | `POST /rmw-exclusive` | the same through session2's exclusive session |
+//! | `GET /read` | returns the counter |
+//! | `GET /anon` | touches no session |
+//! | `POST /login` | sets the user, renewing the id, keeps the counter |
+//! | `POST /logout` | deletes the session |
+
+use std::sync::Arc;
+
+use anyhow::{Context as _, bail};
+use axum::Router;
+use axum::routing::{get, post};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum Library {
+    Session2,
+    TowerSessions,
+    Bare,
+}
+
+#[derive(Debug, clap::Args)]
+pub(crate) struct ServerArgs {
+    #[arg(long, value_enum)]
+    pub(crate) library: Library,
+    /// memory, sqlite:PATH, postgres://…, mysql://…, redis://…
+    #[arg(long, default_value = "memory")]
+    pub(crate) store: String,
+    #[arg(long, default_value_t = 0)]
+    pub(crate) port: u16,
+    /// Connections in each SQL pool (the same for both libraries).
+    #[arg(long, default_value_t = 16)]
+    pub(crate) pool: u32,
+}
+
+const COUNTER: &str = "counter";
+
+pub(crate) async fn run(args: ServerArgs) -> anyhow::Result<()> {
+    let app = match args.library {
+        Library::Session2 => session2_app(&args).await?,
+        Library::TowerSessions => tower_sessions_app(&args).await?,
+        Library::Bare => Router::new().route("/anon", get(|| async { "ok" })),
+    };
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", args.port)).await?;
+    println!("listening on http://{}", listener.local_addr()?);
+    axum::serve(listener, app).await?;
+    Ok(())
+}
+
+async fn session2_app(args: &ServerArgs) -> anyhow::Result<Router> {
+    use session2::{ExclusiveSession, Session, SessionConfig, SessionLayer, SessionManager, SessionStore};
+
+    let store: Arc<dyn SessionStore> = match args.store.as_str() {
+        "memory" => Arc::new(session2::MemoryStore::new()),
+        url => session2::store::open(url).await?,
+    };
+    store.setup().await?;
+    let manager = SessionManager::from_arc(store).with_config(SessionConfig::default().with_secure(false))?;
+
+    fn bump(session: &Session) -> String {
+        let next = session.get::<i64>(COUNTER).ok().flatten().unwrap_or(0) + 1;
+        session.insert(COUNTER, next).expect("a number fits");
+        next.to_string()
+    }
+    Ok(Router::new()
+        .route("/rmw", post(|session: Session| async move { bump(&session) }))
+        .route("/rmw-exclusive", post(|ExclusiveSession(session): ExclusiveSession| async move { bump(&session) }))
+        .route(
+            "/read",
+            get(|session: Session| async move { session.get::<i64>(COUNTER).ok().flatten().unwrap_or(0).to_string() }),
+        )
+        .route("/anon", get(|| async { "ok" }))
+        .route(
+            "/login",
+            post(|session: Session| async move {
+                session.set_user("bench-user");
+                session.get::<i64>(COUNTER).ok().flatten().unwrap_or(0).to_string()
+            }),
+        )
+        .route(
+            "/logout",
+            post(|session: Session| async move {
+                session.expire();
+                "0"
+            }),
+        )
+        .layer(SessionLayer::new(manager)))
+}
+
+async fn tower_sessions_app(args: &ServerArgs) -> anyhow::Result<Router> {
+    use tower_sessions::{Expiry, Session, SessionManagerLayer};
+
+    async fn bump(session: Session) -> String {
+        let next = session.get::<i64>(COUNTER).await.ok().flatten().unwrap_or(0) + 1;
+        session.insert(COUNTER, next).await.expect("insert");
+        next.to_string()
+    }
+    fn routes<S: tower_sessions::SessionStore + Clone>(store: S) -> Router {
+        let layer = SessionManagerLayer::new(store)
+            .with_secure(false)
+            .with_expiry(Expiry::OnInactivity(time::Duration::minutes(30)));
+        Router::new()
+            .route("/rmw", post(bump))
+            .route("/rmw-exclusive", post(bump))
+            .route(
+                "/read",
+                get(|session: Session| async move {
+                    session.get::<i64>(COUNTER).await.ok().flatten().unwrap_or(0).to_string()
+                }),
+            )
+            .route("/anon", get(|| async { "ok" }))
+            .route(
+                "/login",
+                post(|session: Session| async move {
+                    session.cycle_id().await.expect("cycle id");
+                    session.insert("user", "bench-user").await.expect("insert");
+                    session.get::<i64>(COUNTER).await.ok().flatten().unwrap_or(0).to_string()
+                }),
+            )
+            .route(
+                "/logout",
+                post(|session: Session| async move {
+                    session.flush().await.expect("flush");
+                    "0"
+                }),
+            )
+            .layer(layer)
+    }
+
+    let store = args.store.as_str();
+    Ok(if store == "memory" {
+        routes(tower_sessions::MemoryStore::default())
+    } else if let Some(path) = store.strip_prefix("sqlite:") {
+        let options = sqlx_sqlite_options(path)?;
+        let pool = sqlx::sqlite::SqlitePoolOptions::new().max_connections(args.pool).connect_with(options).await?;
+        let store = tower_sessions_sqlx_store::SqliteStore::new(pool);
+        store.migrate().await?;
+        routes(store)
+    } else if store.starts_with("postgres") {
+        let pool = sqlx::postgres::PgPoolOptions::new().max_connections(args.pool).connect(store).await?;
+        let store = tower_sessions_sqlx_store::PostgresStore::new(pool);
+        store.migrate().await?;
+        routes(store)
+    } else if store.starts_with("mysql") {
+        let pool = sqlx::mysql::MySqlPoolOptions::new().max_connections(args.pool).connect(store).await?;
+        let store = tower_sessions_sqlx_store::MySqlStore::new(pool);
+        store.migrate().await?;
+        routes(store)
+    } else if store.starts_with("redis") {
+        use tower_sessions_redis_store::fred::prelude::*;
+        let config = Config::from_url(store).context("a redis URL")?;
+        let pool = Pool::new(config, None, None, None, 1)?;
+        pool.init().await?;
+        routes(tower_sessions_redis_store::RedisStore::new(pool))
+    } else {
+        bail!("store `{store}` is not supported by the tower-sessions server")
+    })
+}
+
+fn sqlx_sqlite_options(path: &str) -> anyhow::Result<sqlx::sqlite::SqliteConnectOptions> {
+    use std::str::FromStr;
+    Ok(sqlx::sqlite::SqliteConnectOptions::from_str(&format!("sqlite:{path}"))?
+        .create_if_missing(true)
+        .journal_mode(sqlx::sqlite::SqliteJournalMode::Wal)
+        .busy_timeout(std::time::Duration::from_secs(5)))
+}

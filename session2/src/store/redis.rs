@@ -1,0 +1,966 @@
+//! [`RedisStore`]: sessions in Redis or a Redis Cluster, shared by every process and machine.
+//!
+//! | persistent | multiprocess safe | thread safe | server-side expiry | atomic create |
+//! |---|---|---|---|---|
+//! | as Redis is configured (RDB/AOF) | yes | yes | yes: `PEXPIREAT` per session, plus purge | yes: one Lua script |
+//!
+//! See [`RedisStore`] for the key layout, Redis Cluster use and expiry.
+//!
+//! ```no_run
+//! use session2::{SessionManager, store::RedisStore};
+//!
+//! # async fn run() -> session2::Result<()> {
+//! let store = RedisStore::connect("redis://127.0.0.1:6379")
+//!     .await?
+//!     .with_prefix("myapp");
+//! let manager = SessionManager::new(store);
+//! # let _ = manager;
+//! # Ok(()) }
+//! ```
+
+use std::collections::HashMap;
+use std::fmt;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::cluster_async::ClusterConnection;
+use redis::{Cmd, Pipeline, RedisFuture, RedisResult, Script, Value};
+
+use crate::store::{Capabilities, CreateOutcome, Page, SessionStore};
+use crate::{Error, Lease, Record, Result, SessionKey, Timestamp};
+
+const STORE: &str = "redis";
+const DEFAULT_PREFIX: &str = "session2";
+/// Expired sessions one purge script deletes before yielding to other clients.
+const PURGE_BATCH: usize = 1_000;
+/// The most records one [`SessionStore::list`] page returns.
+const MAX_PAGE: usize = 100_000;
+
+macro_rules! script {
+    ($body:literal) => {
+        concat!(include_str!("redis_scripts.lua"), $body)
+    };
+}
+
+/// ARGV[3] = hex, ARGV[4] = now, ARGV[5..] = the record to write.
+const CREATE: &str = script!(
+    r"
+local hex = ARGV[3]
+local cur = current(sprefix .. hex)
+if cur and cur.expires_at > tonumber(ARGV[4]) then return 0 end
+if cur ~= nil then remove(hex) end
+write(hex, 5)
+return 1
+"
+);
+
+/// ARGV[3] = hex, ARGV[4] = now, ARGV[5] = expected version, ARGV[6..] = the record.
+const REPLACE: &str = script!(
+    r"
+local hex = ARGV[3]
+local cur = current(sprefix .. hex)
+if not cur or cur.expires_at <= tonumber(ARGV[4]) or cur.version ~= ARGV[5] then return 0 end
+write(hex, 6)
+return 1
+"
+);
+
+/// ARGV[3] = hex, ARGV[4] = expected version or '' for any.
+const DELETE: &str = script!(
+    r"
+local hex = ARGV[3]
+local cur = current(sprefix .. hex)
+if cur == nil then
+  unindex(hex)
+  return 0
+end
+if ARGV[4] ~= '' and (not cur or cur.version ~= ARGV[4]) then return 0 end
+remove(hex)
+return 1
+"
+);
+
+/// ARGV[3] = hex, ARGV[4] = accessed_at, ARGV[5] = idle_deadline.
+const TOUCH: &str = script!(
+    r"
+local hex = ARGV[3]
+local skey = sprefix .. hex
+local cur = current(skey)
+if not cur or cur.expires_at <= tonumber(ARGV[4]) then return 0 end
+local expires_at = ARGV[5]
+local absolute = redis.call('HGET', skey, 'absolute_deadline')
+if absolute and tonumber(absolute) < tonumber(expires_at) then expires_at = absolute end
+redis.call('HSET', skey, 'accessed_at', ARGV[4], 'idle_deadline', ARGV[5], 'expires_at', expires_at)
+redis.call('PEXPIREAT', skey, expires_at)
+redis.call('ZADD', exp, expires_at, hex)
+return 1
+"
+);
+
+/// ARGV[3] = now, ARGV[4] = batch size. Returns {deleted, examined}.
+const PURGE: &str = script!(
+    r"
+local now = tonumber(ARGV[3])
+local due = redis.call('ZRANGEBYSCORE', exp, '-inf', ARGV[3], 'LIMIT', 0, tonumber(ARGV[4]))
+local deleted = 0
+for _, hex in ipairs(due) do
+  local cur = current(sprefix .. hex)
+  if cur == nil then
+    unindex(hex)
+  elseif cur == false or cur.expires_at <= now then
+    remove(hex)
+    deleted = deleted + 1
+  else
+    redis.call('ZADD', exp, cur.expires_at, hex)
+  end
+end
+return { deleted, #due }
+"
+);
+
+/// Drops index entries of sessions Redis expired by itself (their expiry is
+/// behind the server's clock and their key is gone), then counts.
+const COUNT: &str = script!(
+    r"
+local time = redis.call('TIME')
+local server_now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+for _, hex in ipairs(redis.call('ZRANGEBYSCORE', exp, '-inf', server_now)) do
+  if redis.call('EXISTS', sprefix .. hex) == 0 then unindex(hex) end
+end
+return redis.call('ZCARD', keys)
+"
+);
+
+/// ARGV[3] = first bound for ZRANGEBYLEX, ARGV[4] = entries wanted.
+/// Returns {hex, fields} pairs in key order, skipping vanished sessions.
+const LIST: &str = script!(
+    r"
+local out = {}
+local start = ARGV[3]
+local want = tonumber(ARGV[4])
+while #out < want do
+  local batch = redis.call('ZRANGEBYLEX', keys, start, '+', 'LIMIT', 0, want - #out)
+  if #batch == 0 then break end
+  for _, hex in ipairs(batch) do
+    local fields = fetch(hex)
+    if fields then table.insert(out, { hex, fields }) end
+  end
+  start = '(' .. batch[#batch]
+end
+return out
+"
+);
+
+/// KEYS[4] = the user's set. Returns {hex, fields} pairs of its sessions.
+const FIND_BY_USER: &str = script!(
+    r"
+local out = {}
+for _, hex in ipairs(redis.call('SMEMBERS', KEYS[4])) do
+  local fields = fetch(hex)
+  if fields then
+    table.insert(out, { hex, fields })
+  else
+    redis.call('SREM', KEYS[4], hex)
+  end
+end
+return out
+"
+);
+
+/// ARGV[3] = hex. Puts an unreadable record in the indexes, due at once, so
+/// that the next purge deletes it.
+const QUARANTINE: &str = script!(
+    r"
+local hex = ARGV[3]
+if current(sprefix .. hex) ~= false then return 0 end
+redis.call('ZADD', exp, '-inf', hex)
+redis.call('ZADD', keys, 0, hex)
+return 1
+"
+);
+
+/// The scripts, hashed once per store.
+struct Scripts {
+    create: Script,
+    replace: Script,
+    delete: Script,
+    touch: Script,
+    purge: Script,
+    count: Script,
+    list: Script,
+    find_by_user: Script,
+    quarantine: Script,
+}
+
+impl Scripts {
+    fn new() -> Self {
+        Self {
+            create: Script::new(CREATE),
+            replace: Script::new(REPLACE),
+            delete: Script::new(DELETE),
+            touch: Script::new(TOUCH),
+            purge: Script::new(PURGE),
+            count: Script::new(COUNT),
+            list: Script::new(LIST),
+            find_by_user: Script::new(FIND_BY_USER),
+            quarantine: Script::new(QUARANTINE),
+        }
+    }
+}
+
+/// A connection to one Redis server or to a Redis Cluster.
+#[derive(Clone)]
+enum Connection {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for Connection {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Self::Single(connection) => connection.req_packed_command(cmd),
+            Self::Cluster(connection) => connection.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Self::Single(connection) => connection.req_packed_commands(pipeline, offset, count),
+            Self::Cluster(connection) => connection.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Self::Single(connection) => connection.get_db(),
+            Self::Cluster(connection) => connection.get_db(),
+        }
+    }
+}
+
+/// A store in Redis (or a Redis Cluster); clones share the connection.
+///
+/// | persistent | multiprocess safe | thread safe | server-side expiry | atomic create |
+/// |---|---|---|---|---|
+/// | as Redis is configured (RDB/AOF) | yes | yes | yes: `PEXPIREAT` per session, plus purge | yes: one Lua script |
+///
+/// Use it when several workers or machines serve one application and Redis
+/// (5 or later, or Valkey) is already at hand. Build it from the application's own
+/// [`ConnectionManager`] ([`RedisStore::new`]) or cluster connection
+/// ([`RedisStore::from_cluster`]), or from a URL ([`RedisStore::connect`],
+/// or `redis://host/db?prefix=app` through [`store::open`](crate::store::open)).
+///
+/// # Layout
+///
+/// With the default prefix `session2`, one store uses these keys:
+///
+/// | key | type | holds |
+/// |---|---|---|
+/// | `{session2}:s:<hex key>` | hash | one session: its metadata fields and its `data` blob (binary), with `PEXPIREAT` at its expiry |
+/// | `{session2}:exp` | sorted set | every session, scored by its expiry in Unix milliseconds |
+/// | `{session2}:keys` | sorted set | every session, score 0, so `ZRANGEBYLEX` pages through keys in order |
+/// | `{session2}:owner` | hash | session → user, for sessions that have a user |
+/// | `{session2}:u:<user>` | set | the sessions of one user |
+///
+/// Every key carries the same hash tag (`{session2}`), so **one store lives
+/// in one hash slot** of a Redis Cluster: each operation is a single Lua
+/// script that changes a session and its indexes atomically, and Redis runs
+/// a script only over keys of one slot. To spread sessions over a cluster,
+/// run several stores with different prefixes.
+///
+/// A session is a hash, not one encoded value, so that
+/// [`touch`](SessionStore::touch) rewrites two small fields in a script
+/// without reading or re-encoding the data blob (decoding JSON in Lua with
+/// `cjson` would also round large numbers in the application's data).
+///
+/// # Expiry
+///
+/// Redis deletes a session by itself at its expiry, so dead sessions' data
+/// never piles up even when nobody purges. Every decision about expiry in the
+/// scripts uses the `now` the caller passes, never the server's clock;
+/// [`purge_expired`](SessionStore::purge_expired) walks the expiry index up
+/// to `now` and deletes exactly those sessions and their index entries.
+/// Index entries left behind by sessions Redis expired by itself are dropped
+/// when reads ([`list`](SessionStore::list), [`count`](SessionStore::count),
+/// [`find_by_user`](SessionStore::find_by_user)) or purges meet them, so run
+/// purge regularly to keep the indexes small.
+/// Listing pages through the key index (never `KEYS` or `SCAN`);
+/// [`count`](SessionStore::count) is exact: `ZCARD` of the key index after
+/// dropping the entries whose session Redis already expired.
+///
+/// A session whose hash cannot be decoded (or a foreign value under its
+/// key) fails [`load`](SessionStore::load) with a decode error and is put in
+/// the expiry index as already due, so the next purge deletes it.
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+#[derive(Clone)]
+pub struct RedisStore {
+    connection: Connection,
+    keys: KeyNames,
+    scripts: std::sync::Arc<Scripts>,
+}
+
+/// The names of the store's keys, all in one hash slot.
+#[derive(Clone, Debug)]
+struct KeyNames {
+    prefix: String,
+    session_prefix: String,
+    user_prefix: String,
+    expiry: String,
+    keys: String,
+    owners: String,
+}
+
+impl KeyNames {
+    fn new(prefix: &str) -> Self {
+        let tag = format!("{{{prefix}}}:");
+        Self {
+            prefix: prefix.to_owned(),
+            session_prefix: format!("{tag}s:"),
+            user_prefix: format!("{tag}u:"),
+            expiry: format!("{tag}exp"),
+            keys: format!("{tag}keys"),
+            owners: format!("{tag}owner"),
+        }
+    }
+
+    fn session(&self, key: &SessionKey) -> String {
+        format!("{}{}", self.session_prefix, key.to_hex())
+    }
+
+    fn user(&self, user: &str) -> Vec<u8> {
+        let mut name = self.user_prefix.as_bytes().to_vec();
+        name.extend_from_slice(user.as_bytes());
+        name
+    }
+}
+
+impl fmt::Debug for RedisStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let kind = match self.connection {
+            Connection::Single(_) => "single",
+            Connection::Cluster(_) => "cluster",
+        };
+        f.debug_struct("RedisStore")
+            .field("connection", &kind)
+            .field("prefix", &self.keys.prefix)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Whether `prefix` can name a store: non-empty (after dropping a trailing
+/// `:`) and without braces, so that the hash tag `{prefix}` is the whole prefix.
+pub(super) fn check_prefix(prefix: &str) -> Result<()> {
+    let prefix = prefix.trim_end_matches(':');
+    if prefix.is_empty() || prefix.contains(['{', '}']) {
+        return Err(Error::config(format_args!(
+            "redis key prefix `{prefix}` must be non-empty and contain no `{{` or `}}`"
+        )));
+    }
+    Ok(())
+}
+
+impl RedisStore {
+    /// A store on the application's own connection, with the default
+    /// prefix `session2`.
+    pub fn new(connection: ConnectionManager) -> Self {
+        Self::with_connection(Connection::Single(connection))
+    }
+
+    /// A store on a Redis Cluster connection, with the default prefix
+    /// `session2`. The whole store lives in the hash slot of its prefix.
+    pub fn from_cluster(connection: ClusterConnection) -> Self {
+        Self::with_connection(Connection::Cluster(connection))
+    }
+
+    fn with_connection(connection: Connection) -> Self {
+        Self {
+            connection,
+            keys: KeyNames::new(DEFAULT_PREFIX),
+            scripts: std::sync::Arc::new(Scripts::new()),
+        }
+    }
+
+    /// Connects to the Redis server at `url` (`redis://[user:password@]host[:port][/db]`).
+    ///
+    /// Fails with a backend error when the server cannot be reached within
+    /// a few seconds. The connection reconnects by itself if the server goes
+    /// away later; calls made while it is down fail with backend errors.
+    pub async fn connect(url: &str) -> Result<Self> {
+        let client = redis::Client::open(url)
+            .map_err(|err| Error::config(format_args!("invalid redis URL: {err}")))?;
+        let config = ConnectionManagerConfig::new()
+            .set_number_of_retries(1)
+            .set_connection_timeout(Some(Duration::from_secs(5)))
+            .set_response_timeout(Some(Duration::from_secs(10)));
+        let connection = ConnectionManager::new_with_config(client, config)
+            .await
+            .map_err(|err| Error::backend_source(STORE, "connect", err))?;
+        Ok(Self::new(connection))
+    }
+
+    /// Connects to the Redis Cluster that `nodes` (URLs of some of its
+    /// nodes) belong to.
+    pub async fn connect_cluster<I, T>(nodes: I) -> Result<Self>
+    where
+        I: IntoIterator<Item = T>,
+        T: redis::IntoConnectionInfo,
+    {
+        let client = redis::cluster::ClusterClient::builder(nodes)
+            .connection_timeout(Duration::from_secs(5))
+            .response_timeout(Duration::from_secs(10))
+            .build()
+            .map_err(|err| Error::config(format_args!("invalid redis cluster nodes: {err}")))?;
+        let connection = client
+            .get_async_connection()
+            .await
+            .map_err(|err| Error::backend_source(STORE, "connect to the cluster", err))?;
+        Ok(Self::from_cluster(connection))
+    }
+
+    /// Puts every key of this store under `{prefix}:` instead of
+    /// `{session2}:`, so several applications can share one Redis. A
+    /// trailing `:` is dropped (`app:` and `app` name the same store).
+    ///
+    /// # Panics
+    ///
+    /// Panics if `prefix` is empty or contains `{` or `}` (the braces of the
+    /// hash tag); [`RedisStore::try_with_prefix`] returns an error instead.
+    #[must_use]
+    pub fn with_prefix(self, prefix: impl AsRef<str>) -> Self {
+        match self.try_with_prefix(prefix) {
+            Ok(store) => store,
+            Err(err) => panic!("{err}"),
+        }
+    }
+
+    /// Like [`RedisStore::with_prefix`], with a config error for an invalid prefix.
+    pub fn try_with_prefix(mut self, prefix: impl AsRef<str>) -> Result<Self> {
+        let prefix = prefix.as_ref().trim_end_matches(':');
+        check_prefix(prefix)?;
+        self.keys = KeyNames::new(prefix);
+        Ok(self)
+    }
+
+    /// The prefix inside every key's hash tag.
+    pub fn prefix(&self) -> &str {
+        &self.keys.prefix
+    }
+
+    /// The Redis key holding the session `key`, for tools and tests.
+    pub fn session_key_name(&self, key: &SessionKey) -> String {
+        self.keys.session(key)
+    }
+
+    /// Runs `script` with the store's index keys and prefixes, then `args`.
+    async fn run<T: redis::FromRedisValue>(
+        &self,
+        script: &Script,
+        context: &str,
+        extra_key: Option<&[u8]>,
+        args: &[&[u8]],
+    ) -> Result<T> {
+        let mut invocation = script.prepare_invoke();
+        invocation
+            .key(&self.keys.expiry)
+            .key(&self.keys.keys)
+            .key(&self.keys.owners);
+        if let Some(extra) = extra_key {
+            invocation.key(extra);
+        }
+        invocation
+            .arg(&self.keys.session_prefix)
+            .arg(&self.keys.user_prefix);
+        for arg in args {
+            invocation.arg(*arg);
+        }
+        let mut connection = self.connection.clone();
+        invocation
+            .invoke_async(&mut connection)
+            .await
+            .map_err(|err| Error::backend_source(STORE, context, err))
+    }
+
+    /// Marks an unreadable record so that the next purge deletes it.
+    async fn quarantine(&self, key: &SessionKey) -> Result<()> {
+        let hex = key.to_hex();
+        self.run::<i64>(
+            &self.scripts.quarantine,
+            "mark an unreadable session for purge",
+            None,
+            &[hex.as_bytes()],
+        )
+        .await
+        .map(drop)
+    }
+
+    async fn write(
+        &self,
+        script: &Script,
+        context: &str,
+        key: &SessionKey,
+        head: &[&[u8]],
+        record: &Record,
+    ) -> Result<bool> {
+        let hex = key.to_hex();
+        let encoded = RecordFields::new(record);
+        let mut args: Vec<&[u8]> = vec![hex.as_bytes()];
+        args.extend_from_slice(head);
+        encoded.push_args(&mut args);
+        let written: i64 = self.run(script, context, None, &args).await?;
+        Ok(written == 1)
+    }
+}
+
+/// A record's hash fields as text, borrowed by a script invocation.
+struct RecordFields<'a> {
+    expires_at: String,
+    user: Option<&'a str>,
+    fields: Vec<(&'static str, Vec<u8>)>,
+    data: &'a [u8],
+}
+
+impl<'a> RecordFields<'a> {
+    fn new(record: &'a Record) -> Self {
+        let millis = |at: Timestamp| at.as_millis().to_string().into_bytes();
+        let mut fields = vec![
+            ("version", record.version.to_string().into_bytes()),
+            ("created_at", millis(record.created_at)),
+            ("accessed_at", millis(record.accessed_at)),
+            ("idle_deadline", millis(record.idle_deadline)),
+            ("expires_at", millis(record.expires_at())),
+        ];
+        if let Some(absolute) = record.absolute_deadline {
+            fields.push(("absolute_deadline", millis(absolute)));
+        }
+        if let Some(user) = &record.user {
+            fields.push(("user", user.as_bytes().to_vec()));
+        }
+        if let Some(lease) = record.lease {
+            fields.push(("lease_token", lease.token.to_string().into_bytes()));
+            fields.push(("lease_until", millis(lease.until)));
+        }
+        Self {
+            expires_at: record.expires_at().as_millis().to_string(),
+            user: record.user.as_deref(),
+            fields,
+            data: &record.data,
+        }
+    }
+
+    /// expires_at, has_user, user, then field/value pairs (the scripts' `write`).
+    fn push_args<'b>(&'b self, args: &mut Vec<&'b [u8]>) {
+        args.push(self.expires_at.as_bytes());
+        args.push(if self.user.is_some() { b"1" } else { b"0" });
+        args.push(self.user.unwrap_or_default().as_bytes());
+        for (name, value) in &self.fields {
+            args.push(name.as_bytes());
+            args.push(value);
+        }
+        args.push(b"data");
+        args.push(self.data);
+    }
+}
+
+/// Decodes a session hash (a flat field/value array or a RESP3 map).
+fn decode_fields(value: Value) -> Result<Record> {
+    let pairs: Vec<(Value, Value)> = match value {
+        Value::Array(items) => {
+            if items.len() % 2 != 0 {
+                return Err(Error::decode(
+                    "redis session hash has an odd number of items",
+                ));
+            }
+            let mut items = items.into_iter();
+            let mut pairs = Vec::new();
+            while let (Some(name), Some(value)) = (items.next(), items.next()) {
+                pairs.push((name, value));
+            }
+            pairs
+        }
+        Value::Map(pairs) => pairs,
+        other => {
+            return Err(Error::decode(format_args!(
+                "redis session is not a hash: {other:?}"
+            )));
+        }
+    };
+    let mut fields = HashMap::with_capacity(pairs.len());
+    for (name, value) in pairs {
+        match (name, value) {
+            (Value::BulkString(name), Value::BulkString(value)) => {
+                fields.insert(name, value);
+            }
+            _ => return Err(Error::decode("redis session hash holds a non-string item")),
+        }
+    }
+    record_from_fields(fields)
+}
+
+fn record_from_fields(mut fields: HashMap<Vec<u8>, Vec<u8>>) -> Result<Record> {
+    fn text(fields: &HashMap<Vec<u8>, Vec<u8>>, name: &str) -> Result<Option<String>> {
+        fields
+            .get(name.as_bytes())
+            .map(|value| {
+                String::from_utf8(value.clone()).map_err(|_| {
+                    Error::decode(format_args!("redis session field `{name}` is not UTF-8"))
+                })
+            })
+            .transpose()
+    }
+    fn number<T: std::str::FromStr>(
+        fields: &HashMap<Vec<u8>, Vec<u8>>,
+        name: &str,
+    ) -> Result<Option<T>> {
+        text(fields, name)?
+            .map(|value| {
+                value.parse().map_err(|_| {
+                    Error::decode(format_args!(
+                        "redis session field `{name}` is not a number: `{value}`"
+                    ))
+                })
+            })
+            .transpose()
+    }
+    fn required<T: std::str::FromStr>(fields: &HashMap<Vec<u8>, Vec<u8>>, name: &str) -> Result<T> {
+        number(fields, name)?
+            .ok_or_else(|| Error::decode(format_args!("redis session has no `{name}` field")))
+    }
+    let at = Timestamp::from_millis;
+    let lease = match (
+        number::<u64>(&fields, "lease_token")?,
+        number::<i64>(&fields, "lease_until")?,
+    ) {
+        (Some(token), Some(until)) => Some(Lease {
+            token,
+            until: at(until),
+        }),
+        (None, None) => None,
+        _ => return Err(Error::decode("redis session has half a lease")),
+    };
+    Ok(Record {
+        version: required(&fields, "version")?,
+        user: text(&fields, "user")?,
+        created_at: at(required(&fields, "created_at")?),
+        accessed_at: at(required(&fields, "accessed_at")?),
+        idle_deadline: at(required(&fields, "idle_deadline")?),
+        absolute_deadline: number::<i64>(&fields, "absolute_deadline")?.map(at),
+        lease,
+        data: fields
+            .remove(b"data".as_slice())
+            .ok_or_else(|| Error::decode("redis session has no `data` field"))?,
+    })
+}
+
+/// Splits a script's `{hex, fields}` pairs into keys and decoded records;
+/// `None` for a record that cannot be decoded.
+fn decode_entries(value: Value) -> Result<Vec<(SessionKey, Option<Record>)>> {
+    let Value::Array(entries) = value else {
+        return Err(Error::backend(STORE, "unexpected reply from a script"));
+    };
+    let mut out = Vec::with_capacity(entries.len());
+    for entry in entries {
+        let Value::Array(mut pair) = entry else {
+            return Err(Error::backend(STORE, "unexpected entry from a script"));
+        };
+        let (Some(fields), Some(Value::BulkString(hex))) = (pair.pop(), pair.pop()) else {
+            return Err(Error::backend(STORE, "unexpected entry from a script"));
+        };
+        let Some(key) = std::str::from_utf8(&hex)
+            .ok()
+            .and_then(SessionKey::from_hex)
+        else {
+            continue;
+        };
+        out.push((key, decode_fields(fields).ok()));
+    }
+    Ok(out)
+}
+
+fn millis_arg(at: Timestamp) -> String {
+    at.as_millis().to_string()
+}
+
+#[async_trait]
+impl SessionStore for RedisStore {
+    fn name(&self) -> &'static str {
+        STORE
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            is_multiprocess_safe: true,
+            is_thread_safe: true,
+        }
+    }
+
+    async fn setup(&self) -> Result<()> {
+        let mut connection = self.connection.clone();
+        redis::cmd("PING")
+            .query_async::<()>(&mut connection)
+            .await
+            .map_err(|err| Error::backend_source(STORE, "reach the server", err))
+    }
+
+    async fn load(&self, key: &SessionKey, now: Timestamp) -> Result<Option<Record>> {
+        let mut connection = self.connection.clone();
+        let reply: RedisResult<Value> = redis::cmd("HGETALL")
+            .arg(self.keys.session(key))
+            .query_async(&mut connection)
+            .await;
+        let value = match reply {
+            Ok(value) => value,
+            Err(err) if err.code() == Some("WRONGTYPE") => {
+                self.quarantine(key).await?;
+                return Err(Error::decode(format_args!(
+                    "redis key of session {} is not a hash",
+                    key.fingerprint()
+                )));
+            }
+            Err(err) => return Err(Error::backend_source(STORE, "load session", err)),
+        };
+        let empty = match &value {
+            Value::Array(items) => items.is_empty(),
+            Value::Map(pairs) => pairs.is_empty(),
+            _ => false,
+        };
+        if empty {
+            return Ok(None);
+        }
+        match decode_fields(value) {
+            Ok(record) => Ok((!record.is_expired_at(now)).then_some(record)),
+            Err(err) => {
+                self.quarantine(key).await?;
+                Err(err)
+            }
+        }
+    }
+
+    async fn create(
+        &self,
+        key: &SessionKey,
+        record: &Record,
+        now: Timestamp,
+    ) -> Result<CreateOutcome> {
+        let now = millis_arg(now);
+        let created = self
+            .write(
+                &self.scripts.create,
+                "create session",
+                key,
+                &[now.as_bytes()],
+                record,
+            )
+            .await?;
+        Ok(if created {
+            CreateOutcome::Created
+        } else {
+            CreateOutcome::Collision
+        })
+    }
+
+    async fn replace(
+        &self,
+        key: &SessionKey,
+        expected_version: u64,
+        record: &Record,
+        now: Timestamp,
+    ) -> Result<bool> {
+        let now = millis_arg(now);
+        let expected = expected_version.to_string();
+        self.write(
+            &self.scripts.replace,
+            "replace session",
+            key,
+            &[now.as_bytes(), expected.as_bytes()],
+            record,
+        )
+        .await
+    }
+
+    async fn delete(&self, key: &SessionKey, expected_version: Option<u64>) -> Result<bool> {
+        let hex = key.to_hex();
+        let expected = expected_version.map(|v| v.to_string()).unwrap_or_default();
+        let deleted: i64 = self
+            .run(
+                &self.scripts.delete,
+                "delete session",
+                None,
+                &[hex.as_bytes(), expected.as_bytes()],
+            )
+            .await?;
+        Ok(deleted == 1)
+    }
+
+    async fn touch(
+        &self,
+        key: &SessionKey,
+        accessed_at: Timestamp,
+        idle_deadline: Timestamp,
+    ) -> Result<bool> {
+        let hex = key.to_hex();
+        let accessed_at = millis_arg(accessed_at);
+        let idle_deadline = millis_arg(idle_deadline);
+        let touched: i64 = self
+            .run(
+                &self.scripts.touch,
+                "touch session",
+                None,
+                &[
+                    hex.as_bytes(),
+                    accessed_at.as_bytes(),
+                    idle_deadline.as_bytes(),
+                ],
+            )
+            .await?;
+        Ok(touched == 1)
+    }
+
+    async fn purge_expired(&self, now: Timestamp) -> Result<u64> {
+        let now = millis_arg(now);
+        let batch = PURGE_BATCH.to_string();
+        let mut purged = 0;
+        loop {
+            let (deleted, examined): (u64, usize) = self
+                .run(
+                    &self.scripts.purge,
+                    "purge expired sessions",
+                    None,
+                    &[now.as_bytes(), batch.as_bytes()],
+                )
+                .await?;
+            purged += deleted;
+            if examined < PURGE_BATCH {
+                return Ok(purged);
+            }
+        }
+    }
+
+    async fn list(&self, after: Option<&SessionKey>, limit: usize) -> Result<Page> {
+        if limit == 0 {
+            return Ok(Page::default());
+        }
+        let limit = limit.min(MAX_PAGE);
+        let start = after.map_or_else(|| "-".to_owned(), |key| format!("({}", key.to_hex()));
+        let wanted = (limit + 1).to_string();
+        let reply: Value = self
+            .run(
+                &self.scripts.list,
+                "list sessions",
+                None,
+                &[start.as_bytes(), wanted.as_bytes()],
+            )
+            .await?;
+        let mut entries = decode_entries(reply)?;
+        let next = if entries.len() > limit {
+            entries.truncate(limit);
+            entries.last().map(|(key, _)| *key)
+        } else {
+            None
+        };
+        let records = entries
+            .into_iter()
+            .filter_map(|(key, record)| record.map(|record| (key, record)))
+            .collect();
+        Ok(Page { records, next })
+    }
+
+    async fn count(&self) -> Result<u64> {
+        self.run(&self.scripts.count, "count sessions", None, &[])
+            .await
+    }
+
+    async fn find_by_user(&self, user: &str, now: Timestamp) -> Result<Vec<(SessionKey, Record)>> {
+        let user_key = self.keys.user(user);
+        let reply: Value = self
+            .run(
+                &self.scripts.find_by_user,
+                "find sessions by user",
+                Some(&user_key),
+                &[],
+            )
+            .await?;
+        let mut found: Vec<(SessionKey, Record)> = decode_entries(reply)?
+            .into_iter()
+            .filter_map(|(key, record)| record.map(|record| (key, record)))
+            .filter(|(_, record)| {
+                record.user.as_deref() == Some(user) && !record.is_expired_at(now)
+            })
+            .collect();
+        found.sort_by_key(|(key, _)| *key);
+        Ok(found)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefixes_must_fit_in_a_hash_tag() {
+        assert!(check_prefix("session2").is_ok());
+        assert!(check_prefix("app:v2").is_ok());
+        assert!(check_prefix("session2:").is_ok());
+        for bad in ["", ":", "{x", "x}", "a{b}c"] {
+            assert!(check_prefix(bad).unwrap_err().is_config(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn every_key_shares_one_hash_tag() {
+        let names = KeyNames::new("app");
+        let key = SessionKey::from_bytes([7; 32]);
+        for name in [
+            names.session(&key),
+            names.expiry.clone(),
+            names.keys.clone(),
+            names.owners.clone(),
+            String::from_utf8(names.user("bob")).unwrap(),
+        ] {
+            assert!(name.starts_with("{app}:"), "{name}");
+        }
+    }
+
+    #[test]
+    fn record_fields_round_trip() {
+        let now = Timestamp::from_millis(1_000);
+        let mut record = Record::new(
+            now,
+            Timestamp::from_millis(5_000),
+            Some(Timestamp::from_millis(3_000)),
+        );
+        record.user = Some("alice".into());
+        record.lease = Some(Lease {
+            token: u64::MAX,
+            until: Timestamp::from_millis(2_000),
+        });
+        record.data = b"\xff\x00 not json".to_vec();
+        let fields = RecordFields::new(&record);
+        let mut args = Vec::new();
+        fields.push_args(&mut args);
+        assert_eq!(args[0], b"3000");
+        let flat = args[3..]
+            .iter()
+            .map(|arg| Value::BulkString(arg.to_vec()))
+            .collect();
+        assert_eq!(decode_fields(Value::Array(flat)).unwrap(), record);
+    }
+
+    #[test]
+    fn missing_or_garbled_fields_are_decode_errors() {
+        let bulk = |text: &[u8]| Value::BulkString(text.to_vec());
+        for value in [
+            Value::Array(vec![bulk(b"version")]),
+            Value::Array(vec![bulk(b"version"), bulk(b"1")]),
+            Value::Array(vec![bulk(b"version"), bulk(b"x"), bulk(b"data"), bulk(b"")]),
+            Value::Int(3),
+        ] {
+            assert!(decode_fields(value).unwrap_err().is_decode());
+        }
+    }
+}

@@ -1,0 +1,395 @@
+//! The conformance suite and Redis-specific tests against a real server
+//! (`SESSION2_TEST_REDIS_URL`, default `redis://127.0.0.1:6379`).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use redis::AsyncCommands;
+use session2::store::RedisStore;
+use session2::{
+    Clock, CreateOutcome, Record, SessionId, SessionKey, SessionStore, SystemClock, Timestamp,
+};
+
+/// A fresh store under a random prefix (its own hash tag), or `None` when
+/// Redis is unreachable outside CI.
+async fn factory() -> Option<Arc<dyn SessionStore>> {
+    Some(Arc::new(fresh_store().await?))
+}
+
+session2::conformance_tests!(factory);
+
+/// The suite again over RESP3, where Redis answers `HGETALL` with a map.
+mod resp3 {
+    use std::sync::Arc;
+
+    use session2::{SessionId, SessionStore};
+
+    async fn factory() -> Option<Arc<dyn SessionStore>> {
+        let prefix = format!("s2resp3-{}", SessionId::generate().key().fingerprint());
+        let base = super::redis_url();
+        let separator = if base.contains('?') { '&' } else { '?' };
+        let url = format!("{base}{separator}protocol=resp3&prefix={prefix}");
+        let store = session2::testing::require_server("redis", session2::store::open(&url).await)?;
+        store.setup().await.expect("setup");
+        Some(store)
+    }
+
+    session2::conformance_tests!(factory);
+}
+
+fn redis_url() -> String {
+    std::env::var("SESSION2_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+async fn fresh_store() -> Option<RedisStore> {
+    let prefix = format!("s2test-{}", SessionId::generate().key().fingerprint());
+    let store =
+        session2::testing::require_server("redis", RedisStore::connect(&redis_url()).await)?
+            .with_prefix(prefix);
+    store.setup().await.expect("setup");
+    Some(store)
+}
+
+async fn raw() -> redis::aio::MultiplexedConnection {
+    redis::Client::open(redis_url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap()
+}
+
+fn new_key() -> SessionKey {
+    SessionId::generate().key()
+}
+
+fn record(now: Timestamp, ttl: Duration, user: Option<&str>) -> Record {
+    let mut record = Record::new(now, now.saturating_add(ttl), None);
+    record.user = user.map(str::to_owned);
+    record
+}
+
+const HOUR: Duration = Duration::from_secs(3600);
+
+#[tokio::test]
+async fn primitives_follow_the_contract() {
+    let Some(store) = fresh_store().await else {
+        return;
+    };
+    let now = SystemClock.now();
+    let key = new_key();
+    let mut first = record(now, HOUR, Some("alice"));
+    first.data = b"\xff\x00 not json at all".to_vec();
+    assert_eq!(
+        store.create(&key, &first, now).await.unwrap(),
+        CreateOutcome::Created
+    );
+    assert_eq!(
+        store.create(&key, &first, now).await.unwrap(),
+        CreateOutcome::Collision
+    );
+    assert_eq!(store.load(&key, now).await.unwrap(), Some(first.clone()));
+
+    let mut second = first.clone();
+    second.version = 2;
+    second.user = Some("bob".into());
+    assert!(!store.replace(&key, 7, &second, now).await.unwrap());
+    assert!(store.replace(&key, 1, &second, now).await.unwrap());
+    assert!(store.find_by_user("alice", now).await.unwrap().is_empty());
+    assert_eq!(
+        store.find_by_user("bob", now).await.unwrap(),
+        vec![(key, second.clone())]
+    );
+
+    let later = now.saturating_add(Duration::from_secs(60));
+    let deadline = later.saturating_add(HOUR);
+    assert!(store.touch(&key, later, deadline).await.unwrap());
+    let touched = store.load(&key, later).await.unwrap().unwrap();
+    assert_eq!(
+        (touched.version, touched.accessed_at, touched.idle_deadline),
+        (2, later, deadline)
+    );
+    assert_eq!(touched.data, second.data);
+
+    // Expired per the caller's clock although Redis still holds it.
+    let far = now.saturating_add(3 * HOUR);
+    assert_eq!(store.load(&key, far).await.unwrap(), None);
+    assert!(!store.replace(&key, 2, &second, far).await.unwrap());
+    assert!(
+        !store
+            .touch(&key, far, far.saturating_add(HOUR))
+            .await
+            .unwrap()
+    );
+    assert!(store.find_by_user("bob", far).await.unwrap().is_empty());
+    assert_eq!(store.count().await.unwrap(), 1);
+
+    assert!(!store.delete(&key, Some(1)).await.unwrap());
+    assert!(store.delete(&key, Some(2)).await.unwrap());
+    assert!(!store.delete(&key, None).await.unwrap());
+    assert!(
+        !store.replace(&key, 2, &second, now).await.unwrap(),
+        "replace recreated a deleted record"
+    );
+    assert_eq!(store.load(&key, now).await.unwrap(), None);
+    assert_eq!(store.count().await.unwrap(), 0);
+}
+
+#[tokio::test]
+async fn list_pages_in_key_order_and_purge_is_exact() {
+    let Some(store) = fresh_store().await else {
+        return;
+    };
+    let now = SystemClock.now();
+    let mut keys: Vec<SessionKey> = (0..25).map(|_| new_key()).collect();
+    for (i, key) in keys.iter().enumerate() {
+        let ttl = if i % 2 == 0 { HOUR } else { 2 * HOUR };
+        store
+            .create(key, &record(now, ttl, Some("u")), now)
+            .await
+            .unwrap();
+    }
+    keys.sort();
+    let mut seen = Vec::new();
+    let mut after = None;
+    loop {
+        let page = store.list(after.as_ref(), 10).await.unwrap();
+        seen.extend(page.records.iter().map(|(key, _)| *key));
+        match page.next {
+            Some(next) => after = Some(next),
+            None => break,
+        }
+    }
+    assert_eq!(seen, keys);
+    assert_eq!(store.count().await.unwrap(), 25);
+    assert_eq!(
+        store.purge_expired(now.saturating_add(HOUR)).await.unwrap(),
+        13
+    );
+    assert_eq!(store.count().await.unwrap(), 12);
+    assert_eq!(store.find_by_user("u", now).await.unwrap().len(), 12);
+    assert_eq!(
+        store.purge_expired(now.saturating_add(HOUR)).await.unwrap(),
+        0
+    );
+}
+
+#[tokio::test]
+async fn redis_expires_a_session_by_itself() {
+    let Some(store) = fresh_store().await else {
+        return;
+    };
+    let now = SystemClock.now();
+    let key = new_key();
+    store
+        .create(
+            &key,
+            &record(now, Duration::from_millis(300), Some("eve")),
+            now,
+        )
+        .await
+        .unwrap();
+    let mut raw = raw().await;
+    let name = store.session_key_name(&key);
+    assert!(raw.exists::<_, bool>(&name).await.unwrap());
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(
+        !raw.exists::<_, bool>(&name).await.unwrap(),
+        "redis kept an expired session"
+    );
+    // The index entries it left behind are dropped by reads.
+    assert_eq!(store.count().await.unwrap(), 0);
+    let prefix = store.prefix();
+    let exp: usize = raw.zcard(format!("{{{prefix}}}:exp")).await.unwrap();
+    assert_eq!(exp, 0);
+    assert!(
+        store
+            .find_by_user("eve", SystemClock.now())
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let user_set: usize = raw.scard(format!("{{{prefix}}}:u:eve")).await.unwrap();
+    assert_eq!(user_set, 0);
+}
+
+#[tokio::test]
+async fn purge_leaves_no_index_entries_of_expired_or_deleted_sessions() {
+    let Some(store) = fresh_store().await else {
+        return;
+    };
+    let now = SystemClock.now();
+    let mut live = Vec::new();
+    for i in 0..10 {
+        let key = new_key();
+        let ttl = if i < 6 { HOUR } else { 3 * HOUR };
+        store
+            .create(&key, &record(now, ttl, Some("carol")), now)
+            .await
+            .unwrap();
+        if i >= 6 {
+            live.push(key);
+        }
+        if i == 0 || i == 9 {
+            store.delete(&key, None).await.unwrap();
+            live.retain(|k| *k != key);
+        }
+    }
+    assert_eq!(
+        store
+            .purge_expired(now.saturating_add(2 * HOUR))
+            .await
+            .unwrap(),
+        5
+    );
+    let mut raw = raw().await;
+    let prefix = store.prefix();
+    let mut user_set: Vec<String> = raw.smembers(format!("{{{prefix}}}:u:carol")).await.unwrap();
+    let mut exp: Vec<String> = raw
+        .zrange(format!("{{{prefix}}}:exp"), 0, -1)
+        .await
+        .unwrap();
+    let mut index: Vec<String> = raw
+        .zrange(format!("{{{prefix}}}:keys"), 0, -1)
+        .await
+        .unwrap();
+    let owners: usize = raw.hlen(format!("{{{prefix}}}:owner")).await.unwrap();
+    let mut expected: Vec<String> = live.iter().map(SessionKey::to_hex).collect();
+    for list in [&mut user_set, &mut exp, &mut index, &mut expected] {
+        list.sort();
+    }
+    assert_eq!(user_set, expected);
+    assert_eq!(exp, expected);
+    assert_eq!(index, expected);
+    assert_eq!(owners, expected.len());
+
+    assert_eq!(
+        store
+            .purge_expired(now.saturating_add(4 * HOUR))
+            .await
+            .unwrap(),
+        3
+    );
+    let left: Vec<String> = raw.keys(format!("{{{prefix}}}:*")).await.unwrap();
+    assert!(left.is_empty(), "left behind: {left:?}");
+}
+
+#[tokio::test]
+async fn corrupt_values_are_decode_errors_and_purged() {
+    let Some(store) = fresh_store().await else {
+        return;
+    };
+    let now = SystemClock.now();
+    let mut raw = raw().await;
+
+    let garbage = new_key();
+    let _: () = raw
+        .set(
+            store.session_key_name(&garbage),
+            b"\x00\xffgarbage".as_slice(),
+        )
+        .await
+        .unwrap();
+    assert!(store.load(&garbage, now).await.unwrap_err().is_decode());
+
+    let garbled = new_key();
+    store
+        .create(&garbled, &record(now, HOUR, Some("dan")), now)
+        .await
+        .unwrap();
+    let _: () = raw
+        .hset(store.session_key_name(&garbled), "version", "not a number")
+        .await
+        .unwrap();
+    assert!(store.load(&garbled, now).await.unwrap_err().is_decode());
+    assert!(store.find_by_user("dan", now).await.unwrap().is_empty());
+    assert!(store.list(None, 10).await.unwrap().records.is_empty());
+
+    // Both are marked for purge by the failed loads, and purge deletes them.
+    assert_eq!(store.count().await.unwrap(), 2);
+    assert_eq!(store.purge_expired(now).await.unwrap(), 2);
+    assert_eq!(store.count().await.unwrap(), 0);
+    let prefix = store.prefix();
+    let left: Vec<String> = raw.keys(format!("{{{prefix}}}:*")).await.unwrap();
+    assert!(left.is_empty(), "left behind: {left:?}");
+}
+
+#[tokio::test]
+async fn open_parses_the_prefix_option() {
+    if fresh_store().await.is_none() {
+        return;
+    }
+    let url = format!("{}?prefix=opened-{}", redis_url(), new_key().fingerprint());
+    let store = session2::store::open(&url).await.unwrap();
+    assert_eq!(store.name(), "redis");
+    assert!(store.capabilities().is_multiprocess_safe);
+    assert_eq!(store.count().await.unwrap(), 0);
+    let trailing = format!("{}?prefix=app:", redis_url());
+    let same = session2::store::open(&trailing).await.unwrap();
+    assert!(format!("{same:?}").contains(r#"prefix: "app""#), "{same:?}");
+    let bad = format!("{}?prefix=a{{b", redis_url());
+    assert!(session2::store::open(&bad).await.unwrap_err().is_config());
+}
+
+#[tokio::test]
+async fn independent_connections_lose_no_update() {
+    let Some(first) = fresh_store().await else {
+        return;
+    };
+    let now = SystemClock.now();
+    let key = new_key();
+    let mut initial = record(now, HOUR, None);
+    initial.data = br#"{"n":0}"#.to_vec();
+    first.create(&key, &initial, now).await.unwrap();
+    let mut tasks = Vec::new();
+    for _ in 0..4 {
+        // A separate connection each, as separate processes would have.
+        let store = RedisStore::connect(&redis_url())
+            .await
+            .unwrap()
+            .with_prefix(first.prefix());
+        for _ in 0..4 {
+            let store = store.clone();
+            tasks.push(tokio::spawn(async move {
+                for _ in 0..25 {
+                    loop {
+                        let current = store.load(&key, now).await.unwrap().unwrap();
+                        let value: serde_json::Value =
+                            serde_json::from_slice(&current.data).unwrap();
+                        let mut next = current.clone();
+                        next.version += 1;
+                        next.data =
+                            format!(r#"{{"n":{}}}"#, value["n"].as_i64().unwrap() + 1).into_bytes();
+                        if store
+                            .replace(&key, current.version, &next, now)
+                            .await
+                            .unwrap()
+                        {
+                            break;
+                        }
+                    }
+                }
+            }));
+        }
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let last = first.load(&key, now).await.unwrap().unwrap();
+    assert_eq!(last.data, br#"{"n":400}"#);
+    assert_eq!(last.version, 401);
+}
+
+#[tokio::test]
+async fn an_unreachable_server_is_a_prompt_backend_error() {
+    let started = std::time::Instant::now();
+    let err = RedisStore::connect("redis://127.0.0.1:1")
+        .await
+        .unwrap_err();
+    assert!(err.is_backend(), "{err}");
+    assert!(err.to_string().contains("redis"), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(15), "connect hung");
+    let err = session2::store::open("redis://127.0.0.1:1/0?prefix=x")
+        .await
+        .unwrap_err();
+    assert!(err.is_backend(), "{err}");
+}
