@@ -138,3 +138,42 @@ async fn increment(url: &str, key: SessionKey, times: u64) {
         }
     }
 }
+
+/// A row whose metadata was damaged outside the library (SQLite columns
+/// take any type) loads as a decode error and is skipped by listings: no
+/// panic, and the other sessions stay readable.
+#[test]
+fn damaged_row_is_a_decode_error_not_a_panic() {
+    session2::testing::run(async {
+        let table = sql_cases::unique_table_name();
+        let path = directory().path().join(format!("{table}.db"));
+        let store = SqliteStore::connect(&format!("sqlite:{}", path.display()))
+            .await
+            .unwrap()
+            .with_table_name(&table)
+            .unwrap();
+        store.setup().await.unwrap();
+        let (damaged, intact) = (sql_cases::key(), sql_cases::key());
+        let record = sql_cases::record_at(sql_cases::NOW, Duration::from_secs(60));
+        for key in [&damaged, &intact] {
+            store.create(key, &record, sql_cases::NOW).await.unwrap();
+        }
+        sqlx::query(&format!(
+            "UPDATE \"{table}\" SET version = 'not a number' WHERE \"key\" = ?1"
+        ))
+        .bind(damaged.as_bytes().as_slice())
+        .execute(store.pool())
+        .await
+        .unwrap();
+        let err = store.load(&damaged, sql_cases::NOW).await.unwrap_err();
+        assert!(err.is_decode(), "{err}");
+        assert_eq!(
+            store.load(&intact, sql_cases::NOW).await.unwrap(),
+            Some(record)
+        );
+        let page = store.list(None, 10).await.unwrap();
+        assert_eq!(page.records.len(), 1);
+        assert_eq!(page.records[0].0, intact);
+        assert!(store.delete(&damaged, None).await.unwrap());
+    });
+}
