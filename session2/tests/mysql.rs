@@ -82,3 +82,16 @@ fn mariadb_scheme_opens_the_mysql_store() {
         assert_eq!(store.name(), "mysql");
     });
 }
+
+/// No server on the port: connecting fails, after the pool's 5-second
+/// wait, with a backend error that names the cause.
+#[test]
+fn unreachable_server_is_a_backend_error_naming_the_cause() {
+    session2::testing::run(async {
+        let err = MySqlStore::connect("mysql://root@127.0.0.1:1/test")
+            .await
+            .unwrap_err();
+        assert!(err.is_backend() && err.is_transient(), "{err}");
+        assert!(err.to_string().contains("refused"), "{err}");
+    });
+}

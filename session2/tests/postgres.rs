@@ -277,3 +277,16 @@ fn server_restart_gives_backend_errors_then_recovers() {
     drop(runtime);
     cluster.stop("fast").expect("stop the server");
 }
+
+/// No server on the port: connecting fails, after the pool's 5-second
+/// wait, with a backend error that names the cause.
+#[test]
+fn unreachable_server_is_a_backend_error_naming_the_cause() {
+    session2::testing::run(async {
+        let err = PostgresStore::connect("postgres://postgres@127.0.0.1:1/test")
+            .await
+            .unwrap_err();
+        assert!(err.is_backend() && err.is_transient(), "{err}");
+        assert!(err.to_string().contains("refused"), "{err}");
+    });
+}

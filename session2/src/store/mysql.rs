@@ -33,9 +33,10 @@
 //! # Ok(()) }
 //! ```
 
+use std::str::FromStr;
 use std::time::Duration;
 
-use sqlx::mysql::{MySqlPool, MySqlPoolOptions, MySqlQueryResult};
+use sqlx::mysql::{MySqlConnectOptions, MySqlPool, MySqlPoolOptions, MySqlQueryResult};
 
 use super::sql::{self, Backend, Dialect, SqlTable, impl_sql_session_store};
 use crate::Result;
@@ -72,16 +73,17 @@ impl MySqlStore {
     /// Fails with a backend error when the server cannot be reached, and
     /// with a configuration error when the URL is invalid.
     pub async fn connect(url: &str) -> Result<Self> {
+        let options = MySqlConnectOptions::from_str(url).map_err(|err| {
+            sql::backend_error(<sqlx::MySql as Backend>::STORE, "parse the URL", err)
+        })?;
         let pool = MySqlPoolOptions::new()
             .max_connections(16)
             .acquire_timeout(Duration::from_secs(5))
             // Each operation is one statement: a ping before it would double
             // the round trips. A connection the server dropped fails once,
             // with a backend error, and is replaced.
-            .test_before_acquire(false)
-            .connect(url)
-            .await
-            .map_err(|err| sql::backend_error("mysql", "connect to the server", err))?;
+            .test_before_acquire(false);
+        let pool = sql::connect_pool(pool, options).await?;
         Ok(Self::from_pool(pool))
     }
 

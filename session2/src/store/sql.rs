@@ -21,7 +21,11 @@
 
 use std::fmt;
 
-use sqlx::{ColumnIndex, Database, Decode, Encode, Executor, IntoArguments, Pool, Row, Type};
+use sqlx::pool::PoolOptions;
+use sqlx::{
+    ColumnIndex, ConnectOptions, Connection, Database, Decode, Encode, Executor, IntoArguments,
+    Pool, Row, Type,
+};
 
 use crate::store::{CreateOutcome, Page};
 use crate::{Error, Lease, Record, Result, SessionKey, Timestamp};
@@ -381,6 +385,28 @@ pub(crate) fn backend_error(store: &'static str, context: &str, err: sqlx::Error
         }
         sqlx::Error::Configuration(_) => Error::config(format_args!("`{store}`: {err}")),
         err => Error::backend_source(store, context, err),
+    }
+}
+
+/// Opens a pool, reporting why the server could not be reached: the pool
+/// retries a refused connection until its timeout and then reports only
+/// that it timed out, so on a timeout one more direct attempt names the
+/// cause ("connection refused").
+pub(crate) async fn connect_pool<DB: Backend>(
+    pool: PoolOptions<DB>,
+    options: <DB::Connection as Connection>::Options,
+) -> Result<Pool<DB>> {
+    let context = "connect to the server";
+    match pool.connect_with(options.clone()).await {
+        Ok(pool) => Ok(pool),
+        Err(sqlx::Error::PoolTimedOut) => {
+            let cause = match options.connect().await {
+                Ok(_connection) => sqlx::Error::PoolTimedOut,
+                Err(err) => err,
+            };
+            Err(backend_error(DB::STORE, context, cause))
+        }
+        Err(err) => Err(backend_error(DB::STORE, context, err)),
     }
 }
 
