@@ -351,15 +351,7 @@ async fn succeed_async(args: &[&str]) -> String {
 /// Starts `session2 demo` on `store` and checks it serves the session `id`.
 async fn demo_knows(store: &str, id: &SessionId, cwd: &Path, counter: i64, user: &str) {
     let demo = common::Demo::start(store, cwd);
-    let state: Value = reqwest::Client::new()
-        .get(demo.url("/api/session"))
-        .header("cookie", format!("id={id}"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let state: Value = common::session_state(&demo, &format!("id={id}")).await;
     assert_eq!(state["active"], true, "{state}");
     assert_eq!(state["counter"], counter);
     assert_eq!(state["user"], user);

@@ -174,13 +174,7 @@ mod scenarios {
         );
         assert_eq!(state(&client, &demo).await["active"], false);
         // Replaying the old cookie by hand finds nothing: it was deleted server-side.
-        let replay = bare()
-            .get(demo.url("/api/session"))
-            .header("cookie", format!("id={id}"))
-            .send()
-            .await
-            .unwrap();
-        let body: Value = replay.json().await.unwrap();
+        let body = common::session_state(&demo, &format!("id={id}")).await;
         assert_eq!(body["active"], false);
         assert_eq!(body["counter"], 0);
     }
@@ -250,13 +244,8 @@ mod scenarios {
             "the user name is escaped"
         );
         // The pre-login id is dead.
-        let old = bare()
-            .get(demo.url("/api/session"))
-            .header("cookie", format!("id={before}"))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(old.json::<Value>().await.unwrap()["active"], false);
+        let old = common::session_state(&demo, &format!("id={before}")).await;
+        assert_eq!(old["active"], false);
         let empty = client
             .post(demo.url("/login"))
             .form(&[("user", "  ")])
@@ -305,15 +294,7 @@ mod scenarios {
             let id = cookie_value(&cookies[0]);
             assert_ne!(id, value, "a client-chosen id must never be adopted");
             assert_eq!(id.len(), 32);
-            let state: Value = bare()
-                .get(demo.url("/api/session"))
-                .header("cookie", format!("id={id}"))
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
+            let state: Value = common::session_state(&demo, &format!("id={id}")).await;
             assert_eq!(
                 state["counter"], 1,
                 "the forged cookie's request started from zero"
@@ -472,15 +453,7 @@ mod scenarios {
             set_cookies(&incremented).is_empty(),
             "the restarted demo kept the id"
         );
-        let state: Value = bare()
-            .get(demo.url("/api/session"))
-            .header("cookie", &cookie)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let state: Value = common::session_state(&demo, &cookie).await;
         assert_eq!(
             state["active"], true,
             "the restarted demo knows the session"
@@ -533,15 +506,7 @@ mod scenarios {
         }
         let demo = Demo::start(store, cwd);
         for (cookie, acknowledged) in cookies.iter().zip(acknowledged) {
-            let state: Value = bare()
-                .get(demo.url("/api/session"))
-                .header("cookie", cookie)
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
+            let state: Value = common::session_state(&demo, cookie).await;
             assert_eq!(state["active"], true, "a session was lost in the crash");
             let counter = state["counter"].as_u64().unwrap();
             assert!(
@@ -587,15 +552,7 @@ mod scenarios {
             assert_eq!(task.await.unwrap(), StatusCode::SEE_OTHER);
         }
         for demo in [&first, &second] {
-            let state: Value = bare()
-                .get(demo.url("/api/session"))
-                .header("cookie", &cookie)
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
+            let state: Value = common::session_state(demo, &cookie).await;
             assert_eq!(state["counter"], 41, "both processes see every increment");
         }
     }

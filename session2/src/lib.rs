@@ -43,6 +43,11 @@
 //! |---|---|---|
 //! | `memory` | [`MemoryStore`], in-process | yes |
 //! | `directory` | [`DirectoryStore`], one file per session | yes |
+//! | `sqlite` | `SqliteStore`, a table in an SQLite file (bundled SQLite) | no |
+//! | `postgres` | `PostgresStore`, a PostgreSQL table | no |
+//! | `mysql` | `MySqlStore`, a MySQL or MariaDB table | no |
+//! | `redis` | `RedisStore`, Redis or a Redis Cluster | no |
+//! | `redb` | `RedbStore`, one redb database file | no |
 //! | `axum` | [`SessionLayer`] (tower) and axum extractors | no |
 //! | `testing` | the public conformance suite for store crates | no |
 #![cfg_attr(docsrs, feature(doc_cfg))]
@@ -91,4 +96,10 @@ pub use crate::store::MemoryStore;
 pub use crate::store::RedbStore;
 #[cfg(feature = "redis")]
 pub use crate::store::RedisStore;
+#[cfg(feature = "mysql")]
+pub use crate::store::MySqlStore;
+#[cfg(feature = "postgres")]
+pub use crate::store::PostgresStore;
+#[cfg(feature = "sqlite")]
+pub use crate::store::SqliteStore;
 pub use crate::store::{Capabilities, CreateOutcome, Page, SessionStore};

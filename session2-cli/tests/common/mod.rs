@@ -6,6 +6,8 @@ use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 
+use serde_json::Value;
+
 /// A running `session2 demo`; killed (SIGKILL) when stopped or dropped.
 pub struct Demo {
     child: Child,
@@ -74,4 +76,17 @@ impl Drop for Demo {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// `GET /api/session` with `cookie` as the whole `Cookie` header.
+pub async fn session_state(demo: &Demo, cookie: &str) -> Value {
+    reqwest::Client::new()
+        .get(demo.url("/api/session"))
+        .header("cookie", cookie)
+        .send()
+        .await
+        .expect("GET /api/session")
+        .json()
+        .await
+        .expect("JSON")
 }

@@ -6,6 +6,13 @@
 //! | `dir:PATH` | [`DirectoryStore`](super::DirectoryStore) |
 //! | `sqlite:PATH`, `redb:PATH`, `postgres://…`, `mysql://…`, `redis://…` | their stores, when compiled in |
 //!
+//! The SQL stores take the table name as a query parameter, as in
+//! `postgres://localhost/app?table=web_sessions` (default
+//! `session2_sessions`); it is validated, then removed from the URL handed
+//! to the driver. `mariadb://` is accepted as `mysql://`. The Redis store
+//! takes its key prefix the same way: `redis://localhost/0?prefix=app`
+//! (default `session2`).
+//!
 //! A scheme whose store was not compiled in fails with an error that names
 //! the cargo feature to enable.
 
@@ -32,10 +39,10 @@ pub async fn open(url: &str) -> Result<Arc<dyn SessionStore>> {
     match scheme {
         "memory" => open_memory(rest),
         "dir" => open_directory(rest),
-        "sqlite" => Err(Error::unsupported("sqlite", "sqlite")),
+        "sqlite" => open_sqlite(url).await,
         "redb" => open_redb(rest).await,
-        "postgres" | "postgresql" => Err(Error::unsupported("postgres", "postgres")),
-        "mysql" | "mariadb" => Err(Error::unsupported("mysql", "mysql")),
+        "postgres" | "postgresql" => open_postgres(url).await,
+        "mysql" | "mariadb" => open_mysql(&format!("mysql:{rest}")).await,
         "redis" | "rediss" => open_redis(url).await,
         other => Err(Error::config(format_args!(
             "unknown store scheme `{other}` in `{url}`; expected memory, dir, sqlite, redb, postgres, mysql or redis"
@@ -73,6 +80,59 @@ fn open_directory(path: &str) -> Result<Arc<dyn SessionStore>> {
 #[cfg(not(feature = "directory"))]
 fn open_directory(_path: &str) -> Result<Arc<dyn SessionStore>> {
     Err(Error::unsupported("dir", "directory"))
+}
+
+/// `sqlite:PATH[?table=NAME]`: the database file is created if missing.
+#[cfg(feature = "sqlite")]
+async fn open_sqlite(url: &str) -> Result<Arc<dyn SessionStore>> {
+    let (url, table) = super::sql::split_table_parameter(url)?;
+    if matches!(url.as_str(), "sqlite:" | "sqlite://") {
+        return Err(Error::config(
+            "`sqlite:` needs a path, as in `sqlite:sessions.db`",
+        ));
+    }
+    let store = super::SqliteStore::connect(&url).await?;
+    Ok(Arc::new(match table {
+        Some(table) => store.with_table_name(&table)?,
+        None => store,
+    }))
+}
+
+#[cfg(not(feature = "sqlite"))]
+async fn open_sqlite(_url: &str) -> Result<Arc<dyn SessionStore>> {
+    Err(Error::unsupported("sqlite", "sqlite"))
+}
+
+/// `postgres://user:password@host:port/database[?table=NAME]`.
+#[cfg(feature = "postgres")]
+async fn open_postgres(url: &str) -> Result<Arc<dyn SessionStore>> {
+    let (url, table) = super::sql::split_table_parameter(url)?;
+    let store = super::PostgresStore::connect(&url).await?;
+    Ok(Arc::new(match table {
+        Some(table) => store.with_table_name(&table)?,
+        None => store,
+    }))
+}
+
+#[cfg(not(feature = "postgres"))]
+async fn open_postgres(_url: &str) -> Result<Arc<dyn SessionStore>> {
+    Err(Error::unsupported("postgres", "postgres"))
+}
+
+/// `mysql://user:password@host:port/database[?table=NAME]` (`mariadb://` too).
+#[cfg(feature = "mysql")]
+async fn open_mysql(url: &str) -> Result<Arc<dyn SessionStore>> {
+    let (url, table) = super::sql::split_table_parameter(url)?;
+    let store = super::MySqlStore::connect(&url).await?;
+    Ok(Arc::new(match table {
+        Some(table) => store.with_table_name(&table)?,
+        None => store,
+    }))
+}
+
+#[cfg(not(feature = "mysql"))]
+async fn open_mysql(_url: &str) -> Result<Arc<dyn SessionStore>> {
+    Err(Error::unsupported("mysql", "mysql"))
 }
 
 #[cfg(feature = "redb")]
@@ -116,6 +176,7 @@ fn split_redis_prefix(url: &str) -> (String, Option<String>) {
     }
 }
 
+/// `redis://[user:password@]host[:port][/db][?prefix=NAME]`.
 #[cfg(feature = "redis")]
 async fn open_redis(url: &str) -> Result<Arc<dyn SessionStore>> {
     let (url, prefix) = split_redis_prefix(url);

@@ -1,0 +1,845 @@
+//! What the SQL stores share: table names, statements, and rows as records.
+//!
+//! [`SqliteStore`](super::SqliteStore), [`PostgresStore`](super::PostgresStore)
+//! and [`MySqlStore`](super::MySqlStore) keep one row per session in the same
+//! columns and run the same statements, written here once for every dialect;
+//! each store's own file holds only its connection setup and its schema.
+//!
+//! | column | type | meaning |
+//! |---|---|---|
+//! | `key` | 32 bytes, primary key | the [`SessionKey`] |
+//! | `version` | 64-bit integer | [`Record::version`], its bits as a signed integer |
+//! | `user_id` | text, null, indexed | [`Record::user`] |
+//! | `created_at`, `accessed_at`, `idle_deadline` | 64-bit integer | milliseconds since the epoch |
+//! | `absolute_deadline` | 64-bit integer, null | milliseconds since the epoch |
+//! | `expires_at` | 64-bit integer, indexed | [`Record::expires_at`], for expiry filters and purge |
+//! | `lease_token`, `lease_until` | 64-bit integer, null | [`Record::lease`] |
+//! | `data` | binary, up to at least 16 MiB | [`Record::data`], opaque bytes |
+//!
+//! A `<table>_schema` table beside it records the schema version that
+//! `setup()` applied.
+
+use std::fmt;
+
+use sqlx::{ColumnIndex, Database, Decode, Encode, Executor, IntoArguments, Pool, Row, Type};
+
+use crate::store::{CreateOutcome, Page};
+use crate::{Error, Lease, Record, Result, SessionKey, Timestamp};
+
+/// The table the SQL stores use unless told otherwise.
+pub(crate) const DEFAULT_TABLE: &str = "session2_sessions";
+
+/// The schema version `setup()` creates and records in `<table>_schema`.
+pub(crate) const SCHEMA_VERSION: i64 = 1;
+
+/// The longest accepted table name: `<table>_schema` and the index names
+/// (`<table>_user`, `<table>_expiry`) must still fit in the 63 bytes
+/// PostgreSQL keeps of an identifier (MySQL allows 64).
+const MAX_TABLE_NAME: usize = 56;
+
+/// How many expired rows one purge statement deletes, so that purging a
+/// million sessions never holds locks on all of them at once.
+const PURGE_BATCH: i64 = 1000;
+
+/// The columns `SELECT`ed for a record after its key, in the order
+/// [`decode_row`] reads them.
+fn select_columns(dialect: Dialect) -> String {
+    let user_id = match dialect {
+        // A `utf8mb4_bin` column reaches the driver flagged as binary, which
+        // it refuses to decode as text: convert it to plain `utf8mb4`.
+        #[cfg(feature = "mysql")]
+        Dialect::MySql => "CONVERT(user_id USING utf8mb4)",
+        #[allow(unreachable_patterns)]
+        _ => "user_id",
+    };
+    format!(
+        "version, {user_id}, created_at, accessed_at, idle_deadline, \
+         absolute_deadline, lease_token, lease_until, data"
+    )
+}
+
+/// The columns a record writes besides its key, in the order [`bind_record`] binds them.
+const RECORD_COLUMNS: [&str; 10] = [
+    "version",
+    "user_id",
+    "created_at",
+    "accessed_at",
+    "idle_deadline",
+    "absolute_deadline",
+    "expires_at",
+    "lease_token",
+    "lease_until",
+    "data",
+];
+
+/// Checks a table name: an ASCII letter or underscore, then up to 55 ASCII
+/// letters, digits or underscores. Nothing else is ever put into SQL text.
+pub(crate) fn validate_table_name(name: &str) -> Result<()> {
+    let mut bytes = name.bytes();
+    let valid = bytes
+        .next()
+        .is_some_and(|first| first.is_ascii_alphabetic() || first == b'_')
+        && bytes.all(|byte| byte.is_ascii_alphanumeric() || byte == b'_')
+        && name.len() <= MAX_TABLE_NAME;
+    if valid {
+        Ok(())
+    } else {
+        Err(Error::config(format_args!(
+            "invalid SQL table name `{}`: expected an ASCII letter or `_` followed by at most {} ASCII letters, digits or `_`",
+            name.escape_debug(),
+            MAX_TABLE_NAME - 1
+        )))
+    }
+}
+
+/// Refuses a table whose `<table>_schema` records a newer schema than this
+/// version of the library knows.
+pub(crate) fn check_schema_version(table: &str, newest: Option<i64>) -> Result<()> {
+    match newest {
+        Some(version) if version > SCHEMA_VERSION => Err(Error::config(format_args!(
+            "table `{table}` has schema version {version}, newer than this session2 knows ({SCHEMA_VERSION}); upgrade session2"
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// The time `setup()` records beside the schema version (informational only).
+pub(crate) fn applied_at() -> i64 {
+    crate::Clock::now(&crate::SystemClock).as_millis()
+}
+
+/// Splits the `table` query parameter off a store URL: the URL to hand to
+/// the driver (without it) and the table name, if given.
+pub(crate) fn split_table_parameter(url: &str) -> Result<(String, Option<String>)> {
+    let Some((base, query)) = url.split_once('?') else {
+        return Ok((url.to_owned(), None));
+    };
+    let mut table = None;
+    let mut kept = Vec::new();
+    for pair in query.split('&').filter(|pair| !pair.is_empty()) {
+        match pair.split_once('=') {
+            Some(("table", name)) => {
+                if table.replace(name.to_owned()).is_some() {
+                    return Err(Error::config("the store URL sets `table` twice"));
+                }
+            }
+            _ => kept.push(pair),
+        }
+    }
+    if let Some(name) = &table {
+        validate_table_name(name)?;
+    }
+    let url = if kept.is_empty() {
+        base.to_owned()
+    } else {
+        format!("{base}?{}", kept.join("&"))
+    };
+    Ok((url, table))
+}
+
+/// The SQL dialects the stores speak: identifier quoting and placeholders.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Dialect {
+    /// PostgreSQL: `"name"`, `$1`.
+    #[cfg(feature = "postgres")]
+    Postgres,
+    /// MySQL and MariaDB: `` `name` ``, `?`.
+    #[cfg(feature = "mysql")]
+    MySql,
+    /// SQLite: `"name"`, `?1`.
+    #[cfg(feature = "sqlite")]
+    Sqlite,
+}
+
+impl Dialect {
+    /// Quotes an identifier that [`validate_table_name`] accepted (or a fixed one).
+    pub(crate) fn quote(self, identifier: &str) -> String {
+        match self {
+            #[cfg(feature = "mysql")]
+            Self::MySql => format!("`{identifier}`"),
+            #[allow(unreachable_patterns)]
+            _ => format!("\"{identifier}\""),
+        }
+    }
+
+    /// The `n`th (1-based) placeholder of a statement.
+    fn param(self, n: usize) -> String {
+        match self {
+            #[cfg(feature = "postgres")]
+            Self::Postgres => format!("${n}"),
+            #[cfg(feature = "mysql")]
+            Self::MySql => {
+                let _ = n; // MySQL placeholders are positional only.
+                "?".to_owned()
+            }
+            #[cfg(feature = "sqlite")]
+            Self::Sqlite => format!("?{n}"),
+        }
+    }
+}
+
+/// The statements of one table, built once when the store is made.
+///
+/// Every statement binds its parameters in the order they appear, so the
+/// same binding code serves `$n`, `?n` and `?` placeholders.
+#[derive(Debug)]
+pub(crate) struct Statements {
+    /// key, now
+    load: String,
+    /// key, record; then (upsert dialects) now
+    create: String,
+    /// (MySQL only) key, now
+    delete_expired_key: String,
+    /// record, key, expected version, now
+    replace: String,
+    /// key
+    delete: String,
+    /// key, version
+    delete_at_version: String,
+    /// accessed_at, idle_deadline, idle_deadline, key, accessed_at
+    touch: String,
+    /// now
+    purge: String,
+    /// limit
+    list_first: String,
+    /// after, limit
+    list_after: String,
+    count: String,
+    /// user, now
+    find_by_user: String,
+}
+
+impl Statements {
+    pub(crate) fn new(dialect: Dialect, table: &str) -> Self {
+        let t = dialect.quote(table);
+        let key = dialect.quote("key");
+        let p = |n| dialect.param(n);
+        let columns = select_columns(dialect);
+        let insert = format!(
+            "INSERT INTO {t} ({key}, {}) VALUES ({})",
+            RECORD_COLUMNS.join(", "),
+            (1..=RECORD_COLUMNS.len() + 1)
+                .map(p)
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        let create = match dialect {
+            #[cfg(feature = "mysql")]
+            Dialect::MySql => insert,
+            #[allow(unreachable_patterns)]
+            _ => format!(
+                "{insert} ON CONFLICT ({key}) DO UPDATE SET {} WHERE {t}.expires_at <= {}",
+                RECORD_COLUMNS
+                    .iter()
+                    .map(|column| format!("{column} = excluded.{column}"))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                p(RECORD_COLUMNS.len() + 2)
+            ),
+        };
+        let n = RECORD_COLUMNS.len();
+        let assignments = RECORD_COLUMNS
+            .iter()
+            .enumerate()
+            .map(|(i, column)| format!("{column} = {}", p(i + 1)))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let purge = match dialect {
+            #[cfg(feature = "mysql")]
+            Dialect::MySql => {
+                format!("DELETE FROM {t} WHERE expires_at <= ? LIMIT {PURGE_BATCH}")
+            }
+            #[allow(unreachable_patterns)]
+            _ => format!(
+                "DELETE FROM {t} WHERE {key} IN \
+                 (SELECT {key} FROM {t} WHERE expires_at <= {p1} LIMIT {PURGE_BATCH})",
+                p1 = p(1)
+            ),
+        };
+        Self {
+            load: format!(
+                "SELECT {key}, {columns} FROM {t} WHERE {key} = {} AND expires_at > {}",
+                p(1),
+                p(2)
+            ),
+            create,
+            delete_expired_key: format!(
+                "DELETE FROM {t} WHERE {key} = {} AND expires_at <= {}",
+                p(1),
+                p(2)
+            ),
+            replace: format!(
+                "UPDATE {t} SET {assignments} WHERE {key} = {} AND version = {} AND expires_at > {}",
+                p(n + 1),
+                p(n + 2),
+                p(n + 3)
+            ),
+            delete: format!("DELETE FROM {t} WHERE {key} = {}", p(1)),
+            delete_at_version: format!(
+                "DELETE FROM {t} WHERE {key} = {} AND version = {}",
+                p(1),
+                p(2)
+            ),
+            touch: format!(
+                "UPDATE {t} SET accessed_at = {}, idle_deadline = {}, expires_at = CASE \
+                 WHEN absolute_deadline IS NOT NULL AND absolute_deadline < {} \
+                 THEN absolute_deadline ELSE {} END WHERE {key} = {} AND expires_at > {}",
+                p(1),
+                p(2),
+                p(3),
+                p(4),
+                p(5),
+                p(6)
+            ),
+            purge,
+            list_first: format!(
+                "SELECT {key}, {columns} FROM {t} ORDER BY {key} LIMIT {}",
+                p(1)
+            ),
+            list_after: format!(
+                "SELECT {key}, {columns} FROM {t} WHERE {key} > {} ORDER BY {key} LIMIT {}",
+                p(1),
+                p(2)
+            ),
+            count: format!("SELECT COUNT(*) FROM {t}"),
+            find_by_user: format!(
+                "SELECT {key}, {columns} FROM {t} WHERE user_id = {} AND expires_at > {} ORDER BY {key}",
+                p(1),
+                p(2)
+            ),
+        }
+    }
+}
+
+/// What the shared code needs to know about a driver beyond [`sqlx::Database`].
+pub(crate) trait Backend: Database {
+    /// The store name for errors and logs.
+    const STORE: &'static str;
+    /// How to write SQL for it.
+    const DIALECT: Dialect;
+    /// How many rows a statement changed (or matched, on MySQL).
+    fn rows_affected(result: &Self::QueryResult) -> u64;
+}
+
+/// One session table behind a pool: the statements of the [`SessionStore`]
+/// primitives, shared by the three SQL stores.
+///
+/// [`SessionStore`]: crate::SessionStore
+pub(crate) struct SqlTable<DB: Database> {
+    pub(crate) pool: Pool<DB>,
+    pub(crate) table: String,
+    statements: std::sync::Arc<Statements>,
+}
+
+impl<DB: Backend> SqlTable<DB> {
+    pub(crate) fn new(pool: Pool<DB>, table: &str) -> Result<Self> {
+        validate_table_name(table)?;
+        Ok(Self {
+            pool,
+            table: table.to_owned(),
+            statements: std::sync::Arc::new(Statements::new(DB::DIALECT, table)),
+        })
+    }
+
+    /// The same pool on another table.
+    pub(crate) fn with_table_name(&self, table: &str) -> Result<Self> {
+        Self::new(self.pool.clone(), table)
+    }
+
+    /// A backend error with this store's name, or a decode error for a
+    /// value the driver could not decode.
+    pub(crate) fn error(&self, context: &str, err: sqlx::Error) -> Error {
+        backend_error(DB::STORE, context, err)
+    }
+}
+
+impl<DB: Database> Clone for SqlTable<DB> {
+    fn clone(&self) -> Self {
+        Self {
+            pool: self.pool.clone(),
+            table: self.table.clone(),
+            statements: self.statements.clone(),
+        }
+    }
+}
+
+impl<DB: Database> fmt::Debug for SqlTable<DB> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SqlTable")
+            .field("table", &self.table)
+            .field("pool", &self.pool)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Maps a driver error: decode failures to decode errors, the rest to
+/// backend errors that keep the driver's error as their source.
+pub(crate) fn backend_error(store: &'static str, context: &str, err: sqlx::Error) -> Error {
+    match err {
+        sqlx::Error::ColumnDecode { .. } | sqlx::Error::Decode(_) => {
+            Error::decode(format_args!("`{store}` row: {err}"))
+        }
+        sqlx::Error::Configuration(_) => Error::config(format_args!("`{store}`: {err}")),
+        err => Error::backend_source(store, context, err),
+    }
+}
+
+/// A u64 stored in a signed 64-bit column, bits unchanged.
+fn to_i64(value: u64) -> i64 {
+    i64::from_ne_bytes(value.to_ne_bytes())
+}
+
+/// The inverse of [`to_i64`].
+fn to_u64(value: i64) -> u64 {
+    u64::from_ne_bytes(value.to_ne_bytes())
+}
+
+impl<DB> SqlTable<DB>
+where
+    DB: Backend,
+    for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,
+    for<'q> DB::Arguments<'q>: IntoArguments<'q, DB>,
+    for<'q> i64: Encode<'q, DB> + Type<DB>,
+    for<'q> Option<i64>: Encode<'q, DB>,
+    for<'q> &'q [u8]: Encode<'q, DB> + Type<DB>,
+    for<'q> Option<&'q str>: Encode<'q, DB>,
+    for<'q> &'q str: Encode<'q, DB> + Type<DB>,
+    for<'r> i64: Decode<'r, DB>,
+    for<'r> Vec<u8>: Decode<'r, DB> + Type<DB>,
+    for<'r> String: Decode<'r, DB> + Type<DB>,
+    usize: ColumnIndex<DB::Row>,
+{
+    pub(crate) async fn load(&self, key: &SessionKey, now: Timestamp) -> Result<Option<Record>> {
+        let row = sqlx::query(&self.statements.load)
+            .bind(key.as_bytes().as_slice())
+            .bind(now.as_millis())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(|err| self.error("load session", err))?;
+        row.map(|row| decode_row(&row).map(|(_, record)| record))
+            .transpose()
+    }
+
+    pub(crate) async fn create(
+        &self,
+        key: &SessionKey,
+        record: &Record,
+        now: Timestamp,
+    ) -> Result<CreateOutcome> {
+        let query = bind_record(
+            sqlx::query(&self.statements.create).bind(key.as_bytes().as_slice()),
+            record,
+        );
+        if self.upserts() {
+            // One statement: insert, or overwrite a row that is expired at `now`.
+            let result = query
+                .bind(now.as_millis())
+                .execute(&self.pool)
+                .await
+                .map_err(|err| self.error("create session", err))?;
+            return Ok(if DB::rows_affected(&result) == 1 {
+                CreateOutcome::Created
+            } else {
+                CreateOutcome::Collision
+            });
+        }
+        // MySQL: `ON DUPLICATE KEY UPDATE` cannot tell a collision from an
+        // update, so insert, and on a duplicate key delete the row only if it
+        // is expired and insert again. Keys are random: the first insert
+        // almost always succeeds, in one round trip.
+        match query.execute(&self.pool).await {
+            Ok(_) => return Ok(CreateOutcome::Created),
+            Err(sqlx::Error::Database(err)) if err.is_unique_violation() => {}
+            Err(err) => return Err(self.error("create session", err)),
+        }
+        let deleted = sqlx::query(&self.statements.delete_expired_key)
+            .bind(key.as_bytes().as_slice())
+            .bind(now.as_millis())
+            .execute(&self.pool)
+            .await
+            .map_err(|err| self.error("create session", err))?;
+        if DB::rows_affected(&deleted) == 0 {
+            return Ok(CreateOutcome::Collision);
+        }
+        let retry = bind_record(
+            sqlx::query(&self.statements.create).bind(key.as_bytes().as_slice()),
+            record,
+        );
+        match retry.execute(&self.pool).await {
+            Ok(_) => Ok(CreateOutcome::Created),
+            // Another create took the key between our delete and insert.
+            Err(sqlx::Error::Database(err)) if err.is_unique_violation() => {
+                Ok(CreateOutcome::Collision)
+            }
+            Err(err) => Err(self.error("create session", err)),
+        }
+    }
+
+    fn upserts(&self) -> bool {
+        match DB::DIALECT {
+            #[cfg(feature = "mysql")]
+            Dialect::MySql => false,
+            #[allow(unreachable_patterns)]
+            _ => true,
+        }
+    }
+
+    pub(crate) async fn replace(
+        &self,
+        key: &SessionKey,
+        expected_version: u64,
+        record: &Record,
+        now: Timestamp,
+    ) -> Result<bool> {
+        let result = bind_record(sqlx::query(&self.statements.replace), record)
+            .bind(key.as_bytes().as_slice())
+            .bind(to_i64(expected_version))
+            .bind(now.as_millis())
+            .execute(&self.pool)
+            .await
+            .map_err(|err| self.error("replace session", err))?;
+        Ok(DB::rows_affected(&result) == 1)
+    }
+
+    pub(crate) async fn delete(
+        &self,
+        key: &SessionKey,
+        expected_version: Option<u64>,
+    ) -> Result<bool> {
+        let result = match expected_version {
+            None => {
+                sqlx::query(&self.statements.delete)
+                    .bind(key.as_bytes().as_slice())
+                    .execute(&self.pool)
+                    .await
+            }
+            Some(version) => {
+                sqlx::query(&self.statements.delete_at_version)
+                    .bind(key.as_bytes().as_slice())
+                    .bind(to_i64(version))
+                    .execute(&self.pool)
+                    .await
+            }
+        }
+        .map_err(|err| self.error("delete session", err))?;
+        Ok(DB::rows_affected(&result) == 1)
+    }
+
+    pub(crate) async fn touch(
+        &self,
+        key: &SessionKey,
+        accessed_at: Timestamp,
+        idle_deadline: Timestamp,
+    ) -> Result<bool> {
+        let result = sqlx::query(&self.statements.touch)
+            .bind(accessed_at.as_millis())
+            .bind(idle_deadline.as_millis())
+            .bind(idle_deadline.as_millis())
+            .bind(idle_deadline.as_millis())
+            .bind(key.as_bytes().as_slice())
+            .bind(accessed_at.as_millis())
+            .execute(&self.pool)
+            .await
+            .map_err(|err| self.error("touch session", err))?;
+        Ok(DB::rows_affected(&result) == 1)
+    }
+
+    pub(crate) async fn purge_expired(&self, now: Timestamp) -> Result<u64> {
+        let mut purged = 0;
+        loop {
+            let result = sqlx::query(&self.statements.purge)
+                .bind(now.as_millis())
+                .execute(&self.pool)
+                .await
+                .map_err(|err| self.error("purge expired sessions", err))?;
+            let deleted = DB::rows_affected(&result);
+            purged += deleted;
+            if deleted < PURGE_BATCH as u64 {
+                return Ok(purged);
+            }
+        }
+    }
+
+    pub(crate) async fn list(&self, after: Option<&SessionKey>, limit: usize) -> Result<Page> {
+        if limit == 0 {
+            return Ok(Page::default());
+        }
+        // One row more than asked tells whether another page follows.
+        let fetch = i64::try_from(limit).unwrap_or(i64::MAX).saturating_add(1);
+        let rows = match after {
+            None => {
+                sqlx::query(&self.statements.list_first)
+                    .bind(fetch)
+                    .fetch_all(&self.pool)
+                    .await
+            }
+            Some(after) => {
+                sqlx::query(&self.statements.list_after)
+                    .bind(after.as_bytes().as_slice())
+                    .bind(fetch)
+                    .fetch_all(&self.pool)
+                    .await
+            }
+        }
+        .map_err(|err| self.error("list sessions", err))?;
+        let more = rows.len() > limit;
+        let records: Vec<_> = rows
+            .iter()
+            .take(limit)
+            .filter_map(|row| decode_row(row).ok())
+            .collect();
+        let next = if more {
+            records.last().map(|(key, _)| *key)
+        } else {
+            None
+        };
+        Ok(Page { records, next })
+    }
+
+    pub(crate) async fn count(&self) -> Result<u64> {
+        let row = sqlx::query(&self.statements.count)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(|err| self.error("count sessions", err))?;
+        let count: i64 = row
+            .try_get(0)
+            .map_err(|err| self.error("count sessions", err))?;
+        Ok(u64::try_from(count).unwrap_or(0))
+    }
+
+    pub(crate) async fn find_by_user(
+        &self,
+        user: &str,
+        now: Timestamp,
+    ) -> Result<Vec<(SessionKey, Record)>> {
+        let rows = sqlx::query(&self.statements.find_by_user)
+            .bind(user)
+            .bind(now.as_millis())
+            .fetch_all(&self.pool)
+            .await
+            .map_err(|err| self.error("find sessions by user", err))?;
+        Ok(rows
+            .iter()
+            .filter_map(|row| decode_row(row).ok())
+            // MySQL compares text ignoring trailing spaces: keep exact matches only.
+            .filter(|(_, record)| record.user.as_deref() == Some(user))
+            .collect())
+    }
+}
+
+/// Binds a record's columns (all but the key) in [`RECORD_COLUMNS`] order.
+fn bind_record<'q, DB>(
+    query: sqlx::query::Query<'q, DB, DB::Arguments<'q>>,
+    record: &'q Record,
+) -> sqlx::query::Query<'q, DB, DB::Arguments<'q>>
+where
+    DB: Database,
+    i64: Encode<'q, DB> + Type<DB>,
+    Option<i64>: Encode<'q, DB>,
+    &'q [u8]: Encode<'q, DB> + Type<DB>,
+    Option<&'q str>: Encode<'q, DB>,
+    &'q str: Type<DB>,
+{
+    query
+        .bind(to_i64(record.version))
+        .bind(record.user.as_deref())
+        .bind(record.created_at.as_millis())
+        .bind(record.accessed_at.as_millis())
+        .bind(record.idle_deadline.as_millis())
+        .bind(record.absolute_deadline.map(Timestamp::as_millis))
+        .bind(record.expires_at().as_millis())
+        .bind(record.lease.map(|lease| to_i64(lease.token)))
+        .bind(record.lease.map(|lease| lease.until.as_millis()))
+        .bind(record.data.as_slice())
+}
+
+/// A row of `SELECT key, select_columns()` as a record; a decode error for a
+/// value that does not fit (a key that is not 32 bytes, a wrong column type).
+fn decode_row<R>(row: &R) -> Result<(SessionKey, Record)>
+where
+    R: Row,
+    usize: ColumnIndex<R>,
+    for<'r> i64: Decode<'r, R::Database> + Type<R::Database>,
+    for<'r> Vec<u8>: Decode<'r, R::Database> + Type<R::Database>,
+    for<'r> String: Decode<'r, R::Database> + Type<R::Database>,
+{
+    fn decode(err: sqlx::Error) -> Error {
+        Error::decode(format_args!("session row: {err}"))
+    }
+    let key: Vec<u8> = row.try_get(0).map_err(decode)?;
+    let key = <[u8; 32]>::try_from(key.as_slice())
+        .map(SessionKey::from_bytes)
+        .map_err(|_| {
+            Error::decode(format_args!(
+                "session row has a key of {} bytes, not 32",
+                key.len()
+            ))
+        })?;
+    let millis = |index: usize| row.try_get::<i64, _>(index).map_err(decode);
+    let optional = |index: usize| row.try_get::<Option<i64>, _>(index).map_err(decode);
+    let lease = match (optional(7)?, optional(8)?) {
+        (Some(token), Some(until)) => Some(Lease {
+            token: to_u64(token),
+            until: Timestamp::from_millis(until),
+        }),
+        _ => None,
+    };
+    let record = Record {
+        version: to_u64(millis(1)?),
+        user: row.try_get(2).map_err(decode)?,
+        created_at: Timestamp::from_millis(millis(3)?),
+        accessed_at: Timestamp::from_millis(millis(4)?),
+        idle_deadline: Timestamp::from_millis(millis(5)?),
+        absolute_deadline: optional(6)?.map(Timestamp::from_millis),
+        lease,
+        data: row.try_get(9).map_err(decode)?,
+    };
+    Ok((key, record))
+}
+
+/// Implements [`SessionStore`](crate::SessionStore) for a SQL store whose
+/// `table` field is a [`SqlTable`] and that has an inherent `setup_schema`.
+macro_rules! impl_sql_session_store {
+    ($store:ty, $name:literal) => {
+        #[async_trait::async_trait]
+        impl crate::SessionStore for $store {
+            fn name(&self) -> &'static str {
+                $name
+            }
+
+            fn capabilities(&self) -> crate::Capabilities {
+                crate::Capabilities {
+                    is_multiprocess_safe: true,
+                    is_thread_safe: true,
+                }
+            }
+
+            async fn setup(&self) -> crate::Result<()> {
+                self.setup_schema().await
+            }
+
+            async fn load(
+                &self,
+                key: &crate::SessionKey,
+                now: crate::Timestamp,
+            ) -> crate::Result<Option<crate::Record>> {
+                self.table.load(key, now).await
+            }
+
+            async fn create(
+                &self,
+                key: &crate::SessionKey,
+                record: &crate::Record,
+                now: crate::Timestamp,
+            ) -> crate::Result<crate::CreateOutcome> {
+                self.table.create(key, record, now).await
+            }
+
+            async fn replace(
+                &self,
+                key: &crate::SessionKey,
+                expected_version: u64,
+                record: &crate::Record,
+                now: crate::Timestamp,
+            ) -> crate::Result<bool> {
+                self.table.replace(key, expected_version, record, now).await
+            }
+
+            async fn delete(
+                &self,
+                key: &crate::SessionKey,
+                expected_version: Option<u64>,
+            ) -> crate::Result<bool> {
+                self.table.delete(key, expected_version).await
+            }
+
+            async fn touch(
+                &self,
+                key: &crate::SessionKey,
+                accessed_at: crate::Timestamp,
+                idle_deadline: crate::Timestamp,
+            ) -> crate::Result<bool> {
+                self.table.touch(key, accessed_at, idle_deadline).await
+            }
+
+            async fn purge_expired(&self, now: crate::Timestamp) -> crate::Result<u64> {
+                self.table.purge_expired(now).await
+            }
+
+            async fn list(
+                &self,
+                after: Option<&crate::SessionKey>,
+                limit: usize,
+            ) -> crate::Result<crate::Page> {
+                self.table.list(after, limit).await
+            }
+
+            async fn count(&self) -> crate::Result<u64> {
+                self.table.count().await
+            }
+
+            async fn find_by_user(
+                &self,
+                user: &str,
+                now: crate::Timestamp,
+            ) -> crate::Result<Vec<(crate::SessionKey, crate::Record)>> {
+                self.table.find_by_user(user, now).await
+            }
+        }
+    };
+}
+
+pub(crate) use impl_sql_session_store;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_names_are_validated() {
+        for good in ["sessions", "_s", "Session2_sessions_v2", &"a".repeat(56)] {
+            assert!(validate_table_name(good).is_ok(), "{good}");
+        }
+        for bad in [
+            "",
+            "1sessions",
+            "sessions; DROP TABLE users",
+            "s\"x",
+            "s`x",
+            "s-x",
+            "sé",
+            "public.sessions",
+            &"a".repeat(57),
+        ] {
+            assert!(validate_table_name(bad).unwrap_err().is_config(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn table_parameter_is_split_off() {
+        assert_eq!(
+            split_table_parameter("postgres://u@h/db?table=s1&sslmode=disable").unwrap(),
+            (
+                "postgres://u@h/db?sslmode=disable".to_owned(),
+                Some("s1".to_owned())
+            )
+        );
+        assert_eq!(
+            split_table_parameter("sqlite:x.db?table=t").unwrap(),
+            ("sqlite:x.db".to_owned(), Some("t".to_owned()))
+        );
+        assert_eq!(
+            split_table_parameter("mysql://h/db").unwrap(),
+            ("mysql://h/db".to_owned(), None)
+        );
+        assert!(split_table_parameter("mysql://h/db?table=a;b").is_err());
+        assert!(split_table_parameter("mysql://h/db?table=a&table=b").is_err());
+    }
+
+    #[test]
+    fn u64_round_trips_through_i64() {
+        for value in [0, 1, u64::MAX, 1 << 63, 12_345] {
+            assert_eq!(to_u64(to_i64(value)), value);
+        }
+    }
+}
