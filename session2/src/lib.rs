@@ -92,14 +92,14 @@ pub use crate::session::Session;
 pub use crate::store::DirectoryStore;
 #[cfg(feature = "memory")]
 pub use crate::store::MemoryStore;
-#[cfg(feature = "redb")]
-pub use crate::store::RedbStore;
-#[cfg(feature = "redis")]
-pub use crate::store::RedisStore;
 #[cfg(feature = "mysql")]
 pub use crate::store::MySqlStore;
 #[cfg(feature = "postgres")]
 pub use crate::store::PostgresStore;
+#[cfg(feature = "redb")]
+pub use crate::store::RedbStore;
+#[cfg(feature = "redis")]
+pub use crate::store::RedisStore;
 #[cfg(feature = "sqlite")]
 pub use crate::store::SqliteStore;
 pub use crate::store::{Capabilities, CreateOutcome, Page, SessionStore};
