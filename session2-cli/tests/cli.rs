@@ -161,38 +161,35 @@ fn usage_errors_exit_2_and_runtime_errors_exit_1() {
     fail(&["count", &url], 1);
 }
 
-#[test]
-fn setup_twice_is_harmless_and_keeps_data() {
-    let dir = tempfile::tempdir().unwrap();
-    let url = dir_url(dir.path(), "sessions");
-    assert!(succeed(&["setup", &url]).contains("is set up"));
-    run(seed(&url));
-    succeed(&["setup", &url]);
-    assert_eq!(succeed(&["count", &url]).trim(), "5");
-}
-
 fn fingerprint(id: &SessionId) -> String {
     id.key().fingerprint()
 }
 
-#[test]
-fn list_show_count_stats_on_known_data() {
-    let dir = tempfile::tempdir().unwrap();
-    let url = dir_url(dir.path(), "sessions");
-    let seeded = run(seed(&url));
-    assert_eq!(succeed(&["count", &url]).trim(), "5");
+/// How a store treats the seeded expired sessions: kept until purged, or
+/// dropped at once by the server's own expiry (Redis).
+#[derive(Clone, Copy)]
+struct Expired(u64);
 
-    let table = succeed(&["list", &url]);
+/// `list`, `show`, `count`, `stats` on known data.
+fn known_data(url: &str, expired: Expired) {
+    let seeded = run(seed(url));
+    let total = 3 + expired.0;
+    assert_eq!(succeed(&["count", url]).trim(), total.to_string());
+
+    let table = succeed(&["list", url]);
     assert!(table.starts_with("FINGERPRINT"), "{table}");
-    assert!(table.contains("5 session(s) shown"));
+    assert!(table.contains(&format!("{total} session(s) shown")));
     for id in seeded.alice.iter().chain([&seeded.bob]) {
         assert!(table.contains(&fingerprint(id)), "{table}");
         assert!(!table.contains(&id.to_string()), "a raw id was printed");
     }
-    assert_eq!(table.matches("idle-expired").count(), 1);
-    assert_eq!(table.matches("absolute-expired").count(), 1);
+    assert_eq!(table.matches("idle-expired").count() as u64, expired.0 / 2);
+    assert_eq!(
+        table.matches("absolute-expired").count() as u64,
+        expired.0 / 2
+    );
     let alice: Value =
-        serde_json::from_str(&succeed(&["list", &url, "--user", "alice", "--json"])).unwrap();
+        serde_json::from_str(&succeed(&["list", url, "--user", "alice", "--json"])).unwrap();
     let alice = alice.as_array().unwrap();
     assert_eq!(alice.len(), 2);
     assert!(
@@ -201,73 +198,141 @@ fn list_show_count_stats_on_known_data() {
             .all(|row| row["user"] == "alice" && row["state"] == "live")
     );
     let limited: Value =
-        serde_json::from_str(&succeed(&["list", &url, "--limit", "2", "--json"])).unwrap();
+        serde_json::from_str(&succeed(&["list", url, "--limit", "2", "--json"])).unwrap();
     assert_eq!(limited.as_array().unwrap().len(), 2);
 
     let bob = fingerprint(&seeded.bob);
-    let shown = succeed(&["show", &url, &bob]);
+    let shown = succeed(&["show", url, &bob]);
     assert!(
         shown.contains("bob") && shown.contains("\"counter\": 7") && shown.contains("bob's <note>"),
         "{shown}"
     );
-    let shown: Value =
-        serde_json::from_str(&succeed(&["show", &url, &bob[..8], "--json"])).unwrap();
+    let shown: Value = serde_json::from_str(&succeed(&["show", url, &bob[..8], "--json"])).unwrap();
     assert_eq!(shown["user"], "bob");
     assert_eq!(shown["data"]["counter"], 7);
     assert_eq!(shown["key"], seeded.bob.key().to_hex());
-    fail(&["show", &url, "abc"], 2);
-    let message = fail(&["show", &url, "000000000000"], 1);
+    fail(&["show", url, "abc"], 2);
+    let message = fail(&["show", url, "000000000000"], 1);
     assert!(message.contains("no session"), "{message}");
 
-    let stats: Value = serde_json::from_str(&succeed(&["stats", &url, "--json"])).unwrap();
-    assert_eq!(stats["total"], 5);
+    let stats: Value = serde_json::from_str(&succeed(&["stats", url, "--json"])).unwrap();
+    assert_eq!(stats["total"], total);
     assert_eq!(stats["live"], 3);
-    assert_eq!(stats["idle_expired"], 1);
-    assert_eq!(stats["absolute_expired"], 1);
+    assert_eq!(stats["idle_expired"], expired.0 / 2);
+    assert_eq!(stats["absolute_expired"], expired.0 / 2);
     assert_eq!(stats["with_user"], 3);
-    assert_eq!(stats["by_age"]["under_1_hour"], 5);
+    assert_eq!(stats["by_age"]["under_1_hour"], total);
     assert_eq!(stats["top_users"][0]["user"], "alice");
     assert_eq!(stats["top_users"][0]["sessions"], 2);
     assert!(stats["size_bytes"]["max"].as_u64().unwrap() > 0);
-    let text = succeed(&["stats", &url, "--top", "1"]);
+    let text = succeed(&["stats", url, "--top", "1"]);
     assert!(
         text.contains("  live              3") && text.contains("alice") && !text.contains("bob"),
         "{text}"
     );
 }
 
-#[test]
-fn purge_removes_exactly_the_expired() {
-    let dir = tempfile::tempdir().unwrap();
-    let url = dir_url(dir.path(), "sessions");
-    run(seed(&url));
+/// `purge` removes exactly the expired sessions.
+fn purge(url: &str, expired: Expired) {
+    run(seed(url));
+    let total = 3 + expired.0;
     assert!(
-        succeed(&["purge", &url, "--dry-run"]).contains("2 expired session(s) would be purged")
+        succeed(&["purge", url, "--dry-run"])
+            .contains(&format!("{} expired session(s) would be purged", expired.0))
     );
-    assert_eq!(succeed(&["count", &url]).trim(), "5");
-    let purged = succeed(&["purge", &url]);
+    assert_eq!(succeed(&["count", url]).trim(), total.to_string());
+    let purged = succeed(&["purge", url]);
     assert!(
-        purged.starts_with("purged 2 expired session(s)"),
+        purged.starts_with(&format!("purged {} expired session(s)", expired.0)),
         "{purged}"
     );
-    assert_eq!(succeed(&["count", &url]).trim(), "3");
-    assert!(succeed(&["purge", &url]).starts_with("purged 0 "));
+    assert_eq!(succeed(&["count", url]).trim(), "3");
+    assert!(succeed(&["purge", url]).starts_with("purged 0 "));
 }
 
-#[test]
-fn logout_user_deletes_every_session_of_that_user() {
-    let dir = tempfile::tempdir().unwrap();
-    let url = dir_url(dir.path(), "sessions");
-    run(seed(&url));
-    assert!(succeed(&["logout-user", &url, "alice"]).contains("2 session(s) deleted"));
+/// `logout-user` deletes every session of that user and no other.
+fn logout_user(url: &str) {
+    run(seed(url));
+    assert!(succeed(&["logout-user", url, "alice"]).contains("2 session(s) deleted"));
     let alice: Value =
-        serde_json::from_str(&succeed(&["list", &url, "--user", "alice", "--json"])).unwrap();
+        serde_json::from_str(&succeed(&["list", url, "--user", "alice", "--json"])).unwrap();
     assert!(alice.as_array().unwrap().is_empty());
     let bob: Value =
-        serde_json::from_str(&succeed(&["list", &url, "--user", "bob", "--json"])).unwrap();
+        serde_json::from_str(&succeed(&["list", url, "--user", "bob", "--json"])).unwrap();
     assert_eq!(bob.as_array().unwrap().len(), 1);
-    assert!(succeed(&["logout-user", &url, "nobody"]).contains("0 session(s) deleted"));
+    assert!(succeed(&["logout-user", url, "nobody"]).contains("0 session(s) deleted"));
 }
+
+/// `setup` twice, the second time on a store holding sessions, loses nothing.
+fn setup_twice(url: &str, expired: Expired) {
+    assert!(succeed(&["setup", url]).contains("is set up"));
+    run(seed(url));
+    succeed(&["setup", url]);
+    assert_eq!(succeed(&["count", url]).trim(), (3 + expired.0).to_string());
+}
+
+/// Stamps the command tests for one store; `$url` maps a scratch directory
+/// to a fresh store URL, or `None` when its server is unreachable.
+macro_rules! store_commands {
+    ($store:ident, $url:expr, $expired:expr) => {
+        mod $store {
+            use super::*;
+
+            fn url(dir: &Path) -> Option<String> {
+                let url: fn(&Path) -> Option<String> = $url;
+                url(dir)
+            }
+
+            #[test]
+            fn list_show_count_stats_on_known_data() {
+                let dir = tempfile::tempdir().unwrap();
+                if let Some(url) = url(dir.path()) {
+                    known_data(&url, $expired);
+                }
+            }
+
+            #[test]
+            fn purge_removes_exactly_the_expired() {
+                let dir = tempfile::tempdir().unwrap();
+                if let Some(url) = url(dir.path()) {
+                    purge(&url, $expired);
+                }
+            }
+
+            #[test]
+            fn logout_user_deletes_every_session_of_that_user() {
+                let dir = tempfile::tempdir().unwrap();
+                if let Some(url) = url(dir.path()) {
+                    logout_user(&url);
+                }
+            }
+
+            #[test]
+            fn setup_twice_is_harmless_and_keeps_data() {
+                let dir = tempfile::tempdir().unwrap();
+                if let Some(url) = url(dir.path()) {
+                    setup_twice(&url, $expired);
+                }
+            }
+        }
+    };
+}
+
+store_commands!(directory, |dir| Some(dir_url(dir, "sessions")), Expired(2));
+store_commands!(
+    sqlite,
+    |dir| Some(format!("sqlite:{}", dir.join("sessions.db").display())),
+    Expired(2)
+);
+store_commands!(
+    redb,
+    |dir| Some(format!("redb:{}", dir.join("sessions.redb").display())),
+    Expired(2)
+);
+store_commands!(postgres, |_| common::postgres_store(), Expired(2));
+store_commands!(mysql, |_| common::mysql_store(), Expired(2));
+// Redis drops a session whose deadline has passed by itself.
+store_commands!(redis, |_| common::redis_store(), Expired(0));
 
 /// Every live record of `from` is in `to`, field for field (but the lease).
 async fn assert_same_live_sessions(from: &str, to: &str) {
@@ -300,14 +365,14 @@ async fn assert_same_live_sessions(from: &str, to: &str) {
 
 /// Migrates `from` to `to`, checks every field, re-runs, and serves a
 /// migrated session through the demo.
-pub(crate) async fn migrate_and_check(from: &str, to: &str, cwd: &Path) {
+pub(crate) async fn migrate_and_check(from: &str, to: &str, cwd: &Path, expired: u64) {
     let seeded = seed(from).await;
     let summary: Value = serde_json::from_str(
         &succeed_async(&["migrate", from, to, "--batch", "2", "--json"]).await,
     )
     .unwrap();
     assert_eq!(summary["copied"], 3, "{summary}");
-    assert_eq!(summary["expired"], 2);
+    assert_eq!(summary["expired"], expired);
     assert_same_live_sessions(from, to).await;
     let again: Value =
         serde_json::from_str(&succeed_async(&["migrate", from, to, "--json"]).await).unwrap();
@@ -357,10 +422,70 @@ async fn demo_knows(store: &str, id: &SessionId, cwd: &Path, counter: i64, user:
     assert_eq!(state["user"], user);
 }
 
+/// Migrates between two stores, when both are reachable.
+fn migration(from: Option<String>, to: Option<String>, dir: &Path) {
+    if let (Some(from), Some(to)) = (from, to) {
+        // Redis drops the seeded expired sessions by itself.
+        let expired = if from.starts_with("redis") { 0 } else { 2 };
+        run(migrate_and_check(&from, &to, dir, expired));
+    }
+}
+
 #[test]
 fn migrate_directory_to_directory() {
     let dir = tempfile::tempdir().unwrap();
-    let from = dir_url(dir.path(), "old");
-    let to = dir_url(dir.path(), "new");
-    run(migrate_and_check(&from, &to, dir.path()));
+    migration(
+        Some(dir_url(dir.path(), "old")),
+        Some(dir_url(dir.path(), "new")),
+        dir.path(),
+    );
+}
+
+#[test]
+fn migrate_directory_to_postgres() {
+    let dir = tempfile::tempdir().unwrap();
+    migration(
+        Some(dir_url(dir.path(), "old")),
+        common::postgres_store(),
+        dir.path(),
+    );
+}
+
+#[test]
+fn migrate_postgres_to_redis() {
+    let dir = tempfile::tempdir().unwrap();
+    migration(common::postgres_store(), common::redis_store(), dir.path());
+}
+
+#[test]
+fn migrate_redis_to_sqlite() {
+    let dir = tempfile::tempdir().unwrap();
+    let sqlite = format!("sqlite:{}", dir.path().join("sessions.db").display());
+    migration(common::redis_store(), Some(sqlite), dir.path());
+}
+
+#[test]
+fn migrate_sqlite_to_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let sqlite = format!("sqlite:{}", dir.path().join("sessions.db").display());
+    migration(Some(sqlite), Some(dir_url(dir.path(), "new")), dir.path());
+}
+
+#[test]
+fn migrate_mysql_to_redb() {
+    let dir = tempfile::tempdir().unwrap();
+    let redb = format!("redb:{}", dir.path().join("sessions.redb").display());
+    migration(common::mysql_store(), Some(redb), dir.path());
+}
+
+#[test]
+fn unreachable_servers_fail_with_a_clear_message() {
+    for url in [
+        "postgres://postgres@127.0.0.1:1/test",
+        "mysql://root@127.0.0.1:1/test",
+        "redis://127.0.0.1:1",
+    ] {
+        let message = fail(&["count", url], 1);
+        assert!(message.len() < 400, "one or two sentences: {message}");
+    }
 }

@@ -313,13 +313,16 @@ mod scenarios {
             "{revoked:?}"
         );
         // Nothing was written outside the store's own directory.
+        let is_store_file = |path: &Path| {
+            path.starts_with(cwd.join("session2-data"))
+                || path.starts_with(cwd.join("store"))
+                || path
+                    .file_name()
+                    .is_some_and(|name| name.to_string_lossy().starts_with("sessions."))
+        };
         let outside: Vec<_> = files_below(cwd)
             .into_iter()
-            .filter(|path| {
-                !before.contains(path)
-                    && !path.starts_with(cwd.join("session2-data"))
-                    && !path.starts_with(cwd.join("store"))
-            })
+            .filter(|path| !before.contains(path) && !is_store_file(path))
             .collect();
         assert!(
             outside.is_empty(),
@@ -606,8 +609,54 @@ every_scenario!(directory, |cwd| Some(format!(
     "dir:{}",
     cwd.join("store").display()
 )));
+every_scenario!(sqlite, |cwd| Some(format!(
+    "sqlite:{}",
+    cwd.join("sessions.db").display()
+)));
+every_scenario!(redb, |cwd| Some(format!(
+    "redb:{}",
+    cwd.join("sessions.redb").display()
+)));
+every_scenario!(postgres, |_| common::postgres_store());
+every_scenario!(mysql, |_| common::mysql_store());
+every_scenario!(redis, |_| common::redis_store());
+
 // No `--store`: the demo's embedded default, a directory under its working directory.
 every_scenario!(default_store, |_| Some(String::new()));
+
+demo_tests!(
+    sqlite_processes,
+    |cwd| Some(format!("sqlite:{}", cwd.join("sessions.db").display())),
+    [
+        restart_keeps_the_session,
+        two_processes_share_the_store,
+        sigkill_loses_no_acknowledged_increment,
+    ]
+);
+
+demo_tests!(
+    postgres_processes,
+    |_| common::postgres_store(),
+    [restart_keeps_the_session, two_processes_share_the_store]
+);
+
+demo_tests!(
+    mysql_processes,
+    |_| common::mysql_store(),
+    [restart_keeps_the_session, two_processes_share_the_store]
+);
+
+demo_tests!(
+    redis_processes,
+    |_| common::redis_store(),
+    [restart_keeps_the_session, two_processes_share_the_store]
+);
+
+demo_tests!(
+    redb_restart,
+    |cwd| Some(format!("redb:{}", cwd.join("sessions.redb").display())),
+    [restart_keeps_the_session]
+);
 
 demo_tests!(
     directory_processes,
