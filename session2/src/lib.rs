@@ -46,6 +46,8 @@
 //! | `sqlite` | `SqliteStore`, a table in an SQLite file (bundled SQLite) | no |
 //! | `postgres` | `PostgresStore`, a PostgreSQL table | no |
 //! | `mysql` | `MySqlStore`, a MySQL or MariaDB table | no |
+//! | `redis` | `RedisStore`, Redis or a Redis Cluster | no |
+//! | `redb` | `RedbStore`, one redb database file | no |
 //! | `axum` | [`SessionLayer`] (tower) and axum extractors | no |
 //! | `testing` | the public conformance suite for store crates | no |
 #![cfg_attr(docsrs, feature(doc_cfg))]

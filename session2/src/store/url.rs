@@ -9,7 +9,9 @@
 //! The SQL stores take the table name as a query parameter, as in
 //! `postgres://localhost/app?table=web_sessions` (default
 //! `session2_sessions`); it is validated, then removed from the URL handed
-//! to the driver. `mariadb://` is accepted as `mysql://`.
+//! to the driver. `mariadb://` is accepted as `mysql://`. The Redis store
+//! takes its key prefix the same way: `redis://localhost/0?prefix=app`
+//! (default `session2`).
 //!
 //! A scheme whose store was not compiled in fails with an error that names
 //! the cargo feature to enable.
@@ -174,6 +176,7 @@ fn split_redis_prefix(url: &str) -> (String, Option<String>) {
     }
 }
 
+/// `redis://[user:password@]host[:port][/db][?prefix=NAME]`.
 #[cfg(feature = "redis")]
 async fn open_redis(url: &str) -> Result<Arc<dyn SessionStore>> {
     let (url, prefix) = split_redis_prefix(url);
