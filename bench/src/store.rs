@@ -63,7 +63,7 @@ pub(crate) async fn measure(args: &StoreArgs) -> anyhow::Result<StoreResult> {
     // Seed concurrently.
     let seeded = repeat(args.concurrency, Duration::MAX, keys.len() as u64, {
         let (store, keys, template) = (Arc::clone(&store), Arc::clone(&keys), template.clone());
-        move |_, n| {
+        move |_, _, n| {
             let (store, keys, template) = (Arc::clone(&store), Arc::clone(&keys), template.clone());
             async move {
                 let outcome = store.create(&keys[n as usize], &template, now).await?;
@@ -77,7 +77,7 @@ pub(crate) async fn measure(args: &StoreArgs) -> anyhow::Result<StoreResult> {
     let window = Duration::from_secs_f64(args.seconds);
     let load = repeat(args.concurrency, window, u64::MAX, {
         let (store, keys) = (Arc::clone(&store), Arc::clone(&keys));
-        move |_, n| {
+        move |_, _, n| {
             let (store, keys) = (Arc::clone(&store), Arc::clone(&keys));
             async move {
                 let key = keys[(n as usize * 7919) % keys.len()];
@@ -92,7 +92,7 @@ pub(crate) async fn measure(args: &StoreArgs) -> anyhow::Result<StoreResult> {
     let save = repeat(args.concurrency, window, u64::MAX, {
         let (store, keys, versions, template, concurrency) =
             (Arc::clone(&store), Arc::clone(&keys), Arc::clone(&versions), template.clone(), args.concurrency);
-        move |worker, n| {
+        move |worker, n, _| {
             let (store, keys, versions, mut next) = (Arc::clone(&store), Arc::clone(&keys), Arc::clone(&versions), template.clone());
             async move {
                 let per_worker = keys.len() / concurrency;
@@ -108,7 +108,7 @@ pub(crate) async fn measure(args: &StoreArgs) -> anyhow::Result<StoreResult> {
     .await?;
     let create = repeat(args.concurrency, window, u64::MAX, {
         let (store, template) = (Arc::clone(&store), template.clone());
-        move |_, _| {
+        move |_, _, _| {
             let (store, template) = (Arc::clone(&store), template.clone());
             async move {
                 let outcome = store.create(&SessionId::generate().key(), &template, now).await?;
@@ -120,7 +120,7 @@ pub(crate) async fn measure(args: &StoreArgs) -> anyhow::Result<StoreResult> {
     .await?;
     let touch = repeat(args.concurrency, window, u64::MAX, {
         let (store, keys) = (Arc::clone(&store), Arc::clone(&keys));
-        move |_, n| {
+        move |_, _, n| {
             let (store, keys) = (Arc::clone(&store), Arc::clone(&keys));
             async move {
                 let key = keys[(n as usize * 7919) % keys.len()];
@@ -134,11 +134,12 @@ pub(crate) async fn measure(args: &StoreArgs) -> anyhow::Result<StoreResult> {
     Ok(StoreResult { store: args.store.clone(), load, save, create, touch })
 }
 
-/// Runs `operation` from `workers` tasks until `window` has passed or
-/// `total` operations were done; returns operations per second.
+/// Runs `operation(worker, worker's count, global count)` from `workers`
+/// tasks until `window` has passed or `total` operations were done; returns
+/// operations per second.
 async fn repeat<F, Fut>(workers: usize, window: Duration, total: u64, operation: F) -> anyhow::Result<f64>
 where
-    F: Fn(usize, u64) -> Fut + Clone + Send + 'static,
+    F: Fn(usize, u64, u64) -> Fut + Clone + Send + 'static,
     Fut: std::future::Future<Output = anyhow::Result<()>> + Send,
 {
     let issued = Arc::new(AtomicU64::new(0));
@@ -153,7 +154,7 @@ where
                 if n >= total || started.elapsed() >= window {
                     return Ok::<_, anyhow::Error>(mine);
                 }
-                operation(worker, mine).await?;
+                operation(worker, mine, n).await?;
                 mine += 1;
             }
         }));

@@ -394,10 +394,8 @@ pub(crate) async fn migrate_and_check(from: &str, to: &str, cwd: &Path, expired:
     assert_eq!(third["updated"], 1, "{third}");
     assert_same_live_sessions(from, to).await;
     let text = succeed_async(&["migrate", from, to]).await;
-    assert!(
-        text.contains("0 copied, 0 updated, 3 already up to date, 2 expired skipped"),
-        "{text}"
-    );
+    let expected = format!("0 copied, 0 updated, 3 already up to date, {expired} expired skipped");
+    assert!(text.contains(&expected), "{text}");
     // The migrated session works in the demo on the target store.
     demo_knows(to, &seeded.alice[0], cwd, 5, "alice").await;
     demo_knows(to, &seeded.bob, cwd, 8, "bob").await;
