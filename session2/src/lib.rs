@@ -53,7 +53,14 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 /// The README's examples, compiled and run as doctests.
-#[cfg(all(doctest, feature = "axum", feature = "directory"))]
+#[cfg(all(
+    doctest,
+    feature = "axum",
+    feature = "directory",
+    feature = "sqlite",
+    feature = "postgres",
+    feature = "redis"
+))]
 #[doc = include_str!("../../README.md")]
 pub struct ReadmeDoctests;
 
