@@ -8,6 +8,7 @@
 
 mod load;
 mod report;
+mod scale;
 mod server;
 mod store;
 

@@ -35,6 +35,9 @@ pub(crate) struct AllArgs {
     warmup: f64,
     #[arg(long, default_value_t = 4.0)]
     duration: f64,
+    /// Expired sessions to purge on each SQL store (0 skips the scale run).
+    #[arg(long, default_value_t = 1_000_000)]
+    purge_sessions: u64,
     /// Where to write the report.
     #[arg(long, default_value = "BENCHMARKS.md")]
     output: PathBuf,
@@ -88,8 +91,9 @@ fn store_urls(args: &AllArgs, name: &str, scratch: &std::path::Path) -> anyhow::
             format!("sqlite:{}", scratch.join("session2.db").display()),
             format!("sqlite:{}", scratch.join("tower.db").display()),
         ),
-        "postgres" => (format!("{}?table=bench_session2", args.postgres), args.postgres.clone()),
-        "mysql" => (format!("{}?table=bench_session2", args.mysql), args.mysql.clone()),
+        // The SQL servers get the same pool; each library uses its own table.
+        "postgres" => (args.postgres.clone(), args.postgres.clone()),
+        "mysql" => (args.mysql.clone(), args.mysql.clone()),
         "redis" => (format!("{}?prefix=bench-session2:", args.redis), args.redis.clone()),
         other => bail!("unknown store `{other}`"),
     };
@@ -103,6 +107,8 @@ struct Results {
     store: Vec<StoreResult>,
     raw: Vec<(String, String)>,
     memory: Vec<MemoryResult>,
+    purge: Vec<crate::scale::PurgeResult>,
+    floor: Vec<(String, LoadResult)>,
 }
 
 pub(crate) async fn all(args: AllArgs) -> anyhow::Result<()> {
@@ -112,13 +118,14 @@ pub(crate) async fn all(args: AllArgs) -> anyhow::Result<()> {
     let mut results = Results::default();
     let load = |address, workload| LoadArgs { address, workload, users: args.users, warmup: args.warmup, duration: args.duration };
 
-    let bare = Server::start(Library::Bare, "memory")?;
-    let floor = crate::load::measure(&load(bare.address, Workload::Anon)).await?;
-    eprintln!("bare anon: {:.0} req/s", floor.requests_per_second);
-    drop(bare);
-
     for name in &args.stores {
         let urls = store_urls(&args, name, &scratch)?;
+        // The floor for anonymous requests, measured beside each store's rows.
+        let bare = Server::start(Library::Bare, "memory")?;
+        let floor = crate::load::measure(&load(bare.address, Workload::Anon)).await?;
+        eprintln!("bare anon: {:.0} req/s", floor.requests_per_second);
+        drop(bare);
+        results.floor.push((name.clone(), floor));
         for (library, url) in [(Library::Session2, &urls.ours), (Library::TowerSessions, &urls.theirs)] {
             let server = match Server::start(library, url) {
                 Ok(server) => server,
@@ -158,12 +165,28 @@ pub(crate) async fn all(args: AllArgs) -> anyhow::Result<()> {
             results.raw.push((name.clone(), raw));
         }
     }
+    if args.purge_sessions > 0 {
+        for name in args.stores.iter().filter(|name| ["sqlite", "postgres", "mysql"].contains(&name.as_str())) {
+            let server_url = match name.as_str() {
+                "postgres" => args.postgres.clone(),
+                "mysql" => args.mysql.clone(),
+                _ => format!("sqlite:{}", scratch.join("purge.db").display()),
+            };
+            match crate::scale::purge(name, &server_url, args.purge_sessions).await {
+                Ok(result) => {
+                    eprintln!("{name} purge: {result:?}");
+                    results.purge.push(result);
+                }
+                Err(err) => eprintln!("purge benchmark on {name} failed: {err:#}"),
+            }
+        }
+    }
     for library in ["session2", "tower-sessions"] {
         let output = Command::new(std::env::current_exe()?).args(["memory", "--library", library]).output()?;
         let line = String::from_utf8_lossy(&output.stdout);
         results.memory.push(serde_json::from_str(line.trim()).with_context(|| format!("memory benchmark: {line}"))?);
     }
-    let report = render(&args, &results, &floor, started.elapsed());
+    let report = render(&args, &results, started.elapsed());
     std::fs::write(&args.output, report)?;
     eprintln!("wrote {} in {:.0} s", args.output.display(), started.elapsed().as_secs_f64());
     let _ = std::fs::remove_dir_all(&scratch);
@@ -179,7 +202,10 @@ fn raw_figure(args: &AllArgs, store: &str, scratch: &std::path::Path) -> Option<
     match store {
         "redis" => {
             let text = run(Command::new("redis-benchmark").args(["-h", "127.0.0.1", "-p", "6379", "-c", "32", "-n", "200000", "-q", "-t", "get,set", "-d", "400"]))?;
-            Some(text.lines().filter(|line| !line.trim().is_empty()).map(|line| line.trim().to_owned()).collect::<Vec<_>>().join("; "))
+            // Progress lines end in carriage returns; keep the summaries.
+            let summaries: Vec<&str> =
+                text.split(['\r', '\n']).map(str::trim).filter(|part| part.contains("requests per second")).collect();
+            Some(format!("redis-benchmark -c 32 -d 400: {}", summaries.join("; ")))
         }
         "postgres" => {
             let script = scratch.join("pgbench.sql");
@@ -194,13 +220,23 @@ fn raw_figure(args: &AllArgs, store: &str, scratch: &std::path::Path) -> Option<
             Some(format!("pgbench, one upsert + one select per transaction: {tps}"))
         }
         "mysql" => {
+            // mariadb-slap drops the schema it ran in: give it one of its own.
             let text = run(Command::new("mariadb-slap").args([
-                "-h", "127.0.0.1", "-uroot", "--create-schema=test", "--concurrency=32", "--iterations=1", "--number-of-queries=64000",
+                "-h", "127.0.0.1", "-uroot", "--create-schema=session2_slap", "--concurrency=32", "--iterations=1", "--number-of-queries=16000",
                 "--create=CREATE TABLE IF NOT EXISTS slap_session (k INT PRIMARY KEY, version BIGINT, data TEXT)",
                 "--query=INSERT INTO slap_session VALUES (FLOOR(RAND()*10000), 1, REPEAT('x', 400)) ON DUPLICATE KEY UPDATE version = version + 1; SELECT version, data FROM slap_session WHERE k = FLOOR(RAND()*10000)",
                 "--delimiter=;",
             ]))?;
-            Some(format!("mariadb-slap, upsert + select: {}", text.lines().filter(|line| line.contains("seconds")).map(str::trim).collect::<Vec<_>>().join("; ")))
+            let seconds: f64 = text
+                .lines()
+                .find(|line| line.contains("Average number of seconds"))?
+                .rsplit(':')
+                .next()?
+                .trim()
+                .trim_end_matches(" seconds")
+                .parse()
+                .ok()?;
+            Some(format!("mariadb-slap -c 32, each query one upsert + one select: {:.0} queries/s", 16_000.0 / seconds))
         }
         _ => None,
     }
@@ -216,7 +252,7 @@ fn version_of(command: &str, args: &[&str]) -> String {
         .unwrap_or_else(|| "not found".to_owned())
 }
 
-fn render(args: &AllArgs, results: &Results, floor: &LoadResult, took: Duration) -> String {
+fn render(args: &AllArgs, results: &Results, took: Duration) -> String {
     let mut out = String::new();
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
@@ -264,11 +300,18 @@ fn render(args: &AllArgs, results: &Results, floor: &LoadResult, took: Duration)
     table(&mut out, "(a′) read-modify-write, session2's exclusive session", Workload::Rmw, Workload::RmwExclusive);
     table(&mut out, "(b) read only", Workload::Read, Workload::Read);
     table(&mut out, "(c) anonymous (the handler does not touch the session)", Workload::Anon, Workload::Anon);
-    let _ = writeln!(out, "Floor for (c): a bare axum server with no session layer: {:.0} req/s, p99 {} µs.\n", floor.requests_per_second, floor.p99_us);
-    for store in &args.stores {
-        if let Some((_, _, _, ours)) = results.http.iter().find(|(s, w, l, _)| s == store && *w == Workload::Anon && *l == Library::Session2) {
-            let _ = writeln!(out, "- {store}: session2 anonymous / bare = {:.2}×", ours.requests_per_second / floor.requests_per_second);
-        }
+    let _ = writeln!(out, "The floor for (c): a bare axum server with no session layer, measured just before each store's rows.\n");
+    let _ = writeln!(out, "| store | bare axum req/s | session2 anonymous / bare | tower-sessions anonymous / bare |");
+    let _ = writeln!(out, "|---|---:|---:|---:|");
+    for (store, floor) in &results.floor {
+        let ratio = |library| {
+            results
+                .http
+                .iter()
+                .find(|(s, w, l, _)| s == store && *w == Workload::Anon && *l == library)
+                .map_or("–".to_owned(), |(_, _, _, r)| format!("{:.2}×", r.requests_per_second / floor.requests_per_second))
+        };
+        let _ = writeln!(out, "| {store} | {:.0} | {} | {} |", floor.requests_per_second, ratio(Library::Session2), ratio(Library::TowerSessions));
     }
     let _ = writeln!(out);
     table(&mut out, "(d) mix: 90% read-modify-write, 5% read, 3% login, 2% logout", Workload::Mix, Workload::Mix);
@@ -288,6 +331,16 @@ fn render(args: &AllArgs, results: &Results, floor: &LoadResult, took: Duration)
     let _ = writeln!(out, "\nThe raw servers at the same concurrency, as the physical limit:\n");
     for (store, raw) in &results.raw {
         let _ = writeln!(out, "- {store}: {raw}");
+    }
+    let _ = writeln!(out, "\n## Scale: purging expired sessions\n");
+    let _ = writeln!(out, "| store | expired sessions | session2 `purge_expired` (batches of 100,000) | one raw `DELETE` | ratio |");
+    let _ = writeln!(out, "|---|---:|---:|---:|---:|");
+    for result in &results.purge {
+        let _ = writeln!(
+            out,
+            "| {} | {} (purged {}) | {:.2} s | {:.2} s | {:.2}× |",
+            result.store, result.sessions, result.purged, result.store_seconds, result.raw_seconds, result.store_seconds / result.raw_seconds
+        );
     }
     let _ = writeln!(out, "\n## Memory store: resident memory per session (200-byte payload)\n");
     let _ = writeln!(out, "| library | sessions | bytes per session |");

@@ -54,8 +54,16 @@ pub(crate) async fn run(args: ServerArgs) -> anyhow::Result<()> {
 async fn session2_app(args: &ServerArgs) -> anyhow::Result<Router> {
     use session2::{ExclusiveSession, Session, SessionConfig, SessionLayer, SessionManager, SessionStore};
 
+    // SQL stores get the very pool the tower-sessions server gets.
     let store: Arc<dyn SessionStore> = match args.store.as_str() {
         "memory" => Arc::new(session2::MemoryStore::new()),
+        url if url.starts_with("sqlite:") => Arc::new(session2::SqliteStore::from_pool(sqlite_pool(url, args.pool).await?)),
+        url if url.starts_with("postgres") => Arc::new(session2::PostgresStore::from_pool(
+            sqlx::postgres::PgPoolOptions::new().max_connections(args.pool).connect(url).await?,
+        )),
+        url if url.starts_with("mysql") => Arc::new(session2::MySqlStore::from_pool(
+            sqlx::mysql::MySqlPoolOptions::new().max_connections(args.pool).connect(url).await?,
+        )),
         url => session2::store::open(url).await?,
     };
     store.setup().await?;
@@ -134,10 +142,8 @@ async fn tower_sessions_app(args: &ServerArgs) -> anyhow::Result<Router> {
     let store = args.store.as_str();
     Ok(if store == "memory" {
         routes(tower_sessions::MemoryStore::default())
-    } else if let Some(path) = store.strip_prefix("sqlite:") {
-        let options = sqlx_sqlite_options(path)?;
-        let pool = sqlx::sqlite::SqlitePoolOptions::new().max_connections(args.pool).connect_with(options).await?;
-        let store = tower_sessions_sqlx_store::SqliteStore::new(pool);
+    } else if store.starts_with("sqlite:") {
+        let store = tower_sessions_sqlx_store::SqliteStore::new(sqlite_pool(store, args.pool).await?);
         store.migrate().await?;
         routes(store)
     } else if store.starts_with("postgres") {
@@ -161,10 +167,12 @@ async fn tower_sessions_app(args: &ServerArgs) -> anyhow::Result<Router> {
     })
 }
 
-fn sqlx_sqlite_options(path: &str) -> anyhow::Result<sqlx::sqlite::SqliteConnectOptions> {
+/// The SQLite pool both libraries get: WAL, a busy timeout, `pool` connections.
+async fn sqlite_pool(url: &str, pool: u32) -> anyhow::Result<sqlx::SqlitePool> {
     use std::str::FromStr;
-    Ok(sqlx::sqlite::SqliteConnectOptions::from_str(&format!("sqlite:{path}"))?
+    let options = sqlx::sqlite::SqliteConnectOptions::from_str(url)?
         .create_if_missing(true)
         .journal_mode(sqlx::sqlite::SqliteJournalMode::Wal)
-        .busy_timeout(std::time::Duration::from_secs(5)))
+        .busy_timeout(std::time::Duration::from_secs(5));
+    Ok(sqlx::sqlite::SqlitePoolOptions::new().max_connections(pool).connect_with(options).await?)
 }

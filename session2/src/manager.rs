@@ -747,7 +747,10 @@ impl RequestSession {
         let manager = &self.manager;
         let store = &manager.inner.store;
         let save_failed = |err: Error| err.context("failed to save session");
-        let mut backoff = Backoff::new(random_u64());
+        // Any seed will do for jitter; the key spares a system call.
+        let mut backoff = Backoff::new(u64::from_le_bytes(
+            key.as_bytes()[..8].try_into().expect("8 bytes"),
+        ));
         for _ in 0..MAX_SAVE_ATTEMPTS {
             let merged = match self.apply(&base, &changes, now) {
                 Ok(merged) => merged,

@@ -95,3 +95,191 @@ fn unreachable_server_is_a_backend_error_naming_the_cause() {
         assert!(err.to_string().contains("refused"), "{err}");
     });
 }
+
+/// A throwaway MariaDB server of this test's own: a data directory made by
+/// `mariadb-install-db` under a temporary directory, on a free port.
+mod outage {
+    use std::path::{Path, PathBuf};
+    use std::process::{Child, Command, Stdio};
+    use std::time::{Duration, Instant};
+
+    use axum::Router;
+    use axum::http::StatusCode;
+    use axum::routing::{get, post};
+    use session2::{Session, SessionConfig, SessionLayer, SessionManager, SessionStore};
+
+    use super::MySqlStore;
+
+    struct Server {
+        dir: tempfile::TempDir,
+        port: u16,
+        child: Option<Child>,
+    }
+
+    impl Server {
+        fn init() -> Result<Self, String> {
+            let dir = tempfile::tempdir().map_err(|err| err.to_string())?;
+            let installed = Command::new("mariadb-install-db")
+                .args([
+                    "--no-defaults",
+                    "--user=root",
+                    "--auth-root-authentication-method=normal",
+                    "--skip-test-db",
+                ])
+                .arg(format!("--datadir={}", dir.path().join("data").display()))
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .map_err(|err| format!("mariadb-install-db: {err}"))?;
+            if !installed.success() {
+                return Err(format!("mariadb-install-db failed: {installed}"));
+            }
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .and_then(|listener| listener.local_addr())
+                .map_err(|err| err.to_string())?
+                .port();
+            Ok(Self {
+                dir,
+                port,
+                child: None,
+            })
+        }
+
+        fn path(&self, name: &str) -> PathBuf {
+            self.dir.path().join(name)
+        }
+
+        fn start(&mut self) {
+            let child = Command::new("mariadbd")
+                .args([
+                    "--no-defaults",
+                    "--user=root",
+                    "--skip-grant-tables",
+                    "--bind-address=127.0.0.1",
+                ])
+                .arg(format!("--datadir={}", self.path("data").display()))
+                .arg(format!("--socket={}", self.path("socket").display()))
+                .arg(format!("--pid-file={}", self.path("pid").display()))
+                .arg(format!("--port={}", self.port))
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("mariadbd starts");
+            self.child = Some(child);
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+                assert!(
+                    Instant::now() < deadline,
+                    "the throwaway MariaDB never listened"
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+
+        /// Stops the server as an outage would: at once (SIGKILL).
+        fn stop(&mut self) {
+            if let Some(mut child) = self.child.take() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+
+        fn url(&self) -> String {
+            format!("mysql://root@127.0.0.1:{}/mysql", self.port)
+        }
+
+        fn exists() -> Result<(), String> {
+            for program in ["mariadb-install-db", "mariadbd"] {
+                let found = std::env::var_os("PATH").is_some_and(|paths| {
+                    std::env::split_paths(&paths).any(|dir| Path::new(&dir).join(program).exists())
+                }) || Path::new("/usr/sbin").join(program).exists();
+                if !found {
+                    return Err(format!("{program} is not installed"));
+                }
+            }
+            Ok(())
+        }
+    }
+
+    impl Drop for Server {
+        fn drop(&mut self) {
+            self.stop();
+        }
+    }
+
+    /// The server is killed with requests in flight: those answer 503 and
+    /// nothing panics; once it is back, the same application (no restart)
+    /// serves again and the session stored before is intact.
+    #[test]
+    fn requests_get_503_while_the_server_is_down_and_succeed_after() {
+        if session2::testing::require_server("mariadb (mariadb-install-db)", Server::exists())
+            .is_none()
+        {
+            return;
+        }
+        let mut server = Server::init().expect("a throwaway MariaDB data directory");
+        server.start();
+        let url = server.url();
+        session2::testing::run(async {
+            let store = MySqlStore::connect(&url).await.expect("connect");
+            store.setup().await.unwrap();
+            let manager = SessionManager::new(store)
+                .with_config(SessionConfig::default().with_secure(false))
+                .unwrap();
+            let app = Router::new()
+                .route(
+                    "/set/{value}",
+                    post(
+                        |session: Session, axum::extract::Path(value): axum::extract::Path<i64>| async move {
+                            session.insert("n", value).unwrap();
+                            StatusCode::NO_CONTENT
+                        },
+                    ),
+                )
+                .route(
+                    "/get",
+                    get(|session: Session| async move {
+                        session.get::<i64>("n").unwrap().unwrap_or(-1).to_string()
+                    }),
+                )
+                .layer(SessionLayer::new(manager));
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let address = listener.local_addr().unwrap();
+            tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+            let client = reqwest::Client::builder()
+                .cookie_store(true)
+                .build()
+                .unwrap();
+            let set = |value: i64| client.post(format!("http://{address}/set/{value}")).send();
+            assert_eq!(set(1).await.unwrap().status(), StatusCode::NO_CONTENT);
+
+            server.stop();
+            let in_flight: Vec<_> = (2..6).map(|value| tokio::spawn(set(value))).collect();
+            for request in in_flight {
+                let status = request.await.unwrap().unwrap().status();
+                assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+            }
+
+            server.start();
+            let deadline = Instant::now() + Duration::from_secs(30);
+            let value = loop {
+                let read = client
+                    .get(format!("http://{address}/get"))
+                    .send()
+                    .await
+                    .unwrap();
+                if read.status() == StatusCode::OK {
+                    break read.text().await.unwrap();
+                }
+                assert_eq!(read.status(), StatusCode::SERVICE_UNAVAILABLE);
+                assert!(
+                    Instant::now() < deadline,
+                    "the application never served again"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            };
+            assert_eq!(value, "1", "the session stored before the outage is intact");
+            assert_eq!(set(7).await.unwrap().status(), StatusCode::NO_CONTENT);
+        });
+    }
+}
