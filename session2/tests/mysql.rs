@@ -2,6 +2,7 @@
 //! at `SESSION2_TEST_MYSQL_URL` (read at run time; default `mysql://root@127.0.0.1:3306/test`),
 //! each store on its own table.
 
+mod http_outage;
 #[macro_use]
 mod sql_cases;
 
@@ -103,12 +104,9 @@ mod outage {
     use std::process::{Child, Command, Stdio};
     use std::time::{Duration, Instant};
 
-    use axum::Router;
-    use axum::http::StatusCode;
-    use axum::routing::{get, post};
-    use session2::{Session, SessionConfig, SessionLayer, SessionManager, SessionStore};
+    use session2::SessionStore;
 
-    use super::MySqlStore;
+    use super::{MySqlStore, http_outage};
 
     struct Server {
         dir: tempfile::TempDir,
@@ -207,9 +205,16 @@ mod outage {
         }
     }
 
-    /// The server is killed with requests in flight: those answer 503 and
-    /// nothing panics; once it is back, the same application (no restart)
-    /// serves again and the session stored before is intact.
+    impl http_outage::Outage for Server {
+        fn stop(&mut self) {
+            Server::stop(self);
+        }
+        fn start(&mut self) {
+            Server::start(self);
+        }
+    }
+
+    /// The server is killed with requests in flight: see [`http_outage`].
     #[test]
     fn requests_get_503_while_the_server_is_down_and_succeed_after() {
         if session2::testing::require_server("mariadb (mariadb-install-db)", Server::exists())
@@ -223,63 +228,8 @@ mod outage {
         session2::testing::run(async {
             let store = MySqlStore::connect(&url).await.expect("connect");
             store.setup().await.unwrap();
-            let manager = SessionManager::new(store)
-                .with_config(SessionConfig::default().with_secure(false))
-                .unwrap();
-            let app = Router::new()
-                .route(
-                    "/set/{value}",
-                    post(
-                        |session: Session, axum::extract::Path(value): axum::extract::Path<i64>| async move {
-                            session.insert("n", value).unwrap();
-                            StatusCode::NO_CONTENT
-                        },
-                    ),
-                )
-                .route(
-                    "/get",
-                    get(|session: Session| async move {
-                        session.get::<i64>("n").unwrap().unwrap_or(-1).to_string()
-                    }),
-                )
-                .layer(SessionLayer::new(manager));
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let address = listener.local_addr().unwrap();
-            tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-            let client = reqwest::Client::builder()
-                .cookie_store(true)
-                .build()
-                .unwrap();
-            let set = |value: i64| client.post(format!("http://{address}/set/{value}")).send();
-            assert_eq!(set(1).await.unwrap().status(), StatusCode::NO_CONTENT);
-
-            server.stop();
-            let in_flight: Vec<_> = (2..6).map(|value| tokio::spawn(set(value))).collect();
-            for request in in_flight {
-                let status = request.await.unwrap().unwrap().status();
-                assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
-            }
-
-            server.start();
-            let deadline = Instant::now() + Duration::from_secs(30);
-            let value = loop {
-                let read = client
-                    .get(format!("http://{address}/get"))
-                    .send()
-                    .await
-                    .unwrap();
-                if read.status() == StatusCode::OK {
-                    break read.text().await.unwrap();
-                }
-                assert_eq!(read.status(), StatusCode::SERVICE_UNAVAILABLE);
-                assert!(
-                    Instant::now() < deadline,
-                    "the application never served again"
-                );
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            };
-            assert_eq!(value, "1", "the session stored before the outage is intact");
-            assert_eq!(set(7).await.unwrap().status(), StatusCode::NO_CONTENT);
+            http_outage::requests_get_503_then_succeed(std::sync::Arc::new(store), &mut server)
+                .await;
         });
     }
 }

@@ -2,6 +2,7 @@
 //! at `SESSION2_TEST_POSTGRES_URL` (read at run time; default `postgres://postgres@127.0.0.1:5432/test`),
 //! each store on its own table.
 
+mod http_outage;
 #[macro_use]
 mod sql_cases;
 
@@ -291,17 +292,19 @@ fn unreachable_server_is_a_backend_error_naming_the_cause() {
     });
 }
 
-/// The same outage seen through HTTP: while the server is down, requests
-/// that need the session answer 503 and nothing panics; once it is back,
-/// the same application (no restart) serves the session stored before.
+impl http_outage::Outage for Cluster {
+    fn stop(&mut self) {
+        Cluster::stop(self, "immediate").expect("stop the server");
+    }
+    fn start(&mut self) {
+        Cluster::start(self).expect("restart the server");
+    }
+}
+
+/// The same outage seen through HTTP: see [`http_outage`].
 #[test]
 fn requests_get_503_while_the_server_is_down_and_succeed_after() {
-    use axum::Router;
-    use axum::http::StatusCode;
-    use axum::routing::{get, post};
-    use session2::{Session, SessionConfig, SessionLayer, SessionManager};
-
-    let Some(cluster) = session2::testing::require_server("postgres (initdb)", Cluster::init())
+    let Some(mut cluster) = session2::testing::require_server("postgres (initdb)", Cluster::init())
     else {
         return;
     };
@@ -316,69 +319,7 @@ fn requests_get_503_while_the_server_is_down_and_succeed_after() {
             .expect("connect to the throwaway server");
         let store = PostgresStore::from_pool(pool);
         store.setup().await.unwrap();
-        let manager = SessionManager::new(store)
-            .with_config(SessionConfig::default().with_secure(false))
-            .unwrap();
-        let app = Router::new()
-            .route(
-                "/set/{value}",
-                post(|session: Session, axum::extract::Path(value): axum::extract::Path<i64>| async move {
-                    session.insert("n", value).unwrap();
-                    StatusCode::NO_CONTENT
-                }),
-            )
-            .route(
-                "/get",
-                get(|session: Session| async move { session.get::<i64>("n").unwrap().unwrap_or(-1).to_string() }),
-            )
-            .layer(SessionLayer::new(manager));
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let address = listener.local_addr().unwrap();
-        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-        let client = reqwest::Client::builder()
-            .cookie_store(true)
-            .build()
-            .unwrap();
-        let set = |value: i64| client.post(format!("http://{address}/set/{value}")).send();
-        assert_eq!(set(1).await.unwrap().status(), StatusCode::NO_CONTENT);
-
-        cluster.stop("fast").expect("stop the server");
-        let in_flight: Vec<_> = (2..6).map(|value| tokio::spawn(set(value))).collect();
-        for request in in_flight {
-            assert_eq!(
-                request.await.unwrap().unwrap().status(),
-                StatusCode::SERVICE_UNAVAILABLE
-            );
-        }
-        let read = client
-            .get(format!("http://{address}/get"))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(read.status(), StatusCode::SERVICE_UNAVAILABLE);
-
-        cluster.start().expect("restart the server");
-        // Pooled connections the server dropped fail once each (503); then
-        // the pool connects anew, and the session from before is there.
-        let mut value = None;
-        for _ in 0..10 {
-            let read = client
-                .get(format!("http://{address}/get"))
-                .send()
-                .await
-                .unwrap();
-            if read.status() == StatusCode::OK {
-                value = Some(read.text().await.unwrap());
-                break;
-            }
-            assert_eq!(read.status(), StatusCode::SERVICE_UNAVAILABLE);
-        }
-        assert_eq!(
-            value.as_deref(),
-            Some("1"),
-            "the session stored before the outage is intact"
-        );
-        assert_eq!(set(7).await.unwrap().status(), StatusCode::NO_CONTENT);
+        http_outage::requests_get_503_then_succeed(Arc::new(store), &mut cluster).await;
     });
     cluster.stop("fast").expect("stop the server");
 }

@@ -6,6 +6,8 @@
 //! the shell's standard input, so no server outlives the tests even when a
 //! test panics or the process is killed.
 
+mod http_outage;
+
 use std::io::Write;
 use std::net::TcpListener;
 use std::path::Path;
@@ -283,16 +285,34 @@ mod restart {
 mod outage_over_http {
     use std::sync::Arc;
 
-    use axum::Router;
-    use axum::http::StatusCode;
-    use axum::routing::{get, post};
-    use session2::{RedisStore, Session, SessionConfig, SessionLayer, SessionManager};
+    use session2::RedisStore;
 
     use super::*;
 
-    /// Requests that need the session answer 503 while Redis is down, and
-    /// the same application (no restart) serves again once it is back; with
-    /// Redis persistence on, the sessions stored before are intact.
+    /// A throwaway `redis-server` with AOF on, so its data survives a restart.
+    struct Persistent {
+        port: u16,
+        dir: std::path::PathBuf,
+        server: Option<Server>,
+    }
+
+    const PERSISTENT: [&str; 4] = ["--appendonly", "yes", "--appendfsync", "always"];
+
+    impl http_outage::Outage for Persistent {
+        fn stop(&mut self) {
+            if let Some(server) = self.server.take() {
+                server.stop();
+            }
+        }
+        fn start(&mut self) {
+            self.server = Some(
+                Server::start(self.port, &self.dir, &PERSISTENT).expect("redis-server restarts"),
+            );
+        }
+    }
+
+    /// Redis goes away with requests in flight: see [`http_outage`]; with
+    /// persistence on, the sessions stored before are intact.
     #[test]
     fn requests_get_503_while_redis_is_down_and_succeed_after() {
         if session2::testing::require_server("redis-server", has_redis_server()).is_none() {
@@ -300,71 +320,16 @@ mod outage_over_http {
         }
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
-        let persistent = ["--appendonly", "yes", "--appendfsync", "always"];
-        let server = Server::start(port, dir.path(), &persistent).expect("redis-server starts");
-        let url = server.url();
-        let dir_path = dir.path().to_path_buf();
+        let mut server = Persistent {
+            port,
+            dir: dir.path().to_path_buf(),
+            server: None,
+        };
+        http_outage::Outage::start(&mut server);
+        let url = format!("redis://127.0.0.1:{port}");
         session2::testing::run(async move {
             let store = RedisStore::connect(&url).await.expect("connect");
-            let manager = SessionManager::from_arc(Arc::new(store))
-                .with_config(SessionConfig::default().with_secure(false))
-                .unwrap();
-            let app = Router::new()
-                .route(
-                    "/set/{value}",
-                    post(
-                        |session: Session, axum::extract::Path(value): axum::extract::Path<i64>| async move {
-                            session.insert("n", value).unwrap();
-                            StatusCode::NO_CONTENT
-                        },
-                    ),
-                )
-                .route(
-                    "/get",
-                    get(|session: Session| async move {
-                        session.get::<i64>("n").unwrap().unwrap_or(-1).to_string()
-                    }),
-                )
-                .layer(SessionLayer::new(manager));
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let address = listener.local_addr().unwrap();
-            tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-            let client = reqwest::Client::builder()
-                .cookie_store(true)
-                .build()
-                .unwrap();
-            let set = |value: i64| client.post(format!("http://{address}/set/{value}")).send();
-            assert_eq!(set(1).await.unwrap().status(), StatusCode::NO_CONTENT);
-
-            server.stop();
-            let in_flight: Vec<_> = (2..6).map(|value| tokio::spawn(set(value))).collect();
-            for request in in_flight {
-                let status = request.await.unwrap().unwrap().status();
-                assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
-            }
-
-            let server =
-                Server::start(port, &dir_path, &persistent).expect("redis-server restarts");
-            let deadline = Instant::now() + Duration::from_secs(20);
-            let value = loop {
-                let read = client
-                    .get(format!("http://{address}/get"))
-                    .send()
-                    .await
-                    .unwrap();
-                if read.status() == StatusCode::OK {
-                    break read.text().await.unwrap();
-                }
-                assert_eq!(read.status(), StatusCode::SERVICE_UNAVAILABLE);
-                assert!(
-                    Instant::now() < deadline,
-                    "the application never served again"
-                );
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            };
-            assert_eq!(value, "1", "the session stored before the outage is intact");
-            assert_eq!(set(7).await.unwrap().status(), StatusCode::NO_CONTENT);
-            drop(server);
+            http_outage::requests_get_503_then_succeed(Arc::new(store), &mut server).await;
         });
     }
 }
