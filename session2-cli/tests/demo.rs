@@ -620,6 +620,7 @@ every_scenario!(redb, |cwd| Some(format!(
 every_scenario!(postgres, |_| common::postgres_store());
 every_scenario!(mysql, |_| common::mysql_store());
 every_scenario!(redis, |_| common::redis_store());
+every_scenario!(redis_cluster, |_| common::redis_cluster_store());
 
 // No `--store`: the demo's embedded default, a directory under its working directory.
 every_scenario!(default_store, |_| Some(String::new()));

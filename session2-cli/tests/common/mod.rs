@@ -154,3 +154,116 @@ pub fn redis_store() -> Option<String> {
         "prefix",
     )
 }
+
+/// A three-node Redis Cluster of this test process's own, started once and
+/// stopped when the process exits: each `redis-server` runs under a shell
+/// that kills it when the process's end closes the shell's standard input.
+struct Cluster {
+    ports: Vec<u16>,
+    _nodes: Vec<Child>,
+    _dir: tempfile::TempDir,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn start_cluster() -> Result<Cluster, String> {
+    let dir = tempfile::tempdir().map_err(|err| err.to_string())?;
+    let mut nodes = Vec::new();
+    let mut ports = Vec::new();
+    for index in 0..3 {
+        let port = free_port();
+        let node_dir = dir.path().join(format!("node{index}"));
+        std::fs::create_dir_all(&node_dir).map_err(|err| err.to_string())?;
+        let child = Command::new("sh")
+            .args(["-c", r#"redis-server "$@" & read _; kill $!; wait"#, "sh"])
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .args(["--cluster-enabled", "yes", "--cluster-node-timeout", "5000"])
+            .arg("--dir")
+            .arg(&node_dir)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|err| format!("redis-server: {err}"))?;
+        nodes.push(child);
+        ports.push(port);
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    for port in &ports {
+        while std::net::TcpStream::connect(("127.0.0.1", *port)).is_err() {
+            if std::time::Instant::now() > deadline {
+                return Err("a cluster node never listened".into());
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+    let addresses: Vec<String> = ports
+        .iter()
+        .map(|port| format!("127.0.0.1:{port}"))
+        .collect();
+    let created = Command::new("redis-cli")
+        .args(["--cluster", "create"])
+        .args(&addresses)
+        .args(["--cluster-replicas", "0", "--cluster-yes"])
+        .output()
+        .map_err(|err| format!("redis-cli: {err}"))?;
+    if !created.status.success() {
+        return Err(format!(
+            "redis-cli --cluster create failed: {}",
+            String::from_utf8_lossy(&created.stdout)
+        ));
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    for port in &ports {
+        loop {
+            let info = Command::new("redis-cli")
+                .args(["-p", &port.to_string(), "cluster", "info"])
+                .output()
+                .map_err(|err| err.to_string())?;
+            if String::from_utf8_lossy(&info.stdout).contains("cluster_state:ok") {
+                break;
+            }
+            if std::time::Instant::now() > deadline {
+                return Err("the cluster never reached cluster_state:ok".into());
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    }
+    Ok(Cluster {
+        ports,
+        _nodes: nodes,
+        _dir: dir,
+    })
+}
+
+/// A fresh store (its own prefix) on this process's Redis Cluster.
+pub fn redis_cluster_store() -> Option<String> {
+    static CLUSTER: std::sync::OnceLock<Result<Cluster, String>> = std::sync::OnceLock::new();
+    let cluster = CLUSTER.get_or_init(start_cluster);
+    let cluster = session2::testing::require_server("redis cluster", cluster.as_ref())?;
+    let nodes: Vec<String> = cluster
+        .ports
+        .iter()
+        .map(|port| format!("127.0.0.1:{port}"))
+        .collect();
+    Some(format!(
+        "redis+cluster://{}/?prefix={}",
+        nodes.join(","),
+        unique_name()
+    ))
+}

@@ -5,6 +5,7 @@
 //! | `memory:` | [`MemoryStore`](super::MemoryStore) |
 //! | `dir:PATH` | [`DirectoryStore`](super::DirectoryStore) |
 //! | `sqlite:PATH`, `redb:PATH`, `postgres://…`, `mysql://…`, `redis://…` | their stores, when compiled in |
+//! | `redis+cluster://host:port,host:port` | the Redis store on a Redis Cluster (the client finds the other nodes) |
 //!
 //! The SQL stores take the table name as a query parameter, as in
 //! `postgres://localhost/app?table=web_sessions` (default
@@ -44,6 +45,7 @@ pub async fn open(url: &str) -> Result<Arc<dyn SessionStore>> {
         "postgres" | "postgresql" => open_postgres(url).await,
         "mysql" | "mariadb" => open_mysql(&format!("mysql:{rest}")).await,
         "redis" | "rediss" => open_redis(url).await,
+        "redis+cluster" => open_redis_cluster(url).await,
         other => Err(Error::config(format_args!(
             "unknown store scheme `{other}` in `{url}`; expected memory, dir, sqlite, redb, postgres, mysql or redis"
         ))),
@@ -195,6 +197,39 @@ async fn open_redis(_url: &str) -> Result<Arc<dyn SessionStore>> {
     Err(Error::unsupported("redis", "redis"))
 }
 
+/// `redis+cluster://host:port,host:port/[?prefix=NAME]`: some nodes of a
+/// Redis Cluster; the client discovers the others.
+#[cfg(feature = "redis")]
+async fn open_redis_cluster(url: &str) -> Result<Arc<dyn SessionStore>> {
+    let (url, prefix) = split_redis_prefix(url);
+    let nodes = url
+        .strip_prefix("redis+cluster://")
+        .unwrap_or_default()
+        .trim_end_matches('/')
+        .split(',')
+        .filter(|node| !node.is_empty())
+        .map(|node| format!("redis://{node}"))
+        .collect::<Vec<_>>();
+    if nodes.is_empty() {
+        return Err(Error::config(
+            "`redis+cluster://` needs nodes, as in `redis+cluster://10.0.0.1:7000,10.0.0.2:7000`",
+        ));
+    }
+    if let Some(prefix) = &prefix {
+        super::redis::check_prefix(prefix)?;
+    }
+    let store = super::RedisStore::connect_cluster(nodes).await?;
+    Ok(Arc::new(match prefix {
+        Some(prefix) => store.try_with_prefix(prefix)?,
+        None => store,
+    }))
+}
+
+#[cfg(not(feature = "redis"))]
+async fn open_redis_cluster(_url: &str) -> Result<Arc<dyn SessionStore>> {
+    Err(Error::unsupported("redis+cluster", "redis"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -223,6 +258,18 @@ mod tests {
                 "redis://h?protocol=resp3".to_owned(),
                 Some("a:b".to_owned())
             )
+        );
+    }
+
+    #[cfg(feature = "redis")]
+    #[tokio::test]
+    async fn a_cluster_url_needs_nodes() {
+        assert!(open("redis+cluster://").await.unwrap_err().is_config());
+        assert!(
+            open("redis+cluster:///?prefix=app")
+                .await
+                .unwrap_err()
+                .is_config()
         );
     }
 }
