@@ -30,6 +30,11 @@ fn client() -> reqwest::Client {
         .unwrap()
 }
 
+/// The body of a `GET`, as text.
+async fn text(client: &reqwest::Client, url: String) -> String {
+    client.get(url).send().await.unwrap().text().await.unwrap()
+}
+
 fn plain_http(store: impl SessionStore) -> SessionManager {
     SessionManager::new(store)
         .with_config(SessionConfig::default().with_secure(false))
@@ -92,24 +97,10 @@ async fn concurrent_plain_writes_to_different_keys_lose_none() {
     for task in tasks {
         assert_eq!(task.await.unwrap(), StatusCode::NO_CONTENT);
     }
-    let keys = client
-        .get(format!("http://{address}/keys"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let keys = text(&client, format!("http://{address}/keys")).await;
     assert_eq!(keys.split(',').count(), 65, "{keys}");
     for n in 0..64 {
-        let value = client
-            .get(format!("http://{address}/get/k{n}"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let value = text(&client, format!("http://{address}/get/k{n}")).await;
         assert_eq!(value, n.to_string());
     }
 }
@@ -138,14 +129,7 @@ async fn a_panicking_handler_saves_nothing_and_frees_the_lease() {
         .unwrap();
     assert_eq!(panicked.status(), StatusCode::INTERNAL_SERVER_ERROR);
     assert!(panicked.headers().get(SET_COOKIE).is_none());
-    let value = client
-        .get(format!("http://{address}/get/panicked"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let value = text(&client, format!("http://{address}/get/panicked")).await;
     assert_eq!(value, "none");
     // The lease was released: another exclusive request does not time out.
     let again = client
@@ -240,14 +224,7 @@ async fn an_unreachable_store_answers_503_and_recovers() {
     );
     // Back again: the same application serves, and the old session is intact.
     std::fs::rename(&moved, &root).unwrap();
-    let value = client
-        .get(format!("http://{address}/get/n"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let value = text(&client, format!("http://{address}/get/n")).await;
     assert_eq!(value, "1");
     assert_eq!(
         client
@@ -258,14 +235,7 @@ async fn an_unreachable_store_answers_503_and_recovers() {
             .status(),
         StatusCode::NO_CONTENT
     );
-    let value = client
-        .get(format!("http://{address}/get/n"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let value = text(&client, format!("http://{address}/get/n")).await;
     assert_eq!(value, "4");
 }
 
