@@ -94,6 +94,18 @@ fn files_below(dir: &Path) -> Vec<PathBuf> {
     found
 }
 
+/// `POST /sessions/end` for `fingerprint`; returns the status.
+async fn end_session(client: &reqwest::Client, demo: &Demo, fingerprint: &str) -> StatusCode {
+    let form = [("fingerprint", fingerprint)];
+    let response = client
+        .post(demo.url("/sessions/end"))
+        .form(&form)
+        .send()
+        .await
+        .unwrap();
+    response.status()
+}
+
 /// The scenarios every store runs. `store` is the store URL.
 mod scenarios {
     use super::*;
@@ -396,22 +408,12 @@ mod scenarios {
             .to_owned();
         assert!(page.contains(&phone_fingerprint) && !page.contains(&mallory_fingerprint));
         // Someone else's session cannot be ended from here.
-        let foreign = laptop
-            .post(demo.url("/sessions/end"))
-            .form(&[("fingerprint", &mallory_fingerprint)])
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(foreign.status(), StatusCode::NOT_FOUND);
+        let foreign = end_session(&laptop, &demo, &mallory_fingerprint).await;
+        assert_eq!(foreign, StatusCode::NOT_FOUND);
         assert_eq!(state(&other, &demo).await["active"], true);
         // End the phone's session from the laptop.
-        let ended = laptop
-            .post(demo.url("/sessions/end"))
-            .form(&[("fingerprint", &phone_fingerprint)])
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(ended.status(), StatusCode::SEE_OTHER);
+        let ended = end_session(&laptop, &demo, &phone_fingerprint).await;
+        assert_eq!(ended, StatusCode::SEE_OTHER);
         assert_eq!(state(&phone, &demo).await["active"], false);
         let page = laptop
             .get(demo.url("/sessions"))

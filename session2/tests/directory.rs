@@ -48,28 +48,13 @@ mod files {
                 session.insert("n", n + 1).unwrap();
                 request.finish(Outcome::Success).await.expect("save");
 
-                let key = id.key();
-                loop {
-                    let now = SystemClock.now();
-                    let current = store
-                        .load(&key, now)
-                        .await
-                        .expect("no torn read")
-                        .expect("present");
-                    let mut data: serde_json::Map<String, serde_json::Value> =
-                        serde_json::from_slice(&current.data).expect("valid data");
-                    data.insert("raw".into(), (counter(&current, "raw") + 1).into());
-                    let mut next = current.clone();
-                    next.version += 1;
-                    next.data = serde_json::to_vec(&data).unwrap();
-                    if store
-                        .replace(&key, current.version, &next, now)
-                        .await
-                        .unwrap()
-                    {
-                        break;
-                    }
-                }
+                session2::testing::increment_by_compare_and_swap(
+                    &store,
+                    &id.key(),
+                    "raw",
+                    SystemClock.now(),
+                )
+                .await;
             }
         }
     }

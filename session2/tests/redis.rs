@@ -351,22 +351,7 @@ async fn independent_connections_lose_no_update() {
             let store = store.clone();
             tasks.push(tokio::spawn(async move {
                 for _ in 0..25 {
-                    loop {
-                        let current = store.load(&key, now).await.unwrap().unwrap();
-                        let value: serde_json::Value =
-                            serde_json::from_slice(&current.data).unwrap();
-                        let mut next = current.clone();
-                        next.version += 1;
-                        next.data =
-                            format!(r#"{{"n":{}}}"#, value["n"].as_i64().unwrap() + 1).into_bytes();
-                        if store
-                            .replace(&key, current.version, &next, now)
-                            .await
-                            .unwrap()
-                        {
-                            break;
-                        }
-                    }
+                    session2::testing::increment_by_compare_and_swap(&store, &key, "n", now).await;
                 }
             }));
         }

@@ -125,19 +125,7 @@ fn counter(data: &[u8]) -> u64 {
 async fn increment(url: &str, key: SessionKey, times: u64) {
     let store = SqliteStore::connect(url).await.unwrap();
     for _ in 0..times {
-        loop {
-            let record = store.load(&key, sql_cases::NOW).await.unwrap().unwrap();
-            let mut next = record.clone();
-            next.version += 1;
-            next.data = format!("{{\"n\":{}}}", counter(&record.data) + 1).into_bytes();
-            if store
-                .replace(&key, record.version, &next, sql_cases::NOW)
-                .await
-                .unwrap()
-            {
-                break;
-            }
-        }
+        session2::testing::increment_by_compare_and_swap(&store, &key, "n", sql_cases::NOW).await;
     }
 }
 
