@@ -52,6 +52,7 @@ macro_rules! conformance_tests {
             touch_moves_only_the_idle_deadline,
             load_hides_idle_and_absolute_expired_records,
             purge_removes_exactly_the_expired,
+            purge_follows_every_move_of_the_expiry,
             list_pages_in_key_order,
             find_by_user_follows_rotation_and_delete,
             concurrent_compare_and_swap_loses_nothing,
@@ -299,6 +300,31 @@ pub mod cases {
             !store.replace(&key, 1, &next, now).await.unwrap(),
             "the old version is stale now"
         );
+
+        // A replace writes the whole record: optional fields can come and go.
+        let mut full = next.clone();
+        full.version = 3;
+        full.user = Some("replace-user".into());
+        full.lease = Some(Lease {
+            token: 9,
+            until: now.saturating_add(MINUTE),
+        });
+        assert!(store.replace(&key, 2, &full, now).await.unwrap());
+        assert_eq!(store.load(&key, now).await.unwrap(), Some(full.clone()));
+        let mut bare = full;
+        bare.version = 4;
+        bare.user = None;
+        bare.lease = None;
+        bare.absolute_deadline = None;
+        assert!(store.replace(&key, 3, &bare, now).await.unwrap());
+        assert_eq!(store.load(&key, now).await.unwrap(), Some(bare));
+        assert!(
+            store
+                .find_by_user("replace-user", now)
+                .await
+                .unwrap()
+                .is_empty()
+        );
     }
 
     /// A replace after a delete does not bring the record back.
@@ -452,6 +478,42 @@ pub mod cases {
             0,
             "a second purge finds nothing"
         );
+    }
+
+    /// Purge uses each record's latest expiry, whether a replace or a touch
+    /// moved it later, or a replace moved it earlier.
+    pub async fn purge_follows_every_move_of_the_expiry(store: Arc<dyn SessionStore>) {
+        let now = real_now();
+        let at = |minutes: u32| now.saturating_add(minutes * MINUTE);
+        let mut record = record_at(now);
+        record.idle_deadline = at(10);
+        let (later, earlier) = (new_key(), new_key());
+        create(&*store, &later, &record, now).await;
+        create(&*store, &earlier, &record, now).await;
+
+        let mut moved = record.clone();
+        moved.version += 1;
+        moved.idle_deadline = at(20);
+        assert!(store.replace(&later, 1, &moved, now).await.unwrap());
+        assert!(store.touch(&later, at(5), at(30)).await.unwrap());
+        moved.idle_deadline = at(3);
+        assert!(store.replace(&earlier, 1, &moved, now).await.unwrap());
+
+        assert_eq!(
+            store.purge_expired(at(4)).await.unwrap(),
+            1,
+            "the moved-earlier record"
+        );
+        assert!(store.load(&earlier, now).await.unwrap().is_none());
+        assert_eq!(
+            store.purge_expired(at(25)).await.unwrap(),
+            0,
+            "past the first and the replaced expiry, before the touched one"
+        );
+        assert!(store.load(&later, at(25)).await.unwrap().is_some());
+        assert_eq!(store.purge_expired(at(31)).await.unwrap(), 1);
+        assert!(store.load(&later, now).await.unwrap().is_none());
+        assert_eq!(store.count().await.unwrap(), 0);
     }
 
     /// `list` pages through every record once, in ascending key order.
