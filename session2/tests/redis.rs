@@ -378,3 +378,61 @@ async fn an_unreachable_server_is_a_prompt_backend_error() {
         .unwrap_err();
     assert!(err.is_backend(), "{err}");
 }
+
+#[tokio::test]
+async fn saves_that_move_the_expiry_later_leave_the_index_to_purge() {
+    let Some(store) = fresh_store().await else {
+        return;
+    };
+    let now = SystemClock.now();
+    let key = new_key();
+    let first = record(now, HOUR, Some("dave"));
+    store.create(&key, &first, now).await.unwrap();
+    let mut raw = raw().await;
+    let prefix = store.prefix().to_owned();
+    let score = |raw: &mut redis::aio::MultiplexedConnection| {
+        let mut raw = raw.clone();
+        let (prefix, hex) = (prefix.clone(), key.to_hex());
+        async move {
+            let score: Option<i64> = raw.zscore(format!("{{{prefix}}}:exp"), hex).await.unwrap();
+            score
+        }
+    };
+    let first_expiry = first.expires_at().as_millis();
+    assert_eq!(score(&mut raw).await, Some(first_expiry));
+
+    let mut later = first.clone();
+    later.version = 2;
+    later.idle_deadline = now.saturating_add(2 * HOUR);
+    assert!(store.replace(&key, 1, &later, now).await.unwrap());
+    assert_eq!(
+        score(&mut raw).await,
+        Some(first_expiry),
+        "an expiry moved later does not rewrite the index"
+    );
+
+    // Purge past the indexed score finds the session alive and moves its entry.
+    let between = now.saturating_add(HOUR + Duration::from_secs(60));
+    assert_eq!(store.purge_expired(between).await.unwrap(), 0);
+    assert_eq!(score(&mut raw).await, Some(later.expires_at().as_millis()));
+    assert!(store.load(&key, between).await.unwrap().is_some());
+
+    let mut earlier = later.clone();
+    earlier.version = 3;
+    earlier.idle_deadline = now.saturating_add(Duration::from_secs(600));
+    assert!(store.replace(&key, 2, &earlier, now).await.unwrap());
+    assert_eq!(
+        score(&mut raw).await,
+        Some(earlier.expires_at().as_millis()),
+        "an expiry moved earlier rewrites the index at once"
+    );
+    assert_eq!(
+        store
+            .purge_expired(now.saturating_add(Duration::from_secs(601)))
+            .await
+            .unwrap(),
+        1
+    );
+    let left: Vec<String> = raw.keys(format!("{{{prefix}}}:*")).await.unwrap();
+    assert!(left.is_empty(), "left behind: {left:?}");
+}

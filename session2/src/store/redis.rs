@@ -50,7 +50,7 @@ local hex = ARGV[3]
 local cur = current(sprefix .. hex)
 if cur and cur.expires_at > tonumber(ARGV[4]) then return 0 end
 if cur ~= nil then remove(hex) end
-write(hex, 5)
+write(hex, 5, nil)
 return 1
 "
 );
@@ -61,7 +61,7 @@ const REPLACE: &str = script!(
 local hex = ARGV[3]
 local cur = current(sprefix .. hex)
 if not cur or cur.expires_at <= tonumber(ARGV[4]) or cur.version ~= ARGV[5] then return 0 end
-write(hex, 6)
+write(hex, 6, cur)
 return 1
 "
 );
@@ -89,11 +89,13 @@ local skey = sprefix .. hex
 local cur = current(skey)
 if not cur or cur.expires_at <= tonumber(ARGV[4]) then return 0 end
 local expires_at = ARGV[5]
-local absolute = redis.call('HGET', skey, 'absolute_deadline')
-if absolute and tonumber(absolute) < tonumber(expires_at) then expires_at = absolute end
-redis.call('HSET', skey, 'accessed_at', ARGV[4], 'idle_deadline', ARGV[5], 'expires_at', expires_at)
+if cur.absolute and tonumber(cur.absolute) < tonumber(expires_at) then expires_at = cur.absolute end
+local fields = index_expiry(hex, expires_at, cur.indexed)
+for _, item in ipairs({ 'accessed_at', ARGV[4], 'idle_deadline', ARGV[5], 'expires_at', expires_at }) do
+  table.insert(fields, item)
+end
+redis.call('HSET', skey, unpack(fields))
 redis.call('PEXPIREAT', skey, expires_at)
-redis.call('ZADD', exp, expires_at, hex)
 return 1
 "
 );
@@ -112,7 +114,9 @@ for _, hex in ipairs(due) do
     remove(hex)
     deleted = deleted + 1
   else
+    -- Its entry ran early (see `index_expiry`): move it to the real expiry.
     redis.call('ZADD', exp, cur.expires_at, hex)
+    redis.call('HSET', sprefix .. hex, 'indexed_expiry', cur.expires_at)
   end
 end
 return { deleted, #due }
@@ -263,7 +267,7 @@ impl ConnectionLike for Connection {
 /// | key | type | holds |
 /// |---|---|---|
 /// | `{session2}:s:<hex key>` | hash | one session: its metadata fields and its `data` blob (binary), with `PEXPIREAT` at its expiry |
-/// | `{session2}:exp` | sorted set | every session, scored by its expiry in Unix milliseconds |
+/// | `{session2}:exp` | sorted set | every session, scored by its expiry in Unix milliseconds or earlier (the hash's `indexed_expiry` field keeps the score) |
 /// | `{session2}:keys` | sorted set | every session, score 0, so `ZRANGEBYLEX` pages through keys in order |
 /// | `{session2}:owner` | hash | session → user, for sessions that have a user |
 /// | `{session2}:u:<user>` | set | the sessions of one user |
@@ -286,6 +290,11 @@ impl ConnectionLike for Connection {
 /// scripts uses the `now` the caller passes, never the server's clock;
 /// [`purge_expired`](SessionStore::purge_expired) walks the expiry index up
 /// to `now` and deletes exactly those sessions and their index entries.
+/// A save that only moves a session's expiry later leaves its index entry
+/// where it was, and purge moves the entry when it meets the session still
+/// alive: one index write per session and idle period instead of one per
+/// request, so a save is three commands (read the metadata, write the hash,
+/// set its expiry) unless the user or the expiry moves back.
 /// Index entries left behind by sessions Redis expired by itself are dropped
 /// when reads ([`list`](SessionStore::list), [`count`](SessionStore::count),
 /// [`find_by_user`](SessionStore::find_by_user)) or purges meet them, so run

@@ -1,6 +1,6 @@
 -- Shared prelude of every RedisStore script (see `store/redis.rs`).
 --
--- KEYS[1] = expiry index (sorted set: score = expires_at millis, member = hex key)
+-- KEYS[1] = expiry index (sorted set: score = expires_at millis or earlier, member = hex key)
 -- KEYS[2] = key index    (sorted set: score 0, member = hex key; ZRANGEBYLEX pages in key order)
 -- KEYS[3] = owners       (hash: hex key -> user, for sessions that have a user)
 -- ARGV[1] = prefix of session keys, ARGV[2] = prefix of per-user sets.
@@ -9,9 +9,12 @@ local exp, keys, owners = KEYS[1], KEYS[2], KEYS[3]
 local sprefix, uprefix = ARGV[1], ARGV[2]
 
 -- The metadata of the record under `skey`: nil when missing (or expired by
--- Redis), false when it cannot be read, else its version and expiry.
+-- Redis), false when it cannot be read, else its version, expiry, the
+-- optional fields a rewrite may have to drop, and the score it has in the
+-- expiry index (`indexed`, nil when unknown).
 local function current(skey)
-  local fields = redis.pcall('HMGET', skey, 'version', 'expires_at')
+  local fields = redis.pcall('HMGET', skey, 'version', 'expires_at', 'user',
+    'absolute_deadline', 'lease_token', 'indexed_expiry')
   if fields['err'] then return false end
   if not fields[1] and not fields[2] then
     if redis.call('EXISTS', skey) == 0 then return nil end
@@ -19,7 +22,10 @@ local function current(skey)
   end
   local expires_at = tonumber(fields[2])
   if not fields[1] or not string.match(fields[1], '^%d+$') or not expires_at then return false end
-  return { version = fields[1], expires_at = expires_at }
+  return {
+    version = fields[1], expires_at = expires_at, user = fields[3],
+    absolute = fields[4], leased = fields[5], indexed = tonumber(fields[6]),
+  }
 end
 
 -- Drops every index entry of `hex`.
@@ -39,24 +45,49 @@ local function remove(hex)
   unindex(hex)
 end
 
--- Writes record `hex` from ARGV[first..]: expires_at, has_user ('1'/'0'),
--- user, then the hash's field/value pairs; updates every index.
-local function write(hex, first)
-  local skey = sprefix .. hex
-  local expires_at, has_user, user = ARGV[first], ARGV[first + 1], ARGV[first + 2]
-  redis.call('DEL', skey)
-  redis.call('HSET', skey, unpack(ARGV, first + 3))
-  redis.call('PEXPIREAT', skey, expires_at)
+-- Puts `hex` in the expiry index at `expires_at`, unless its entry is
+-- already due no later than that: an entry may run early (purge then finds
+-- the session alive and moves it), never late, so a session whose expiry
+-- only moves forward costs one index write per idle period, not per save.
+-- Returns the fields that record the index score in the session's hash.
+local function index_expiry(hex, expires_at, indexed)
+  if indexed and indexed <= tonumber(expires_at) then return {} end
   redis.call('ZADD', exp, expires_at, hex)
-  redis.call('ZADD', keys, 0, hex)
-  local old = redis.call('HGET', owners, hex)
-  if old and (has_user ~= '1' or old ~= user) then
-    redis.call('SREM', uprefix .. old, hex)
+  return { 'indexed_expiry', expires_at }
+end
+
+-- Writes record `hex` from ARGV[first..]: expires_at, has_user ('1'/'0'),
+-- user, then the hash's field/value pairs. `old` is the record it replaces
+-- (from `current`), nil for a new one. Touches only the indexes that change.
+local function write(hex, first, old)
+  local skey = sprefix .. hex
+  local expires_at, user = ARGV[first], ARGV[first + 1] == '1' and ARGV[first + 2]
+  local fields = index_expiry(hex, expires_at, old and old.indexed)
+  for i = first + 3, #ARGV do table.insert(fields, ARGV[i]) end
+  if old then
+    -- HSET keeps fields it is not given: drop the optional ones the new record lacks.
+    local given = {}
+    for i = first + 3, #ARGV, 2 do given[ARGV[i]] = true end
+    local gone = {}
+    if old.user and not given['user'] then table.insert(gone, 'user') end
+    if old.absolute and not given['absolute_deadline'] then table.insert(gone, 'absolute_deadline') end
+    if old.leased and not given['lease_token'] then
+      table.insert(gone, 'lease_token')
+      table.insert(gone, 'lease_until')
+    end
+    if #gone > 0 then redis.call('HDEL', skey, unpack(gone)) end
+  else
+    redis.call('ZADD', keys, 0, hex)
   end
-  if has_user == '1' then
+  redis.call('HSET', skey, unpack(fields))
+  redis.call('PEXPIREAT', skey, expires_at)
+  local old_user = old and old.user or false
+  if old_user == user then return end
+  if old_user then redis.call('SREM', uprefix .. old_user, hex) end
+  if user then
     redis.call('HSET', owners, hex, user)
     redis.call('SADD', uprefix .. user, hex)
-  elseif old then
+  else
     redis.call('HDEL', owners, hex)
   end
 end
