@@ -109,4 +109,4 @@ pub use crate::store::RedbStore;
 pub use crate::store::RedisStore;
 #[cfg(feature = "sqlite")]
 pub use crate::store::SqliteStore;
-pub use crate::store::{Capabilities, CreateOutcome, Page, SessionStore};
+pub use crate::store::{Capabilities, CreateOutcome, LeaseOutcome, Page, SessionStore};

@@ -54,7 +54,7 @@ use std::time::Duration;
 
 use crate::record::{decode_data, encode_data};
 use crate::session::{SessionState, Stored};
-use crate::store::CreateOutcome;
+use crate::store::{CreateOutcome, LeaseOutcome};
 use crate::util::key_locks::KeyLocks;
 use crate::{
     Clock, CookieLifetime, Error, Lease, Record, Result, SameSite, Session, SessionConfig,
@@ -332,21 +332,32 @@ impl SessionManager {
         now: Timestamp,
     ) -> Result<Option<(Record, crate::record::DataMap)>> {
         let record = match self.inner.store.load(key, now).await {
-            Ok(Some(record)) if !self.is_expired(&record, now) => record,
-            Ok(_) => return Ok(None),
+            Ok(Some(record)) => record,
+            Ok(None) => return Ok(None),
             Err(err) if err.is_decode() => {
                 tracing::warn!(session = %key.fingerprint(), error = %err, "corrupt session record treated as absent");
                 return Ok(None);
             }
             Err(err) => return Err(err.context("failed to load session")),
         };
-        match decode_data(&record.data) {
-            Ok(data) => Ok(Some((record, data))),
-            Err(err) => {
-                tracing::warn!(session = %key.fingerprint(), error = %err, "corrupt session data treated as absent");
-                Ok(None)
-            }
+        Ok(self.live_data(key, &record, now).map(|data| (record, data)))
+    }
+
+    /// The data of `record` if it is live by this manager's settings and readable.
+    fn live_data(
+        &self,
+        key: &SessionKey,
+        record: &Record,
+        now: Timestamp,
+    ) -> Option<crate::record::DataMap> {
+        if self.is_expired(record, now) {
+            return None;
         }
+        decode_data(&record.data)
+            .inspect_err(|err| {
+                tracing::warn!(session = %key.fingerprint(), error = %err, "corrupt session data treated as absent");
+            })
+            .ok()
     }
 
     fn fresh_state(&self) -> SessionState {
@@ -537,7 +548,7 @@ impl RequestSession {
         result
     }
 
-    /// Loads the session and takes its lease in the store by compare-and-swap,
+    /// Loads the session and takes its lease in the store in one step,
     /// waiting while another process holds it.
     async fn take_lease(
         &self,
@@ -551,41 +562,45 @@ impl RequestSession {
         let mut backoff = Backoff::new(token);
         loop {
             let now = manager.now();
-            let Some((record, data)) = manager.load_live(&key, now).await? else {
-                return Ok(manager.fresh_state());
-            };
-            if record.lease.is_some_and(|lease| lease.is_held_at(now)) {
-                if started.elapsed() >= config.lock_wait {
-                    return Err(Error::lock_timeout(started.elapsed()));
-                }
-                backoff.wait().await;
-                continue;
-            }
-            let mut leased = record.clone();
-            leased.version = record.version + 1;
-            leased.lease = Some(Lease {
+            let lease = Lease {
                 token,
                 until: now.saturating_add(config.lease_duration),
-            });
-            let won = manager
-                .inner
-                .store
-                .replace(&key, record.version, &leased, now)
-                .await
-                .map_err(|err| err.context("failed to lock session"))?;
-            if won {
-                let mut state = SessionState::loaded(
-                    Stored {
-                        id: id.clone(),
-                        key,
-                        record: leased,
-                    },
-                    data,
-                    config.max_session_size,
-                );
-                state.lease_token = Some(token);
-                return Ok(state);
-            }
+            };
+            let outcome = match manager.inner.store.lease(&key, lease, now).await {
+                Ok(outcome) => outcome,
+                Err(err) if err.is_decode() => {
+                    tracing::warn!(session = %key.fingerprint(), error = %err, "corrupt session record treated as absent");
+                    return Ok(manager.fresh_state());
+                }
+                Err(err) => return Err(err.context("failed to lock session")),
+            };
+            let leased = match outcome {
+                LeaseOutcome::Missing => return Ok(manager.fresh_state()),
+                LeaseOutcome::Held(_) => {
+                    if started.elapsed() >= config.lock_wait {
+                        return Err(Error::lock_timeout(started.elapsed()));
+                    }
+                    backoff.wait().await;
+                    continue;
+                }
+                LeaseOutcome::Taken(leased) => leased,
+            };
+            // Expired by this manager's settings, or unreadable: nobody can
+            // use it, so the lease on it does no harm; start afresh.
+            let Some(data) = manager.live_data(&key, &leased, now) else {
+                return Ok(manager.fresh_state());
+            };
+            let mut state = SessionState::loaded(
+                Stored {
+                    id: id.clone(),
+                    key,
+                    record: leased,
+                },
+                data,
+                config.max_session_size,
+            );
+            state.lease_token = Some(token);
+            return Ok(state);
         }
     }
 

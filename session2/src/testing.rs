@@ -32,8 +32,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::{
-    Clock, CreateOutcome, Lease, ManualClock, Outcome, Record, SessionConfig, SessionId,
-    SessionKey, SessionManager, SessionStore, SystemClock, Timestamp,
+    Clock, CreateOutcome, Lease, LeaseOutcome, ManualClock, Outcome, Record, SessionConfig,
+    SessionId, SessionKey, SessionManager, SessionStore, SystemClock, Timestamp,
 };
 
 /// Stamps one `#[test]` per conformance case, each calling `$factory` for a
@@ -64,6 +64,7 @@ macro_rules! conformance_tests {
             logout_wins_over_a_slow_request,
             expiry_follows_the_clock,
             lease_excludes_a_second_holder_and_expires,
+            lease_is_taken_in_one_step,
             exclusive_increments_lose_nothing,
             failed_request_saves_nothing_and_releases_the_lease,
             abandoned_request_releases_its_lease,
@@ -828,6 +829,63 @@ pub mod cases {
             .unwrap()
             .expect("the stale cookie is revoked");
         assert!(revoked.contains("Max-Age=0"));
+    }
+
+    /// `lease` takes a free lease (version up by one), reports a held one
+    /// without writing, and takes a lease again once it has run out.
+    pub async fn lease_is_taken_in_one_step(store: Arc<dyn SessionStore>) {
+        let now = real_now();
+        let key = new_key();
+        let lease = |token, until| Lease { token, until };
+        assert_eq!(
+            store
+                .lease(&key, lease(1, now.saturating_add(MINUTE)), now)
+                .await
+                .unwrap(),
+            LeaseOutcome::Missing
+        );
+        let original = with_data(record_at(now), r#"{"n":1}"#);
+        create(&*store, &key, &original, now).await;
+
+        let first = lease(1, now.saturating_add(MINUTE));
+        let taken = Record {
+            version: 2,
+            lease: Some(first),
+            ..original.clone()
+        };
+        assert_eq!(
+            store.lease(&key, first, now).await.unwrap(),
+            LeaseOutcome::Taken(taken.clone())
+        );
+        assert_eq!(store.load(&key, now).await.unwrap(), Some(taken.clone()));
+        let second = lease(2, now.saturating_add(2 * MINUTE));
+        assert_eq!(
+            store.lease(&key, second, now).await.unwrap(),
+            LeaseOutcome::Held(taken.clone()),
+            "a live lease is not taken twice"
+        );
+        assert_eq!(store.load(&key, now).await.unwrap(), Some(taken.clone()));
+
+        let later = now.saturating_add(MINUTE);
+        let third = lease(3, later.saturating_add(MINUTE));
+        assert_eq!(
+            store.lease(&key, third, later).await.unwrap(),
+            LeaseOutcome::Taken(Record {
+                version: 3,
+                lease: Some(third),
+                ..original.clone()
+            }),
+            "a lease that ran out is free"
+        );
+        let expired = now.saturating_add(31 * MINUTE);
+        assert_eq!(
+            store
+                .lease(&key, lease(4, expired.saturating_add(MINUTE)), expired)
+                .await
+                .unwrap(),
+            LeaseOutcome::Missing,
+            "an expired record is not leased"
+        );
     }
 
     /// An exclusive session's lease keeps a second holder out until it

@@ -22,8 +22,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use async_trait::async_trait;
 
-use crate::store::{Capabilities, CreateOutcome, Page, SessionStore};
-use crate::{Record, Result, SessionKey, Timestamp};
+use crate::store::{Capabilities, CreateOutcome, LeaseOutcome, Page, SessionStore};
+use crate::{Lease, Record, Result, SessionKey, Timestamp};
 
 /// An in-memory store; clones share the same sessions.
 #[derive(Clone, Debug, Default)]
@@ -159,6 +159,23 @@ impl SessionStore for MemoryStore {
             }
             _ => Ok(false),
         }
+    }
+
+    async fn lease(&self, key: &SessionKey, lease: Lease, now: Timestamp) -> Result<LeaseOutcome> {
+        let mut state = self.state();
+        let Some(stored) = state.live(key, now) else {
+            return Ok(LeaseOutcome::Missing);
+        };
+        if stored.lease.is_some_and(|held| held.is_held_at(now)) {
+            return Ok(LeaseOutcome::Held(stored.clone()));
+        }
+        let leased = Record {
+            version: stored.version.wrapping_add(1),
+            lease: Some(lease),
+            ..stored.clone()
+        };
+        state.insert(*key, leased.clone());
+        Ok(LeaseOutcome::Taken(leased))
     }
 
     async fn delete(&self, key: &SessionKey, expected_version: Option<u64>) -> Result<bool> {

@@ -67,7 +67,7 @@ pub use self::redis::RedisStore;
 #[cfg_attr(docsrs, doc(cfg(feature = "sqlite")))]
 pub use self::sqlite::SqliteStore;
 pub use self::url::open;
-use crate::{Record, Result, SessionKey, Timestamp};
+use crate::{Lease, Record, Result, SessionKey, Timestamp};
 
 /// What a store can safely be shared by, so an application can refuse a
 /// store that does not fit its deployment (the original's two flags).
@@ -86,6 +86,18 @@ pub enum CreateOutcome {
     Created,
     /// A live record already has this key; nothing was written.
     Collision,
+}
+
+/// What [`SessionStore::lease`] found under a key.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LeaseOutcome {
+    /// No live record has the key; nothing was written.
+    Missing,
+    /// Another holder's lease binds at `now`: the record as stored; nothing was written.
+    Held(Record),
+    /// The lease is taken: the record as now stored, one version higher
+    /// and carrying the new lease.
+    Taken(Record),
 }
 
 /// One page of [`SessionStore::list`].
@@ -150,6 +162,33 @@ pub trait SessionStore: Send + Sync + fmt::Debug + 'static {
         record: &Record,
         now: Timestamp,
     ) -> Result<bool>;
+
+    /// Loads the live record under `key` and, unless another lease binds it
+    /// at `now`, takes `lease` on it in the same atomic step: the stored
+    /// record's version goes up by one and its lease becomes `lease`.
+    ///
+    /// The default does a [`load`](SessionStore::load) and a
+    /// [`replace`](SessionStore::replace), repeated when another writer
+    /// wins the compare-and-swap; stores that can do both in one round trip
+    /// override it. A decode error is returned as [`load`](SessionStore::load) returns it.
+    async fn lease(&self, key: &SessionKey, lease: Lease, now: Timestamp) -> Result<LeaseOutcome> {
+        loop {
+            let Some(record) = self.load(key, now).await? else {
+                return Ok(LeaseOutcome::Missing);
+            };
+            if record.lease.is_some_and(|held| held.is_held_at(now)) {
+                return Ok(LeaseOutcome::Held(record));
+            }
+            let leased = Record {
+                version: record.version.wrapping_add(1),
+                lease: Some(lease),
+                ..record
+            };
+            if self.replace(key, record.version, &leased, now).await? {
+                return Ok(LeaseOutcome::Taken(leased));
+            }
+        }
+    }
 
     /// Deletes the record under `key`; with `expected_version`, only if the
     /// stored version matches. Returns whether a record was deleted.

@@ -27,7 +27,7 @@ use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster_async::ClusterConnection;
 use redis::{Cmd, Pipeline, RedisFuture, RedisResult, Script, Value};
 
-use crate::store::{Capabilities, CreateOutcome, Page, SessionStore};
+use crate::store::{Capabilities, CreateOutcome, LeaseOutcome, Page, SessionStore};
 use crate::{Error, Lease, Record, Result, SessionKey, Timestamp};
 
 const STORE: &str = "redis";
@@ -63,6 +63,28 @@ local cur = current(sprefix .. hex)
 if not cur or cur.expires_at <= tonumber(ARGV[4]) or cur.version ~= ARGV[5] then return 0 end
 write(hex, 6, cur)
 return 1
+"
+);
+
+/// ARGV[3] = hex, ARGV[4] = now, ARGV[5] = lease token, ARGV[6] = lease until.
+/// Returns {0} when missing, {1, hash} when another lease binds,
+/// {2, hash} when taken, {3} when unreadable (the caller's `load` reports it).
+const LEASE: &str = script!(
+    r"
+local hex = ARGV[3]
+local skey = sprefix .. hex
+local now = tonumber(ARGV[4])
+local cur = current(skey)
+if cur == false then return { 3 } end
+if not cur or cur.expires_at <= now then return { 0 } end
+if cur.lease_until and cur.lease_until > now then return { 1, redis.call('HGETALL', skey) } end
+-- The version is a decimal u64: add one digit by digit, beyond Lua's exact doubles.
+local digits, i = cur.version, #cur.version
+while i > 0 and string.sub(digits, i, i) == '9' do i = i - 1 end
+local version = i == 0 and '1' .. string.rep('0', #digits)
+  or string.sub(digits, 1, i - 1) .. string.char(string.byte(digits, i) + 1) .. string.rep('0', #digits - i)
+redis.call('HSET', skey, 'version', version, 'lease_token', ARGV[5], 'lease_until', ARGV[6])
+return { 2, redis.call('HGETALL', skey) }
 "
 );
 
@@ -188,6 +210,7 @@ return 1
 struct Scripts {
     create: Script,
     replace: Script,
+    lease: Script,
     delete: Script,
     touch: Script,
     purge: Script,
@@ -202,6 +225,7 @@ impl Scripts {
         Self {
             create: Script::new(CREATE),
             replace: Script::new(REPLACE),
+            lease: Script::new(LEASE),
             delete: Script::new(DELETE),
             touch: Script::new(TOUCH),
             purge: Script::new(PURGE),
@@ -790,6 +814,57 @@ impl SessionStore for RedisStore {
             record,
         )
         .await
+    }
+
+    async fn lease(&self, key: &SessionKey, lease: Lease, now: Timestamp) -> Result<LeaseOutcome> {
+        let hex = key.to_hex();
+        let (now_arg, token, until) = (
+            millis_arg(now),
+            lease.token.to_string(),
+            millis_arg(lease.until),
+        );
+        loop {
+            let reply: Value = self
+                .run(
+                    &self.scripts.lease,
+                    "lock session",
+                    None,
+                    &[
+                        hex.as_bytes(),
+                        now_arg.as_bytes(),
+                        token.as_bytes(),
+                        until.as_bytes(),
+                    ],
+                )
+                .await?;
+            let mut items = match reply {
+                Value::Array(items) => items.into_iter(),
+                _ => {
+                    return Err(Error::backend(
+                        STORE,
+                        "unexpected reply from the lease script",
+                    ));
+                }
+            };
+            let outcome = match (items.next(), items.next()) {
+                (Some(Value::Int(0)), None) => LeaseOutcome::Missing,
+                (Some(Value::Int(1)), Some(fields)) => LeaseOutcome::Held(decode_fields(fields)?),
+                (Some(Value::Int(2)), Some(fields)) => LeaseOutcome::Taken(decode_fields(fields)?),
+                (Some(Value::Int(3)), None) => {
+                    // Unreadable: `load` marks it for purge and reports the
+                    // decode error; if it was rewritten meanwhile, try again.
+                    self.load(key, now).await?;
+                    continue;
+                }
+                _ => {
+                    return Err(Error::backend(
+                        STORE,
+                        "unexpected reply from the lease script",
+                    ));
+                }
+            };
+            return Ok(outcome);
+        }
     }
 
     async fn delete(&self, key: &SessionKey, expected_version: Option<u64>) -> Result<bool> {

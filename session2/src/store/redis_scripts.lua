@@ -14,7 +14,7 @@ local sprefix, uprefix = ARGV[1], ARGV[2]
 -- expiry index (`indexed`, nil when unknown).
 local function current(skey)
   local fields = redis.pcall('HMGET', skey, 'version', 'expires_at', 'user',
-    'absolute_deadline', 'lease_token', 'indexed_expiry')
+    'absolute_deadline', 'lease_token', 'indexed_expiry', 'lease_until')
   if fields['err'] then return false end
   if not fields[1] and not fields[2] then
     if redis.call('EXISTS', skey) == 0 then return nil end
@@ -25,6 +25,7 @@ local function current(skey)
   return {
     version = fields[1], expires_at = expires_at, user = fields[3],
     absolute = fields[4], leased = fields[5], indexed = tonumber(fields[6]),
+    lease_until = tonumber(fields[7]),
   }
 end
 

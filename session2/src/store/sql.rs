@@ -27,7 +27,7 @@ use sqlx::{
     Pool, Row, Type,
 };
 
-use crate::store::{CreateOutcome, Page};
+use crate::store::{CreateOutcome, LeaseOutcome, Page};
 use crate::{Error, Lease, Record, Result, SessionKey, Timestamp};
 
 /// The table the SQL stores use unless told otherwise.
@@ -168,6 +168,16 @@ impl Dialect {
         }
     }
 
+    /// Whether `UPDATE … RETURNING` exists (MariaDB and MySQL lack it).
+    fn returns_from_update(self) -> bool {
+        match self {
+            #[cfg(feature = "mysql")]
+            Self::MySql => false,
+            #[allow(unreachable_patterns)]
+            _ => true,
+        }
+    }
+
     /// The `n`th (1-based) placeholder of a statement.
     fn param(self, n: usize) -> String {
         match self {
@@ -198,6 +208,9 @@ pub(crate) struct Statements {
     delete_expired_key: String,
     /// record, key, expected version, now
     replace: String,
+    /// lease token, lease until, key, now, now: takes a free lease; with
+    /// `RETURNING` the row, where the dialect has it for `UPDATE`
+    lease: String,
     /// key
     delete: String,
     /// key, version
@@ -287,6 +300,20 @@ impl Statements {
                 p(n + 1),
                 p(n + 2),
                 p(n + 3)
+            ),
+            lease: format!(
+                "UPDATE {t} SET version = version + 1, lease_token = {}, lease_until = {} \
+                 WHERE {key} = {} AND expires_at > {} AND (lease_until IS NULL OR lease_until <= {}){}",
+                p(1),
+                p(2),
+                p(3),
+                p(4),
+                p(5),
+                if dialect.returns_from_update() {
+                    format!(" RETURNING {key}, {columns}")
+                } else {
+                    String::new()
+                }
             ),
             delete: format!("DELETE FROM {t} WHERE {key} = {}", p(1)),
             delete_at_version: format!(
@@ -537,6 +564,55 @@ where
         Ok(DB::rows_affected(&result) == 1)
     }
 
+    /// Takes the lease with one `UPDATE` that matches only a live record
+    /// with no binding lease, returning the row where the dialect can;
+    /// reads the row to tell a held lease from a missing record.
+    pub(crate) async fn lease(
+        &self,
+        key: &SessionKey,
+        lease: Lease,
+        now: Timestamp,
+    ) -> Result<LeaseOutcome> {
+        let context = "lock session";
+        loop {
+            let update = sqlx::query(&self.statements.lease)
+                .bind(to_i64(lease.token))
+                .bind(lease.until.as_millis())
+                .bind(key.as_bytes().as_slice())
+                .bind(now.as_millis())
+                .bind(now.as_millis());
+            if DB::DIALECT.returns_from_update() {
+                let row = update
+                    .fetch_optional(&self.pool)
+                    .await
+                    .map_err(|err| self.error(context, err))?;
+                if let Some(row) = row {
+                    return decode_row(&row).map(|(_, record)| LeaseOutcome::Taken(record));
+                }
+            } else {
+                let result = update
+                    .execute(&self.pool)
+                    .await
+                    .map_err(|err| self.error(context, err))?;
+                if DB::rows_affected(&result) == 1 {
+                    // Ours until it runs out, whatever else a plain save changed meanwhile.
+                    return Ok(match self.load(key, now).await? {
+                        Some(record) => LeaseOutcome::Taken(record),
+                        None => LeaseOutcome::Missing,
+                    });
+                }
+            }
+            match self.load(key, now).await? {
+                None => return Ok(LeaseOutcome::Missing),
+                Some(record) if record.lease.is_some_and(|held| held.is_held_at(now)) => {
+                    return Ok(LeaseOutcome::Held(record));
+                }
+                // Released between the two statements: try again.
+                Some(_) => {}
+            }
+        }
+    }
+
     pub(crate) async fn delete(
         &self,
         key: &SessionKey,
@@ -779,6 +855,15 @@ macro_rules! impl_sql_session_store {
                 now: crate::Timestamp,
             ) -> crate::Result<bool> {
                 self.table.replace(key, expected_version, record, now).await
+            }
+
+            async fn lease(
+                &self,
+                key: &crate::SessionKey,
+                lease: crate::Lease,
+                now: crate::Timestamp,
+            ) -> crate::Result<crate::LeaseOutcome> {
+                self.table.lease(key, lease, now).await
             }
 
             async fn delete(
