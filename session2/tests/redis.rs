@@ -436,3 +436,51 @@ async fn saves_that_move_the_expiry_later_leave_the_index_to_purge() {
     let left: Vec<String> = raw.keys(format!("{{{prefix}}}:*")).await.unwrap();
     assert!(left.is_empty(), "left behind: {left:?}");
 }
+
+#[tokio::test]
+async fn one_purge_batch_cleans_the_indexes_of_many_users() {
+    let Some(store) = fresh_store().await else {
+        return;
+    };
+    let now = SystemClock.now();
+    let users = [
+        Some("fay"),
+        Some("gus"),
+        None,
+        Some("fay"),
+        Some("gus"),
+        None,
+    ];
+    let mut keys = Vec::new();
+    for user in users {
+        let key = new_key();
+        store
+            .create(&key, &record(now, HOUR, user), now)
+            .await
+            .unwrap();
+        keys.push(key);
+    }
+    let survivor = new_key();
+    store
+        .create(&survivor, &record(now, 3 * HOUR, Some("fay")), now)
+        .await
+        .unwrap();
+    // A hash Redis already dropped by itself: only its index entries are left.
+    let mut raw = raw().await;
+    let _: () = raw.del(store.session_key_name(&keys[1])).await.unwrap();
+
+    let later = now.saturating_add(2 * HOUR);
+    assert_eq!(store.purge_expired(later).await.unwrap(), 5);
+    let prefix = store.prefix();
+    let fay: Vec<String> = raw.smembers(format!("{{{prefix}}}:u:fay")).await.unwrap();
+    assert_eq!(fay, vec![survivor.to_hex()]);
+    let gus: usize = raw.scard(format!("{{{prefix}}}:u:gus")).await.unwrap();
+    assert_eq!(gus, 0);
+    let owners: Vec<String> = raw.hkeys(format!("{{{prefix}}}:owner")).await.unwrap();
+    assert_eq!(owners, vec![survivor.to_hex()]);
+    assert_eq!(store.count().await.unwrap(), 1);
+    assert_eq!(
+        store.find_by_user("fay", later).await.unwrap(),
+        vec![(survivor, record(now, 3 * HOUR, Some("fay")))]
+    );
+}

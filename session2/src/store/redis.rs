@@ -123,25 +123,39 @@ return 1
 );
 
 /// ARGV[3] = now, ARGV[4] = batch size. Returns {deleted, examined}.
+/// One read per due session; the deletes and index removals of the whole
+/// batch go in a few multi-key commands.
 const PURGE: &str = script!(
     r"
 local now = tonumber(ARGV[3])
 local due = redis.call('ZRANGEBYSCORE', exp, '-inf', ARGV[3], 'LIMIT', 0, tonumber(ARGV[4]))
-local deleted = 0
+local gone, records, by_user = {}, {}, {}
 for _, hex in ipairs(due) do
-  local cur = current(sprefix .. hex)
-  if cur == nil then
-    unindex(hex)
-  elseif cur == false or cur.expires_at <= now then
-    remove(hex)
-    deleted = deleted + 1
-  else
+  local skey = sprefix .. hex
+  local cur = current(skey)
+  if cur and cur.expires_at > now then
     -- Its entry ran early (see `index_expiry`): move it to the real expiry.
     redis.call('ZADD', exp, cur.expires_at, hex)
-    redis.call('HSET', sprefix .. hex, 'indexed_expiry', cur.expires_at)
+    redis.call('HSET', skey, 'indexed_expiry', cur.expires_at)
+  else
+    table.insert(gone, hex)
+    if cur ~= nil then table.insert(records, skey) end
+    -- Readable records name their user; for the others ask the owner index.
+    local user = cur and cur.user or (not cur and redis.call('HGET', owners, hex))
+    if user then
+      by_user[user] = by_user[user] or {}
+      table.insert(by_user[user], hex)
+    end
   end
 end
-return { deleted, #due }
+if #records > 0 then redis.call('DEL', unpack(records)) end
+if #gone > 0 then
+  redis.call('ZREM', exp, unpack(gone))
+  redis.call('ZREM', keys, unpack(gone))
+  redis.call('HDEL', owners, unpack(gone))
+end
+for user, hexes in pairs(by_user) do redis.call('SREM', uprefix .. user, unpack(hexes)) end
+return { #records, #due }
 "
 );
 
