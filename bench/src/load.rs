@@ -49,6 +49,15 @@ pub(crate) struct LoadArgs {
     /// Seconds measured.
     #[arg(long, default_value_t = 5.0)]
     pub(crate) duration: f64,
+    /// The server's process, whose CPU time in the measured window is
+    /// reported per request.
+    #[arg(long)]
+    pub(crate) server_pid: Option<u32>,
+    /// Names of the store server's processes (`postgres`, `mariadbd`,
+    /// `redis-server`), charged the same way; looked up when the measured
+    /// window opens, so connections the warm-up opened count.
+    #[arg(long, value_delimiter = ',')]
+    pub(crate) store_processes: Vec<String>,
 }
 
 /// One measurement, printed as a JSON line.
@@ -62,6 +71,44 @@ pub(crate) struct LoadResult {
     pub(crate) requests_per_second: f64,
     pub(crate) p50_us: u64,
     pub(crate) p99_us: u64,
+    /// CPU time of the server process per measured request, in µs: unlike
+    /// requests/s, it hardly depends on what else the 2 cores are doing.
+    #[serde(default)]
+    pub(crate) server_cpu_us: Option<f64>,
+    /// CPU time of the store server's processes per measured request, in µs.
+    #[serde(default)]
+    pub(crate) store_cpu_us: Option<f64>,
+}
+
+/// CPU time (user + system) a process has used so far, in µs; `None` once it is gone.
+fn cpu_time_us(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    // SAFETY: sysconf only reads a configuration value.
+    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    Some(ticks * 1e6 / per_second)
+}
+
+/// CPU time of `pids` together, in µs, counting only the processes alive at both samples.
+fn cpu_sample(pids: &[u32]) -> Vec<Option<f64>> {
+    pids.iter().map(|pid| cpu_time_us(*pid)).collect()
+}
+
+fn cpu_used(before: &[Option<f64>], after: &[Option<f64>]) -> f64 {
+    before.iter().zip(after).filter_map(|(before, after)| Some(after.as_ref()? - before.as_ref()?)).sum()
+}
+
+/// The processes whose name (`/proc/PID/comm`) starts with one of `names`.
+fn pids_named(names: &[String]) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else { return Vec::new() };
+    entries
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|comm| names.iter().any(|name| comm.trim().starts_with(name)))
+        })
+        .collect()
 }
 
 /// One keep-alive HTTP/1.1 connection with a cookie jar of one cookie.
@@ -161,10 +208,22 @@ pub(crate) async fn measure(args: &LoadArgs) -> anyhow::Result<LoadResult> {
             virtual_user(workload, path, user as u64, &mut connection, &counters, measure_from, end).await
         }));
     }
+    let cpu_before = {
+        let (server_pid, store_processes) = (args.server_pid, args.store_processes.clone());
+        tokio::spawn(async move {
+            tokio::time::sleep_until(measure_from.into()).await;
+            let watched: Vec<u32> = server_pid.into_iter().chain(pids_named(&store_processes)).collect();
+            let sample = cpu_sample(&watched);
+            (watched, sample)
+        })
+    };
     let mut latencies = Vec::new();
     for user in users {
         latencies.extend(user.await??);
     }
+    let (watched, cpu_before) = cpu_before.await?;
+    let cpu_after = cpu_sample(&watched);
+    let split = usize::from(args.server_pid.is_some());
     let mut lost_updates = 0;
     if shared {
         let (_, body) = first.call(Method::GET, "/read").await?;
@@ -183,6 +242,8 @@ pub(crate) async fn measure(args: &LoadArgs) -> anyhow::Result<LoadResult> {
         requests_per_second: requests as f64 / args.duration,
         p50_us: percentile(50),
         p99_us: percentile(99),
+        server_cpu_us: args.server_pid.map(|_| cpu_used(&cpu_before[..split], &cpu_after[..split]) / requests.max(1) as f64),
+        store_cpu_us: (!args.store_processes.is_empty()).then(|| cpu_used(&cpu_before[split..], &cpu_after[split..]) / requests.max(1) as f64),
     })
 }
 
