@@ -240,6 +240,142 @@ mod files {
         });
     }
 
+    /// Loads, lists and user look-ups open session files with `O_NOATIME`:
+    /// under `relatime` the future modification time (the expiry) would
+    /// otherwise make every read write the file's access time.
+    #[test]
+    fn reads_leave_the_access_time_alone() {
+        session2::testing::run(async {
+            use std::fs::FileTimes;
+            use std::time::SystemTime;
+            let dir = tempfile::tempdir().unwrap();
+            let root = dir.path().join("sessions");
+            let store = DirectoryStore::new(&root);
+            store.setup().await.unwrap();
+            let now = SystemClock.now();
+            let key = SessionId::generate().key();
+            let mut record = Record::new(now, now.saturating_add(Duration::from_secs(600)), None);
+            record.user = Some("atime-user".to_owned());
+            store.create(&key, &record, now).await.unwrap();
+            let hex = key.to_hex();
+            let path = root.join(&hex[..2]).join(&hex);
+            let past = SystemTime::now() - Duration::from_secs(3 * 86_400);
+            std::fs::File::options()
+                .write(true)
+                .open(&path)
+                .unwrap()
+                .set_times(FileTimes::new().set_accessed(past))
+                .unwrap();
+            let atime = || std::fs::metadata(&path).unwrap().accessed().unwrap();
+            assert_eq!(atime(), past);
+            assert!(store.load(&key, now).await.unwrap().is_some());
+            assert_eq!(store.list(None, 10).await.unwrap().records.len(), 1);
+            assert_eq!(
+                store.find_by_user("atime-user", now).await.unwrap().len(),
+                1
+            );
+            // Not yet due: purge leaves it, and its access time, alone.
+            assert_eq!(store.purge_expired(now).await.unwrap(), 0);
+            assert_eq!(atime(), past, "a read updated the access time");
+        });
+    }
+
+    /// Purge over many shards, both with user markers (records are read to
+    /// find their marker) and without any (the metadata decides): exactly
+    /// the expired records go, with their markers; a corrupt due file goes,
+    /// a corrupt live one, a fresh temporary file and foreign files stay.
+    #[test]
+    fn purge_over_many_shards_removes_exactly_the_expired() {
+        for with_users in [false, true] {
+            session2::testing::run(purge_over_many_shards(with_users));
+        }
+    }
+
+    async fn purge_over_many_shards(with_users: bool) {
+        const SESSIONS: usize = 200;
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("sessions");
+        let store = DirectoryStore::new(&root);
+        store.setup().await.unwrap();
+        let now = SystemClock.now();
+        let minutes = |n: u64| now.saturating_add(Duration::from_secs(60 * n));
+        let mut live = Vec::new();
+        let mut expired = Vec::new();
+        for i in 0..SESSIONS {
+            let key = SessionId::generate().key();
+            let deadline = if i % 2 == 0 { minutes(10) } else { minutes(30) };
+            let mut record = Record::new(now, deadline, None);
+            if with_users && i % 3 != 0 {
+                record.user = Some(format!("user-{}", i % 7));
+            }
+            store.create(&key, &record, now).await.unwrap();
+            if i % 2 == 0 {
+                expired.push(key);
+            } else {
+                live.push(key);
+            }
+        }
+        let path = |key: &session2::SessionKey| {
+            let hex = key.to_hex();
+            root.join(&hex[..2]).join(hex)
+        };
+        // A corrupt due file and a corrupt live one.
+        let corrupt_due = SessionId::generate().key();
+        let corrupt_live = SessionId::generate().key();
+        for (key, expiry) in [(&corrupt_due, minutes(5)), (&corrupt_live, minutes(40))] {
+            let file = path(key);
+            std::fs::create_dir_all(file.parent().unwrap()).unwrap();
+            std::fs::write(&file, b"{\"format\":1").unwrap();
+            let handle = std::fs::File::options().write(true).open(&file).unwrap();
+            handle.set_modified(expiry.to_system_time()).unwrap();
+        }
+        // A fresh temporary file (a write in progress) and foreign files.
+        let shard = root.join(&live[0].to_hex()[..2]);
+        std::fs::write(shard.join(".tmp-in-progress"), b"x").unwrap();
+        std::fs::write(shard.join("notes.txt"), b"x").unwrap();
+        let shards: std::collections::HashSet<_> = expired
+            .iter()
+            .map(|key| key.to_hex()[..2].to_owned())
+            .collect();
+        assert!(shards.len() > 50, "spread over many shards");
+
+        let later = minutes(20);
+        assert_eq!(
+            store.purge_expired(later).await.unwrap(),
+            expired.len() as u64 + 1
+        );
+        for key in &expired {
+            assert!(!path(key).exists());
+        }
+        assert!(!path(&corrupt_due).exists(), "a corrupt due file is purged");
+        assert!(path(&corrupt_live).exists(), "a corrupt live file stays");
+        for key in &live {
+            assert!(store.load(key, later).await.unwrap().is_some());
+        }
+        assert!(shard.join(".tmp-in-progress").exists());
+        assert!(shard.join("notes.txt").exists());
+        assert_eq!(store.count().await.unwrap(), live.len() as u64 + 1);
+        // Exactly the live sessions keep their user markers.
+        let mut markers = Vec::new();
+        if let Ok(users) = std::fs::read_dir(root.join("users")) {
+            for user in users {
+                for marker in std::fs::read_dir(user.unwrap().path()).unwrap() {
+                    markers.push(marker.unwrap().file_name().into_string().unwrap());
+                }
+            }
+        }
+        markers.sort();
+        let mut expected: Vec<String> = live
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| with_users && (2 * i + 1) % 3 != 0)
+            .map(|(_, key)| key.to_hex())
+            .collect();
+        expected.sort();
+        assert_eq!(markers, expected, "markers of purged sessions are removed");
+        assert_eq!(store.purge_expired(later).await.unwrap(), 0);
+    }
+
     fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
         let mut found = Vec::new();
         for entry in std::fs::read_dir(dir).unwrap().flatten() {

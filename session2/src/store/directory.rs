@@ -23,7 +23,13 @@
 //!   atomic across threads and processes on one machine (not across
 //!   machines: `flock` over NFS is not to be trusted).
 //! - A file's modification time is set to its record's expiry, so purge
-//!   reads only the files whose time has come.
+//!   visits only the files whose time has come. It takes each shard's lock
+//!   once for a batch of that shard's due files, re-checks each under the
+//!   lock and unlinks it; it reads a record only when a user marker may need
+//!   removing (decided from the metadata alone while no user has a marker).
+//!   Purge works on a few shards at once.
+//! - Session files are opened with `O_NOATIME` (when the process owns them),
+//!   so a load does not update the access time: reads dirty no inode.
 //! - All file I/O runs on tokio's blocking pool, never on a worker thread.
 //!
 //! ```no_run
@@ -37,7 +43,7 @@
 //! ```
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -55,6 +61,14 @@ const USERS_DIR: &str = "users";
 const TEMP_PREFIX: &str = ".tmp-";
 /// A temporary file older than this was left by a crash and is removed by purge.
 const STALE_TEMP_AGE: Duration = Duration::from_secs(3600);
+/// Purge re-checks and unlinks at most this many due files of one shard per
+/// taking of the shard's lock, so writers to the shard never wait for long.
+const PURGE_BATCH: usize = 256;
+/// The coarsest timestamp a file system may keep (FAT: 2 s): purge trusts a
+/// file's modification time as its expiry only when it is this much past.
+const MTIME_SLACK: Duration = Duration::from_secs(2);
+/// Purge works on this many shards at once, each on the blocking pool.
+const PURGE_SHARDS_AT_ONCE: usize = 3;
 
 /// A store keeping one file per session under a root directory.
 #[derive(Clone, Debug)]
@@ -142,9 +156,14 @@ impl Files {
         self.root.join(USERS_DIR).join(hex)
     }
 
-    /// Takes the shard's lock for the duration of `work`.
+    /// Takes the lock of `hex`'s shard for the duration of `work`.
     fn locked<T>(&self, hex: &str, work: impl FnOnce() -> io::Result<T>) -> io::Result<T> {
-        let shard = self.shard_dir(hex);
+        self.locked_shard(&hex[..2], work)
+    }
+
+    /// Takes the lock of `shard` (two hex digits) for the duration of `work`.
+    fn locked_shard<T>(&self, shard: &str, work: impl FnOnce() -> io::Result<T>) -> io::Result<T> {
+        let shard = self.root.join(shard);
         let lock = match open_lock(&shard) {
             Err(err) if err.kind() == io::ErrorKind::NotFound => {
                 ensure_private_dir(&self.root, &shard)?;
@@ -160,13 +179,13 @@ impl Files {
 
     /// The record at `hex`: `None` if there is no file.
     fn read(&self, hex: &str) -> io::Result<Option<Record>> {
-        match fs::read(self.record_path(hex)) {
-            Ok(bytes) => Record::decode(&bytes)
-                .map(Some)
-                .map_err(|err| io::Error::new(io::ErrorKind::InvalidData, DecodeFailure(err))),
-            Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(err) => Err(err),
-        }
+        let mut file = match open_for_reading(&self.record_path(hex)) {
+            Ok(file) => file,
+            Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(err) => return Err(err),
+        };
+        let size = file.metadata().map_or(0, |metadata| metadata.len());
+        decode(&read_all(&mut file, size)?).map(Some)
     }
 
     /// Like [`Files::read`], but an undecodable file reads as absent.
@@ -261,9 +280,12 @@ impl Files {
         Ok(names)
     }
 
+    /// Purges one shard: lists it without the lock, noting the files whose
+    /// modification time (their expiry) has come, then takes the shard's lock
+    /// once per batch of them to re-check and unlink each.
     fn purge_shard(&self, shard: &str, now: Timestamp) -> io::Result<u64> {
-        let mut purged = 0;
         let dir = self.root.join(shard);
+        let mut due = Vec::new();
         for entry in fs::read_dir(&dir)? {
             let entry = entry?;
             let Ok(name) = entry.file_name().into_string() else {
@@ -282,31 +304,143 @@ impl Files {
                 }
                 continue;
             }
-            if SessionKey::from_hex(&name).is_none() {
+            if SessionKey::from_hex(&name).is_none() || !name.starts_with(shard) {
                 continue;
             }
-            // The modification time is the expiry: skip files whose time has not come.
-            if metadata
-                .modified()
-                .is_ok_and(|at| Timestamp::from_system_time(at) > now)
-            {
-                continue;
+            if is_due(&metadata, now) {
+                due.push(name);
             }
-            let removed = self.locked(&name, || match self.read(&name) {
-                Ok(Some(record)) if record.is_expired_at(now) => {
-                    self.remove(&name, Some(&record)).map(|()| true)
+        }
+        let mut purged = 0;
+        for batch in due.chunks(PURGE_BATCH) {
+            purged += self.locked_shard(shard, || {
+                // User markers are only ever added under the lock of their
+                // record's shard: while no user has a marker, none can appear
+                // for this shard's records, and the metadata decides alone.
+                let markers = self.any_user_markers()?;
+                let mut purged = 0;
+                for name in batch {
+                    let removed = if markers {
+                        self.purge_reading(&dir, name, now)?
+                    } else {
+                        self.purge_by_metadata(&dir, name, now)?
+                    };
+                    purged += u64::from(removed);
                 }
-                Ok(_) => Ok(false),
-                Err(err) if err.kind() == io::ErrorKind::InvalidData => {
-                    tracing::warn!(session = %&name[..12], "purging an undecodable session file");
-                    self.remove(&name, None).map(|()| true)
-                }
-                Err(err) => Err(err),
+                Ok(purged)
             })?;
-            purged += u64::from(removed);
         }
         Ok(purged)
     }
+
+    /// Whether any user has a marker directory (they are never removed, so
+    /// this stays true once a session had a user).
+    fn any_user_markers(&self) -> io::Result<bool> {
+        match fs::read_dir(self.root.join(USERS_DIR)) {
+            Ok(mut entries) => Ok(entries.next().is_some()),
+            Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(false),
+            Err(err) => Err(err),
+        }
+    }
+
+    /// Under the shard's lock: unlinks the record `name` if its modification
+    /// time (a replace or touch may have renamed a newer file over it) says
+    /// it is still due. A corrupt file goes the same way. A file due only
+    /// within [`MTIME_SLACK`] is read to decide, so that a file system
+    /// keeping coarse timestamps never has a live session purged.
+    fn purge_by_metadata(&self, dir: &Path, name: &str, now: Timestamp) -> io::Result<bool> {
+        let path = dir.join(name);
+        let surely_now = Timestamp::from_millis(
+            now.as_millis()
+                .saturating_sub(i64::try_from(MTIME_SLACK.as_millis()).unwrap_or(i64::MAX)),
+        );
+        match fs::symlink_metadata(&path) {
+            Ok(metadata) if is_due(&metadata, surely_now) => {
+                remove_if_present(&path)?;
+                Ok(true)
+            }
+            Ok(metadata) if is_due(&metadata, now) => self.purge_reading(dir, name, now),
+            Ok(_) => Ok(false),
+            Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(false),
+            Err(err) => Err(err),
+        }
+    }
+
+    /// Under the shard's lock: reads the record `name` if its modification
+    /// time says it is still due, and removes it with its user marker if it
+    /// is expired; an undecodable one is removed too (its marker, if any,
+    /// is dropped by the next `find_by_user` of its user).
+    fn purge_reading(&self, dir: &Path, name: &str, now: Timestamp) -> io::Result<bool> {
+        let mut file = match open_for_reading(&dir.join(name)) {
+            Ok(file) => file,
+            Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(false),
+            Err(err) => return Err(err),
+        };
+        let metadata = file.metadata()?;
+        if !is_due(&metadata, now) {
+            return Ok(false);
+        }
+        match decode(&read_all(&mut file, metadata.len())?) {
+            Ok(record) if record.is_expired_at(now) => {
+                self.remove(name, Some(&record))?;
+                Ok(true)
+            }
+            Ok(_) => Ok(false),
+            Err(err) if err.kind() == io::ErrorKind::InvalidData => {
+                tracing::warn!(session = %&name[..12], "purging an undecodable session file");
+                self.remove(name, None)?;
+                Ok(true)
+            }
+            Err(err) => Err(err),
+        }
+    }
+}
+
+/// Whether a record file's modification time, its record's expiry, has come.
+fn is_due(metadata: &fs::Metadata, now: Timestamp) -> bool {
+    metadata
+        .modified()
+        .is_ok_and(|at| Timestamp::from_system_time(at) <= now)
+}
+
+/// Opens `path` for reading with `O_NOATIME`, so that reading does not
+/// update the access time (under `relatime`, the future modification time
+/// would make every read write the inode). `O_NOATIME` is refused with
+/// `EPERM` on files the process does not own: those are opened plainly.
+fn open_for_reading(path: &Path) -> io::Result<File> {
+    match OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOATIME)
+        .open(path)
+    {
+        Err(err) if err.raw_os_error() == Some(libc::EPERM) => File::open(path),
+        other => other,
+    }
+}
+
+/// Reads the rest of `file`, expecting `size` bytes: usually two `read`s
+/// (`File::read_to_end` would first query the size and offset again).
+fn read_all(file: &mut File, size: u64) -> io::Result<Vec<u8>> {
+    let mut bytes = vec![0; usize::try_from(size).unwrap_or(0).saturating_add(1)];
+    let mut len = 0;
+    loop {
+        match file.read(&mut bytes[len..]) {
+            Ok(0) => break,
+            Ok(read) => len += read,
+            Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
+            Err(err) => return Err(err),
+        }
+        if len == bytes.len() {
+            bytes.resize(len.saturating_mul(2).max(64), 0);
+        }
+    }
+    bytes.truncate(len);
+    Ok(bytes)
+}
+
+fn decode(bytes: &[u8]) -> io::Result<Record> {
+    Record::decode(bytes)
+        .map_err(|err| io::Error::new(io::ErrorKind::InvalidData, DecodeFailure(err)))
 }
 
 fn open_lock(shard: &Path) -> io::Result<File> {
@@ -475,14 +609,36 @@ impl SessionStore for DirectoryStore {
     }
 
     async fn purge_expired(&self, now: Timestamp) -> Result<u64> {
-        self.blocking("purge expired sessions", move |files| {
-            let mut purged = 0;
-            for shard in files.shards()? {
-                purged += files.purge_shard(&shard, now)?;
+        // Unlinking waits on the journal: a few shards at a time overlap those waits.
+        let mut shards = self
+            .blocking("purge expired sessions", |files| files.shards())
+            .await?
+            .into_iter();
+        let mut running = tokio::task::JoinSet::new();
+        let mut purged = 0;
+        loop {
+            while running.len() < PURGE_SHARDS_AT_ONCE {
+                let Some(shard) = shards.next() else { break };
+                let store = self.clone();
+                running.spawn(async move {
+                    store
+                        .blocking("purge expired sessions", move |files| {
+                            files.purge_shard(&shard, now)
+                        })
+                        .await
+                });
             }
-            Ok(purged)
-        })
-        .await
+            match running.join_next().await {
+                None => return Ok(purged),
+                Some(Ok(result)) => purged += result?,
+                Some(Err(join)) => {
+                    return Err(Error::backend(
+                        STORE_NAME,
+                        format_args!("purge expired sessions: {join}"),
+                    ));
+                }
+            }
+        }
     }
 
     async fn list(&self, after: Option<&SessionKey>, limit: usize) -> Result<Page> {
