@@ -26,6 +26,16 @@ mod files {
     const PROCESSES: usize = 4;
     const ROUNDS: i64 = 20;
 
+    /// A set-up store in a fresh temporary directory (kept while the
+    /// returned guard lives), and its root.
+    async fn fresh_store() -> (tempfile::TempDir, std::path::PathBuf, DirectoryStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("sessions");
+        let store = DirectoryStore::new(&root);
+        store.setup().await.unwrap();
+        (dir, root, store)
+    }
+
     fn counter(record: &Record, name: &str) -> i64 {
         let value: serde_json::Value = serde_json::from_slice(&record.data).expect("valid data");
         value[name].as_i64().unwrap_or(0)
@@ -156,10 +166,7 @@ mod files {
     #[test]
     fn corrupt_and_foreign_files_never_panic() {
         session2::testing::run(async {
-            let dir = tempfile::tempdir().unwrap();
-            let root = dir.path().join("sessions");
-            let store = DirectoryStore::new(&root);
-            store.setup().await.unwrap();
+            let (_dir, root, store) = fresh_store().await;
             let now = SystemClock.now();
             let id = SessionId::generate();
             let key = id.key();
@@ -203,10 +210,7 @@ mod files {
     fn files_are_private_sharded_and_named_by_hash() {
         session2::testing::run(async {
             use std::os::unix::fs::PermissionsExt;
-            let dir = tempfile::tempdir().unwrap();
-            let root = dir.path().join("sessions");
-            let store = DirectoryStore::new(&root);
-            store.setup().await.unwrap();
+            let (_dir, root, store) = fresh_store().await;
             store.setup().await.unwrap();
             let mode = std::fs::metadata(&root).unwrap().permissions().mode() & 0o777;
             assert_eq!(mode, 0o700);
@@ -248,10 +252,7 @@ mod files {
         session2::testing::run(async {
             use std::fs::FileTimes;
             use std::time::SystemTime;
-            let dir = tempfile::tempdir().unwrap();
-            let root = dir.path().join("sessions");
-            let store = DirectoryStore::new(&root);
-            store.setup().await.unwrap();
+            let (_dir, root, store) = fresh_store().await;
             let now = SystemClock.now();
             let key = SessionId::generate().key();
             let mut record = Record::new(now, now.saturating_add(Duration::from_secs(600)), None);
@@ -293,10 +294,7 @@ mod files {
 
     async fn purge_over_many_shards(with_users: bool) {
         const SESSIONS: usize = 200;
-        let dir = tempfile::tempdir().unwrap();
-        let root = dir.path().join("sessions");
-        let store = DirectoryStore::new(&root);
-        store.setup().await.unwrap();
+        let (_dir, root, store) = fresh_store().await;
         let now = SystemClock.now();
         let minutes = |n: u64| now.saturating_add(Duration::from_secs(60 * n));
         let mut live = Vec::new();
