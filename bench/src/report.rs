@@ -43,7 +43,7 @@ pub(crate) struct AllArgs {
     #[arg(long, default_value_t = 1_000_000)]
     purge_sessions: u64,
     /// Sessions in the directory store's scale run (0 skips it): a million
-    /// take about 10 minutes on a disk that discards freed blocks at once.
+    /// take about 7 minutes on a disk that discards freed blocks at once.
     #[arg(long, default_value_t = 200_000)]
     directory_sessions: u64,
     /// Where to write the report.
