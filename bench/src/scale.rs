@@ -383,39 +383,6 @@ const DIRECTORY_CREATE_SAMPLE: u64 = 20_000;
 const DIRECTORY_CREATE_WINDOW: Duration = Duration::from_secs(10);
 const DIRECTORY_LOAD_WINDOW: Duration = Duration::from_secs(5);
 
-/// Runs `operation(n)` for n = 0, 1, … from `workers` tasks until `total`
-/// were issued or `window` has passed; returns how many ran and how long
-/// they took (`store::repeat` gives only a rate, the create sample needs the
-/// count).
-async fn drive<F, Fut>(workers: usize, window: Duration, total: u64, operation: F) -> anyhow::Result<(u64, Duration)>
-where
-    F: Fn(u64) -> Fut + Clone + Send + 'static,
-    Fut: Future<Output = anyhow::Result<()>> + Send,
-{
-    let issued = Arc::new(AtomicU64::new(0));
-    let started = Instant::now();
-    let mut tasks = Vec::new();
-    for _ in 0..workers {
-        let (operation, issued) = (operation.clone(), Arc::clone(&issued));
-        tasks.push(tokio::spawn(async move {
-            let mut done = 0u64;
-            loop {
-                let n = issued.fetch_add(1, Ordering::Relaxed);
-                if n >= total || started.elapsed() >= window {
-                    return Ok::<_, anyhow::Error>(done);
-                }
-                operation(n).await?;
-                done += 1;
-            }
-        }));
-    }
-    let mut done = 0;
-    for task in tasks {
-        done += task.await??;
-    }
-    Ok((done, started.elapsed()))
-}
-
 /// A well-spread index from a counter (splitmix64), so loads hit files all
 /// over the tree, not the ones just created.
 fn spread(n: u64) -> u64 {
@@ -533,9 +500,9 @@ pub(crate) async fn directory(root: &Path, count: u64) -> anyhow::Result<Directo
     let purge_at = template.expires_at().saturating_add(Duration::from_secs(3600));
     let keys: Arc<Vec<SessionKey>> = Arc::new((0..count).map(|_| SessionId::generate().key()).collect());
 
-    let (created, took) = drive(DIRECTORY_CONCURRENCY, DIRECTORY_CREATE_WINDOW, count.min(DIRECTORY_CREATE_SAMPLE), {
+    let (created, creates_per_second) = crate::store::repeat(DIRECTORY_CONCURRENCY, DIRECTORY_CREATE_WINDOW, count.min(DIRECTORY_CREATE_SAMPLE), {
         let (store, keys, template) = (Arc::clone(&store), Arc::clone(&keys), Arc::clone(&template));
-        move |n| {
+        move |_, _, n| {
             let (store, keys, template) = (Arc::clone(&store), Arc::clone(&keys), Arc::clone(&template));
             async move {
                 let outcome = store.create(&keys[usize::try_from(n)?], &template, born).await?;
@@ -545,7 +512,6 @@ pub(crate) async fn directory(root: &Path, count: u64) -> anyhow::Result<Directo
         }
     })
     .await?;
-    let creates_per_second = created as f64 / took.as_secs_f64();
 
     let seed_started = Instant::now();
     let seeded = {
@@ -563,9 +529,9 @@ pub(crate) async fn directory(root: &Path, count: u64) -> anyhow::Result<Directo
     anyhow::ensure!(stored == count, "the store counts {stored} sessions, not {count}");
 
     let missed = Arc::new(AtomicU64::new(0));
-    let (loads, took) = drive(DIRECTORY_CONCURRENCY, DIRECTORY_LOAD_WINDOW, u64::MAX, {
+    let (loads, loads_per_second) = crate::store::repeat(DIRECTORY_CONCURRENCY, DIRECTORY_LOAD_WINDOW, u64::MAX, {
         let (store, keys, missed) = (Arc::clone(&store), Arc::clone(&keys), Arc::clone(&missed));
-        move |n| {
+        move |_, _, n| {
             let (store, keys, missed) = (Arc::clone(&store), Arc::clone(&keys), Arc::clone(&missed));
             async move {
                 let key = keys[usize::try_from(spread(n) % keys.len() as u64)?];
@@ -577,7 +543,6 @@ pub(crate) async fn directory(root: &Path, count: u64) -> anyhow::Result<Directo
         }
     })
     .await?;
-    let loads_per_second = loads as f64 / took.as_secs_f64();
     let missed = missed.load(Ordering::Relaxed);
     anyhow::ensure!(missed == 0, "{missed} of {loads} loads did not find their session");
 

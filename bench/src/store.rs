@@ -61,7 +61,7 @@ pub(crate) async fn measure(args: &StoreArgs) -> anyhow::Result<StoreResult> {
     let template = record(now);
     let keys: Arc<Vec<SessionKey>> = Arc::new((0..args.sessions).map(|_| SessionId::generate().key()).collect());
     // Seed concurrently.
-    let seeded = repeat(args.concurrency, Duration::MAX, keys.len() as u64, {
+    repeat(args.concurrency, Duration::MAX, keys.len() as u64, {
         let (store, keys, template) = (Arc::clone(&store), Arc::clone(&keys), template.clone());
         move |_, _, n| {
             let (store, keys, template) = (Arc::clone(&store), Arc::clone(&keys), template.clone());
@@ -73,9 +73,8 @@ pub(crate) async fn measure(args: &StoreArgs) -> anyhow::Result<StoreResult> {
         }
     })
     .await?;
-    let _ = seeded;
     let window = Duration::from_secs_f64(args.seconds);
-    let load = repeat(args.concurrency, window, u64::MAX, {
+    let (_, load) = repeat(args.concurrency, window, u64::MAX, {
         let (store, keys) = (Arc::clone(&store), Arc::clone(&keys));
         move |_, _, n| {
             let (store, keys) = (Arc::clone(&store), Arc::clone(&keys));
@@ -89,7 +88,7 @@ pub(crate) async fn measure(args: &StoreArgs) -> anyhow::Result<StoreResult> {
     .await?;
     // Save: each worker owns every `concurrency`-th key and knows its version.
     let versions: Arc<Vec<AtomicU64>> = Arc::new((0..keys.len()).map(|_| AtomicU64::new(1)).collect());
-    let save = repeat(args.concurrency, window, u64::MAX, {
+    let (_, save) = repeat(args.concurrency, window, u64::MAX, {
         let (store, keys, versions, template, concurrency) =
             (Arc::clone(&store), Arc::clone(&keys), Arc::clone(&versions), template.clone(), args.concurrency);
         move |worker, n, _| {
@@ -106,7 +105,7 @@ pub(crate) async fn measure(args: &StoreArgs) -> anyhow::Result<StoreResult> {
         }
     })
     .await?;
-    let create = repeat(args.concurrency, window, u64::MAX, {
+    let (_, create) = repeat(args.concurrency, window, u64::MAX, {
         let (store, template) = (Arc::clone(&store), template.clone());
         move |_, _, _| {
             let (store, template) = (Arc::clone(&store), template.clone());
@@ -118,7 +117,7 @@ pub(crate) async fn measure(args: &StoreArgs) -> anyhow::Result<StoreResult> {
         }
     })
     .await?;
-    let touch = repeat(args.concurrency, window, u64::MAX, {
+    let (_, touch) = repeat(args.concurrency, window, u64::MAX, {
         let (store, keys) = (Arc::clone(&store), Arc::clone(&keys));
         move |_, _, n| {
             let (store, keys) = (Arc::clone(&store), Arc::clone(&keys));
@@ -136,8 +135,8 @@ pub(crate) async fn measure(args: &StoreArgs) -> anyhow::Result<StoreResult> {
 
 /// Runs `operation(worker, worker's count, global count)` from `workers`
 /// tasks until `window` has passed or `total` operations were done; returns
-/// operations per second.
-async fn repeat<F, Fut>(workers: usize, window: Duration, total: u64, operation: F) -> anyhow::Result<f64>
+/// how many were done and how many per second.
+pub(crate) async fn repeat<F, Fut>(workers: usize, window: Duration, total: u64, operation: F) -> anyhow::Result<(u64, f64)>
 where
     F: Fn(usize, u64, u64) -> Fut + Clone + Send + 'static,
     Fut: std::future::Future<Output = anyhow::Result<()>> + Send,
@@ -163,7 +162,7 @@ where
     for task in tasks {
         done += task.await??;
     }
-    Ok(done as f64 / started.elapsed().as_secs_f64())
+    Ok((done, done as f64 / started.elapsed().as_secs_f64()))
 }
 
 #[derive(Debug, clap::Args)]
