@@ -99,6 +99,32 @@ impl Record {
         self.expires_at() <= now
     }
 
+    /// Whether another holder's lease binds the record at `now`.
+    pub fn is_leased_at(&self, now: Timestamp) -> bool {
+        self.lease.is_some_and(|lease| lease.is_held_at(now))
+    }
+
+    /// The record with `lease` taken on it: one version higher, as
+    /// [`SessionStore::lease`](crate::SessionStore::lease) stores it.
+    ///
+    /// ```
+    /// use session2::{Lease, Record, Timestamp};
+    ///
+    /// let now = Timestamp::from_millis(1_000);
+    /// let lease = Lease { token: 7, until: Timestamp::from_millis(2_000) };
+    /// let leased = Record::new(now, Timestamp::from_millis(9_000), None).with_lease(lease);
+    /// assert_eq!((leased.version, leased.lease), (2, Some(lease)));
+    /// assert!(leased.is_leased_at(now));
+    /// ```
+    #[must_use]
+    pub fn with_lease(self, lease: Lease) -> Self {
+        Self {
+            version: self.version.wrapping_add(1),
+            lease: Some(lease),
+            ..self
+        }
+    }
+
     /// The whole record as versioned JSON bytes.
     pub fn encode(&self) -> Vec<u8> {
         let stored = StoredRecord {

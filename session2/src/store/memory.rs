@@ -166,14 +166,10 @@ impl SessionStore for MemoryStore {
         let Some(stored) = state.live(key, now) else {
             return Ok(LeaseOutcome::Missing);
         };
-        if stored.lease.is_some_and(|held| held.is_held_at(now)) {
+        if stored.is_leased_at(now) {
             return Ok(LeaseOutcome::Held(stored.clone()));
         }
-        let leased = Record {
-            version: stored.version.wrapping_add(1),
-            lease: Some(lease),
-            ..stored.clone()
-        };
+        let leased = stored.clone().with_lease(lease);
         state.insert(*key, leased.clone());
         Ok(LeaseOutcome::Taken(leased))
     }

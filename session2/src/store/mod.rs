@@ -176,15 +176,12 @@ pub trait SessionStore: Send + Sync + fmt::Debug + 'static {
             let Some(record) = self.load(key, now).await? else {
                 return Ok(LeaseOutcome::Missing);
             };
-            if record.lease.is_some_and(|held| held.is_held_at(now)) {
+            if record.is_leased_at(now) {
                 return Ok(LeaseOutcome::Held(record));
             }
-            let leased = Record {
-                version: record.version.wrapping_add(1),
-                lease: Some(lease),
-                ..record
-            };
-            if self.replace(key, record.version, &leased, now).await? {
+            let version = record.version;
+            let leased = record.with_lease(lease);
+            if self.replace(key, version, &leased, now).await? {
                 return Ok(LeaseOutcome::Taken(leased));
             }
         }

@@ -851,15 +851,11 @@ impl SessionStore for RedisStore {
                     ],
                 )
                 .await?;
-            let mut items = match reply {
-                Value::Array(items) => items.into_iter(),
-                _ => {
-                    return Err(Error::backend(
-                        STORE,
-                        "unexpected reply from the lease script",
-                    ));
-                }
+            let unexpected = || Error::backend(STORE, "unexpected reply from the lease script");
+            let Value::Array(items) = reply else {
+                return Err(unexpected());
             };
+            let mut items = items.into_iter();
             let outcome = match (items.next(), items.next()) {
                 (Some(Value::Int(0)), None) => LeaseOutcome::Missing,
                 (Some(Value::Int(1)), Some(fields)) => LeaseOutcome::Held(decode_fields(fields)?),
@@ -870,12 +866,7 @@ impl SessionStore for RedisStore {
                     self.load(key, now).await?;
                     continue;
                 }
-                _ => {
-                    return Err(Error::backend(
-                        STORE,
-                        "unexpected reply from the lease script",
-                    ));
-                }
+                _ => return Err(unexpected()),
             };
             return Ok(outcome);
         }

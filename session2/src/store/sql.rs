@@ -604,7 +604,7 @@ where
             }
             match self.load(key, now).await? {
                 None => return Ok(LeaseOutcome::Missing),
-                Some(record) if record.lease.is_some_and(|held| held.is_held_at(now)) => {
+                Some(record) if record.is_leased_at(now) => {
                     return Ok(LeaseOutcome::Held(record));
                 }
                 // Released between the two statements: try again.
