@@ -132,13 +132,15 @@ fn store_processes(store: &str) -> Vec<String> {
     names.iter().map(|name| (*name).to_owned()).collect()
 }
 
+/// The middle one of `values` (the upper one of an even count).
+fn middle<T: PartialOrd + Copy>(mut values: Vec<T>) -> T {
+    values.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+    values[values.len() / 2]
+}
+
 /// The middle run of each figure (requests/s, p99, CPU), each taken on its
 /// own; errors, mismatches and lost updates add up over all runs.
 fn median(runs: &[LoadResult]) -> LoadResult {
-    fn middle<T: PartialOrd + Copy>(mut values: Vec<T>) -> T {
-        values.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
-        values[values.len() / 2]
-    }
     let optional = |values: Vec<Option<f64>>| values.iter().all(Option::is_some).then(|| middle(values.into_iter().flatten().collect()));
     LoadResult {
         workload: runs[0].workload.clone(),
@@ -169,12 +171,8 @@ impl Row {
 
     /// Server plus store CPU per request, median over the runs.
     fn cpu_us(&self) -> Option<f64> {
-        let total: Vec<LoadResult> = self
-            .runs
-            .iter()
-            .map(|run| LoadResult { requests_per_second: run.server_cpu_us.unwrap_or(0.0) + run.store_cpu_us.unwrap_or(0.0), ..run.clone() })
-            .collect();
-        self.runs[0].server_cpu_us.map(|_| median(&total).requests_per_second)
+        let totals: Option<Vec<f64>> = self.runs.iter().map(|run| Some(run.server_cpu_us? + run.store_cpu_us.unwrap_or(0.0))).collect();
+        totals.map(middle)
     }
 }
 
