@@ -92,14 +92,25 @@ impl Drop for ChromeDriver {
     }
 }
 
-async fn text_of(browser: &Client, css: &str) -> String {
-    browser
-        .find(Locator::Css(css))
-        .await
-        .unwrap_or_else(|err| panic!("{css}: {err}"))
-        .text()
-        .await
-        .unwrap()
+/// Waits until the element at `css` reads `expected`, and fails with what it
+/// last read otherwise: after a click the browser may still show the old
+/// page, or replace the element while it is being read.
+async fn expect_text(browser: &Client, css: &str, expected: &str, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut last = String::from("(not found)");
+    while Instant::now() < deadline {
+        if let Ok(element) = browser.find(Locator::Css(css)).await {
+            // A stale element (the page was replaced meanwhile) is read again.
+            if let Ok(text) = element.text().await {
+                if text == expected {
+                    return;
+                }
+                last = text;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("{css}: expected {expected:?}, last read {last:?}. {what}");
 }
 
 async fn click(browser: &Client, css: &str) {
@@ -134,11 +145,11 @@ async fn the_demo_works_in_a_real_browser_and_survives_a_restart() {
     let browser = driver.browser(&work.path().join("profile")).await;
 
     browser.goto(&demo.url("/")).await.unwrap();
-    assert_eq!(text_of(&browser, "#counter").await, "Counter is at 0.");
+    expect_text(&browser, "#counter", "Counter is at 0.", "").await;
     click(&browser, "#increment").await;
-    assert_eq!(text_of(&browser, "#counter").await, "Counter is at 1.");
+    expect_text(&browser, "#counter", "Counter is at 1.", "").await;
     click(&browser, "#increment").await;
-    assert_eq!(text_of(&browser, "#counter").await, "Counter is at 2.");
+    expect_text(&browser, "#counter", "Counter is at 2.", "").await;
 
     browser
         .find(Locator::Css("#user-name"))
@@ -148,26 +159,25 @@ async fn the_demo_works_in_a_real_browser_and_survives_a_restart() {
         .await
         .unwrap();
     click(&browser, "#login").await;
-    assert_eq!(text_of(&browser, "#user").await, "Logged in as alice.");
-    assert_eq!(
-        text_of(&browser, "#counter").await,
+    expect_text(&browser, "#user", "Logged in as alice.", "").await;
+    expect_text(
+        &browser,
+        "#counter",
         "Counter is at 2.",
-        "login keeps the counter"
-    );
+        "login keeps the counter",
+    )
+    .await;
 
     // Restart the demo on the same store and port: the session survives.
     demo.stop();
     let demo = Demo::start_on(&store, work.path(), port);
     browser.refresh().await.unwrap();
-    assert_eq!(text_of(&browser, "#counter").await, "Counter is at 2.");
-    assert_eq!(text_of(&browser, "#user").await, "Logged in as alice.");
+    expect_text(&browser, "#counter", "Counter is at 2.", "").await;
+    expect_text(&browser, "#user", "Logged in as alice.", "").await;
     screenshot(&browser, "logged-in").await;
 
     click(&browser, "#sessions-link").await;
-    assert_eq!(
-        text_of(&browser, "#session-count").await,
-        "1 active session(s)."
-    );
+    expect_text(&browser, "#session-count", "1 active session(s).", "").await;
     assert_eq!(
         browser
             .find_all(Locator::Css("tr.session"))
@@ -176,7 +186,7 @@ async fn the_demo_works_in_a_real_browser_and_survives_a_restart() {
             .len(),
         1
     );
-    assert_eq!(text_of(&browser, ".this-device").await, "this device");
+    expect_text(&browser, ".this-device", "this device", "").await;
     let sessions = screenshot(&browser, "sessions").await;
     assert!(
         std::fs::metadata(&sessions).unwrap().len() > 1_000,
@@ -184,13 +194,15 @@ async fn the_demo_works_in_a_real_browser_and_survives_a_restart() {
     );
 
     click(&browser, "#logout-everywhere").await;
-    assert_eq!(browser.current_url().await.unwrap().path(), "/");
-    assert_eq!(
-        text_of(&browser, "#counter").await,
+    expect_text(
+        &browser,
+        "#counter",
         "Counter is at 0.",
-        "the counter is gone"
-    );
-    assert_eq!(text_of(&browser, "#user").await, "Not logged in.");
+        "the counter is gone",
+    )
+    .await;
+    assert_eq!(browser.current_url().await.unwrap().path(), "/");
+    expect_text(&browser, "#user", "Not logged in.", "").await;
     screenshot(&browser, "logged-out").await;
     browser.close().await.unwrap();
     drop(demo);
