@@ -53,6 +53,7 @@ macro_rules! conformance_tests {
             load_hides_idle_and_absolute_expired_records,
             purge_removes_exactly_the_expired,
             purge_follows_every_move_of_the_expiry,
+            a_prolonged_record_lives_past_its_first_expiry,
             list_pages_in_key_order,
             find_by_user_follows_rotation_and_delete,
             concurrent_compare_and_swap_loses_nothing,
@@ -514,6 +515,71 @@ pub mod cases {
         assert!(store.load(&later, at(25)).await.unwrap().is_some());
         assert_eq!(store.purge_expired(at(31)).await.unwrap(), 1);
         assert!(store.load(&later, now).await.unwrap().is_none());
+        assert_eq!(store.count().await.unwrap(), 0);
+    }
+
+    /// A record whose expiry a save pushed later is whole and alive past
+    /// its first expiry, for every primitive: stores may keep an early
+    /// expiry index entry, never an early verdict. Its absolute deadline
+    /// still ends it when that comes first.
+    pub async fn a_prolonged_record_lives_past_its_first_expiry(store: Arc<dyn SessionStore>) {
+        let now = real_now();
+        let at = |minutes: u32| now.saturating_add(minutes * MINUTE);
+        let key = new_key();
+        let mut record = with_data(record_at(now), r#"{"n":1}"#);
+        record.user = Some("ada".to_owned());
+        record.idle_deadline = at(10);
+        record.absolute_deadline = Some(at(40));
+        create(&*store, &key, &record, now).await;
+        let mut prolonged = record.clone();
+        prolonged.version = 2;
+        prolonged.accessed_at = at(5);
+        prolonged.idle_deadline = at(25);
+        assert!(store.replace(&key, 1, &prolonged, at(5)).await.unwrap());
+
+        let past_first = at(15);
+        assert_eq!(store.purge_expired(past_first).await.unwrap(), 0);
+        assert_eq!(
+            store.load(&key, past_first).await.unwrap(),
+            Some(prolonged.clone())
+        );
+        assert_eq!(
+            store.find_by_user("ada", past_first).await.unwrap(),
+            vec![(key, prolonged.clone())]
+        );
+        assert_eq!(
+            store
+                .create(&key, &record_at(past_first), past_first)
+                .await
+                .unwrap(),
+            CreateOutcome::Collision,
+            "a live record is never taken for an expired one"
+        );
+        assert!(store.touch(&key, past_first, at(35)).await.unwrap());
+        let lease = Lease {
+            token: 9,
+            until: at(16),
+        };
+        assert!(matches!(
+            store.lease(&key, lease, past_first).await.unwrap(),
+            LeaseOutcome::Taken(_)
+        ));
+        let mut renewed = store.load(&key, past_first).await.unwrap().unwrap();
+        assert_eq!(
+            (renewed.version, renewed.idle_deadline, renewed.lease),
+            (3, at(35), Some(lease))
+        );
+        renewed.version = 4;
+        renewed.lease = None;
+        renewed.idle_deadline = at(50);
+        assert!(store.replace(&key, 3, &renewed, past_first).await.unwrap());
+        assert_eq!(store.purge_expired(at(39)).await.unwrap(), 0);
+        assert_eq!(store.load(&key, at(39)).await.unwrap(), Some(renewed));
+        assert_eq!(
+            store.purge_expired(at(40)).await.unwrap(),
+            1,
+            "the absolute deadline ends it"
+        );
         assert_eq!(store.count().await.unwrap(), 0);
     }
 

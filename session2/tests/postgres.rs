@@ -63,6 +63,18 @@ async fn drop_stale_test_tables(pool: &sqlx::PgPool) {
 session2::conformance_tests!(factory);
 sql_store_cases!();
 
+/// The raw `expires_at` column of `key`'s row in `table`.
+async fn indexed_expiry(table: &str, key: &session2::SessionKey) -> i64 {
+    let pool = sqlx::PgPool::connect(&url()).await.expect("connect");
+    sqlx::query_scalar(&format!(
+        "SELECT expires_at FROM \"{table}\" WHERE key = $1"
+    ))
+    .bind(key.as_bytes().as_slice())
+    .fetch_one(&pool)
+    .await
+    .expect("read the row")
+}
+
 #[test]
 fn table_name_with_sql_is_refused() {
     session2::testing::run(async {

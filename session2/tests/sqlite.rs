@@ -52,6 +52,21 @@ async fn store_on(table: &str) -> Option<Arc<dyn SessionStore>> {
 session2::conformance_tests!(factory);
 sql_store_cases!();
 
+/// The raw `expires_at` column of `key`'s row in `table` (in its own file).
+async fn indexed_expiry(table: &str, key: &SessionKey) -> i64 {
+    let path = directory().path().join(format!("{table}.db"));
+    let pool = sqlx::SqlitePool::connect(&format!("sqlite:{}", path.display()))
+        .await
+        .expect("open the database");
+    sqlx::query_scalar(&format!(
+        "SELECT expires_at FROM \"{table}\" WHERE key = ?1"
+    ))
+    .bind(key.as_bytes().as_slice())
+    .fetch_one(&pool)
+    .await
+    .expect("read the row")
+}
+
 #[tokio::test]
 async fn table_name_with_sql_is_refused() {
     let store = SqliteStore::connect("sqlite::memory:").await.unwrap();

@@ -12,12 +12,21 @@
 //! | `user_id` | text, null, indexed | [`Record::user`] |
 //! | `created_at`, `accessed_at`, `idle_deadline` | 64-bit integer | milliseconds since the epoch |
 //! | `absolute_deadline` | 64-bit integer, null | milliseconds since the epoch |
-//! | `expires_at` | 64-bit integer, indexed | [`Record::expires_at`], for expiry filters and purge |
+//! | `expires_at` | 64-bit integer, indexed | when purge next looks at the row: never later than [`Record::expires_at`] |
 //! | `lease_token`, `lease_until` | 64-bit integer, null | [`Record::lease`] |
 //! | `data` | binary, up to at least 16 MiB | [`Record::data`], opaque bytes |
 //!
 //! A `<table>_schema` table beside it records the schema version that
 //! `setup()` applied.
+//!
+//! Whether a row is alive is decided from its deadlines alone
+//! (`idle_deadline`, `absolute_deadline`). `expires_at` only serves purge's
+//! index, and it may be early: a save that pushes the expiry later leaves it
+//! alone, so that the save writes no index entry (PostgreSQL can then update
+//! the row in place, a HOT update, and InnoDB skips the secondary indexes).
+//! A save that brings the expiry earlier lowers it; purge deletes the rows
+//! that are really expired and moves the early entries of live rows to
+//! their real expiry.
 
 use std::fmt;
 
@@ -34,7 +43,12 @@ use crate::{Error, Lease, Record, Result, SessionKey, Timestamp};
 pub(crate) const DEFAULT_TABLE: &str = "session2_sessions";
 
 /// The schema version `setup()` creates and records in `<table>_schema`.
-pub(crate) const SCHEMA_VERSION: i64 = 1;
+///
+/// Version 2 has the columns of version 1; `expires_at` became a lower
+/// bound of the expiry (see the module docs), which a version 1 process
+/// would take for the expiry itself. A version 1 table is a valid version 2
+/// table as it stands.
+pub(crate) const SCHEMA_VERSION: i64 = 2;
 
 /// The longest accepted table name: `<table>_schema` and the index names
 /// (`<table>_user`, `<table>_expiry`) must still fit in the 63 bytes
@@ -178,6 +192,25 @@ impl Dialect {
         }
     }
 
+    /// The function that returns the smaller of its arguments.
+    fn least(self) -> &'static str {
+        match self {
+            #[cfg(feature = "sqlite")]
+            Self::Sqlite => "MIN",
+            #[allow(unreachable_patterns)]
+            _ => "LEAST",
+        }
+    }
+
+    /// The expression of a row's real expiry, [`Record::expires_at`], from
+    /// its deadlines; `row` qualifies the columns (`""` or `"table."`).
+    fn expiry(self, row: &str) -> String {
+        format!(
+            "{least}({row}idle_deadline, COALESCE({row}absolute_deadline, {row}idle_deadline))",
+            least = self.least()
+        )
+    }
+
     /// The `n`th (1-based) placeholder of a statement.
     fn param(self, n: usize) -> String {
         match self {
@@ -206,8 +239,14 @@ pub(crate) struct Statements {
     create: String,
     /// (MySQL only) key, now
     delete_expired_key: String,
-    /// record, key, expected version, now
+    /// record, key, expected version, now: lowers `expires_at` when the
+    /// expiry moves earlier
     replace: String,
+    /// (SQLite only) the same parameters as `replace`: matches only when the
+    /// user stays and the expiry does not move earlier, and then names no
+    /// indexed column, because SQLite rewrites the index entries of every
+    /// column named in `SET`, even to its own value
+    replace_in_place: Option<String>,
     /// lease token, lease until, key, now, now: takes a free lease; with
     /// `RETURNING` the row, where the dialect has it for `UPDATE`
     lease: String,
@@ -217,8 +256,10 @@ pub(crate) struct Statements {
     delete_at_version: String,
     /// accessed_at, idle_deadline (three times), key, accessed_at
     touch: String,
-    /// now
+    /// now, now: deletes a batch of expired rows
     purge: String,
+    /// now, now: moves a batch of early `expires_at` of live rows to their expiry
+    purge_move: String,
     /// limit
     list_first: String,
     /// after, limit
@@ -234,6 +275,8 @@ impl Statements {
         let key = dialect.quote("key");
         let p = |n| dialect.param(n);
         let columns = select_columns(dialect);
+        let expiry = dialect.expiry("");
+        let least = dialect.least();
         let insert = format!(
             "INSERT INTO {t} ({key}, {}) VALUES ({})",
             RECORD_COLUMNS.join(", "),
@@ -247,63 +290,94 @@ impl Statements {
             Dialect::MySql => insert,
             #[allow(unreachable_patterns)]
             _ => format!(
-                "{insert} ON CONFLICT ({key}) DO UPDATE SET {} WHERE {t}.expires_at <= {}",
+                "{insert} ON CONFLICT ({key}) DO UPDATE SET {} WHERE {} <= {}",
                 RECORD_COLUMNS
                     .iter()
                     .map(|column| format!("{column} = excluded.{column}"))
                     .collect::<Vec<_>>()
                     .join(", "),
+                dialect.expiry(&format!("{t}.")),
                 p(RECORD_COLUMNS.len() + 2)
             ),
         };
         let n = RECORD_COLUMNS.len();
-        let assignments = RECORD_COLUMNS
-            .iter()
-            .enumerate()
-            .map(|(i, column)| format!("{column} = {}", p(i + 1)))
-            .collect::<Vec<_>>()
-            .join(", ");
-        // Batches address rows by their physical id (a TID scan in
-        // PostgreSQL, the rowid in SQLite): by key they cost several times
-        // more. A row updated meanwhile has a new id, so it is not deleted.
-        let purge = match dialect {
-            #[cfg(feature = "mysql")]
-            Dialect::MySql => {
-                format!("DELETE FROM {t} WHERE expires_at <= ? LIMIT {PURGE_BATCH}")
-            }
-            #[cfg(feature = "postgres")]
-            Dialect::Postgres => format!(
-                "DELETE FROM {t} WHERE ctid = ANY(ARRAY(\
-                 SELECT ctid FROM {t} WHERE expires_at <= $1 LIMIT {PURGE_BATCH}))"
-            ),
+        // The placeholder of each record column, as `bind_record` binds them.
+        let column_param = |column: &str| {
+            let index = RECORD_COLUMNS.iter().position(|c| *c == column);
+            p(index.expect("a record column") + 1)
+        };
+        let assign = |column: &&str| match *column {
+            "expires_at" => format!("expires_at = {least}(expires_at, {})", column_param(column)),
+            _ => format!("{column} = {}", column_param(column)),
+        };
+        let live_at_version = format!(
+            "{key} = {} AND version = {} AND {expiry} > {}",
+            p(n + 1),
+            p(n + 2),
+            p(n + 3)
+        );
+        let replace = format!(
+            "UPDATE {t} SET {} WHERE {live_at_version}",
+            RECORD_COLUMNS
+                .iter()
+                .map(assign)
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        let replace_in_place = match dialect {
+            #[cfg(feature = "sqlite")]
+            Dialect::Sqlite => Some(format!(
+                "UPDATE {t} SET {} WHERE {live_at_version} AND expires_at <= {} AND user_id IS {}",
+                RECORD_COLUMNS
+                    .iter()
+                    .filter(|column| !matches!(**column, "expires_at" | "user_id"))
+                    .map(assign)
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                column_param("expires_at"),
+                column_param("user_id"),
+            )),
             #[allow(unreachable_patterns)]
-            _ => format!(
-                "DELETE FROM {t} WHERE rowid IN \
-                 (SELECT rowid FROM {t} WHERE expires_at <= {p1} LIMIT {PURGE_BATCH})",
-                p1 = p(1)
-            ),
+            _ => None,
+        };
+        // A batch of the rows whose `expires_at` has come (first
+        // placeholder) and whose real expiry compares to the second
+        // placeholder as `compare` says. Batches address rows by their
+        // physical id (a TID scan in PostgreSQL, the rowid in SQLite): by
+        // key they cost several times more. A row updated meanwhile has a
+        // new id, so the batch leaves it alone.
+        let due_rows = |compare: &str| {
+            let due = format!("expires_at <= {} AND {expiry} {compare} {}", p(1), p(2));
+            match dialect {
+                #[cfg(feature = "mysql")]
+                Dialect::MySql => format!("WHERE {due} LIMIT {PURGE_BATCH}"),
+                #[cfg(feature = "postgres")]
+                Dialect::Postgres => format!(
+                    "WHERE ctid = ANY(ARRAY(SELECT ctid FROM {t} WHERE {due} LIMIT {PURGE_BATCH}))"
+                ),
+                #[allow(unreachable_patterns)]
+                _ => format!(
+                    "WHERE rowid IN (SELECT rowid FROM {t} WHERE {due} LIMIT {PURGE_BATCH})"
+                ),
+            }
         };
         Self {
             load: format!(
-                "SELECT {key}, {columns} FROM {t} WHERE {key} = {} AND expires_at > {}",
+                "SELECT {key}, {columns} FROM {t} WHERE {key} = {} AND {expiry} > {}",
                 p(1),
                 p(2)
             ),
             create,
             delete_expired_key: format!(
-                "DELETE FROM {t} WHERE {key} = {} AND expires_at <= {}",
+                "DELETE FROM {t} WHERE {key} = {} AND {expiry} <= {}",
                 p(1),
                 p(2)
             ),
-            replace: format!(
-                "UPDATE {t} SET {assignments} WHERE {key} = {} AND version = {} AND expires_at > {}",
-                p(n + 1),
-                p(n + 2),
-                p(n + 3)
-            ),
+            replace,
+            replace_in_place,
             lease: format!(
                 "UPDATE {t} SET version = version + 1, lease_token = {}, lease_until = {} \
-                 WHERE {key} = {} AND expires_at > {} AND (lease_until IS NULL OR lease_until <= {}){}",
+                 WHERE {key} = {} AND {expiry} > {} AND (lease_until IS NULL OR lease_until <= {}){}",
                 p(1),
                 p(2),
                 p(3),
@@ -321,10 +395,12 @@ impl Statements {
                 p(1),
                 p(2)
             ),
+            // MySQL evaluates `SET` from left to right: `expires_at` reads
+            // `absolute_deadline` and itself, which this statement leaves as they were.
             touch: format!(
-                "UPDATE {t} SET accessed_at = {}, idle_deadline = {}, expires_at = CASE \
-                 WHEN absolute_deadline IS NOT NULL AND absolute_deadline < {} \
-                 THEN absolute_deadline ELSE {} END WHERE {key} = {} AND expires_at > {}",
+                "UPDATE {t} SET accessed_at = {}, idle_deadline = {}, expires_at = {least}(expires_at, \
+                 CASE WHEN absolute_deadline IS NOT NULL AND absolute_deadline < {} \
+                 THEN absolute_deadline ELSE {} END) WHERE {key} = {} AND {expiry} > {}",
                 p(1),
                 p(2),
                 p(3),
@@ -332,7 +408,8 @@ impl Statements {
                 p(5),
                 p(6)
             ),
-            purge,
+            purge: format!("DELETE FROM {t} {}", due_rows("<=")),
+            purge_move: format!("UPDATE {t} SET expires_at = {expiry} {}", due_rows(">")),
             list_first: format!(
                 "SELECT {key}, {columns} FROM {t} ORDER BY {key} LIMIT {}",
                 p(1)
@@ -344,7 +421,7 @@ impl Statements {
             ),
             count: format!("SELECT COUNT(*) FROM {t}"),
             find_by_user: format!(
-                "SELECT {key}, {columns} FROM {t} WHERE user_id = {} AND expires_at > {} ORDER BY {key}",
+                "SELECT {key}, {columns} FROM {t} WHERE user_id = {} AND {expiry} > {} ORDER BY {key}",
                 p(1),
                 p(2)
             ),
@@ -554,14 +631,22 @@ where
         record: &Record,
         now: Timestamp,
     ) -> Result<bool> {
-        let result = bind_record(sqlx::query(&self.statements.replace), record)
-            .bind(key.as_bytes().as_slice())
-            .bind(to_i64(expected_version))
-            .bind(now.as_millis())
-            .execute(&self.pool)
-            .await
-            .map_err(|err| self.error("replace session", err))?;
-        Ok(DB::rows_affected(&result) == 1)
+        let replace = |statement| async move {
+            let result = bind_record(sqlx::query(statement), record)
+                .bind(key.as_bytes().as_slice())
+                .bind(to_i64(expected_version))
+                .bind(now.as_millis())
+                .execute(&self.pool)
+                .await
+                .map_err(|err| self.error("replace session", err))?;
+            Ok::<_, Error>(DB::rows_affected(&result) == 1)
+        };
+        if let Some(in_place) = &self.statements.replace_in_place
+            && replace(in_place).await?
+        {
+            return Ok(true);
+        }
+        replace(&self.statements.replace).await
     }
 
     /// Takes the lease with one `UPDATE` that matches only a live record
@@ -657,17 +742,27 @@ where
     }
 
     pub(crate) async fn purge_expired(&self, now: Timestamp) -> Result<u64> {
-        let mut purged = 0;
+        let purged = self.each_batch(&self.statements.purge, now).await?;
+        // After the deletes, so that no batch moves a row only to delete it.
+        self.each_batch(&self.statements.purge_move, now).await?;
+        Ok(purged)
+    }
+
+    /// Runs a purge statement batch after batch until one falls short;
+    /// returns the rows they changed.
+    async fn each_batch(&self, statement: &str, now: Timestamp) -> Result<u64> {
+        let mut changed = 0;
         loop {
-            let result = sqlx::query(&self.statements.purge)
+            let result = sqlx::query(statement)
+                .bind(now.as_millis())
                 .bind(now.as_millis())
                 .execute(&self.pool)
                 .await
                 .map_err(|err| self.error("purge expired sessions", err))?;
-            let deleted = DB::rows_affected(&result);
-            purged += deleted;
-            if deleted < PURGE_BATCH as u64 {
-                return Ok(purged);
+            let batch = DB::rows_affected(&result);
+            changed += batch;
+            if batch < PURGE_BATCH as u64 {
+                return Ok(changed);
             }
         }
     }

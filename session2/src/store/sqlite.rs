@@ -13,7 +13,11 @@
 //! 5-second busy timeout, so writers queue instead of failing;
 //! [`SqliteStore::from_pool`] takes the application's own pool. Every
 //! primitive is one statement, and SQLite runs each on the connection's own
-//! thread, never on the async runtime's workers.
+//! thread, never on the async runtime's workers. The exception is a
+//! compare-and-swap that changes the user or brings the expiry earlier:
+//! SQLite rewrites the index entries of every column an `UPDATE` names, so
+//! a save first tries the statement that names no indexed column, which
+//! matches whenever neither moves, and falls back to the full one.
 //! [`setup`](crate::SessionStore::setup) creates the table (default
 //! `session2_sessions`, see [`SqliteStore::with_table_name`]), its indexes
 //! and a `<table>_schema` table idempotently; it never drops anything.

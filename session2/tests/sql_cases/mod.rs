@@ -203,9 +203,51 @@ pub async fn large_data_round_trips(store: Arc<dyn SessionStore>) {
     assert!(store.load(&k, NOW).await.unwrap().unwrap().data == next.data);
 }
 
+/// The `expires_at` column is purge's index, which saves leave alone while
+/// the expiry moves later (so that a save writes no index entry), lower
+/// when it moves earlier, and which purge moves to the real expiry of a
+/// live row. `indexed` reads the column of a key straight from the table.
+pub async fn expiry_index_moves_only_when_it_must<F, Fut>(store: Arc<dyn SessionStore>, indexed: F)
+where
+    F: Fn(SessionKey) -> Fut,
+    Fut: std::future::Future<Output = i64>,
+{
+    let minute = Duration::from_secs(60);
+    let at = |minutes: u32| NOW.saturating_add(minutes * minute);
+    let a = key();
+    let mut record = record_at(NOW, 10 * minute);
+    store.create(&a, &record, NOW).await.unwrap();
+    assert_eq!(indexed(a).await, at(10).as_millis());
+
+    let mut save = |idle: u32, user: Option<&str>| {
+        let expected = record.version;
+        record.version += 1;
+        record.idle_deadline = at(idle);
+        record.user = user.map(str::to_owned);
+        (expected, record.clone())
+    };
+    let (expected, later) = save(20, None);
+    assert!(store.replace(&a, expected, &later, NOW).await.unwrap());
+    assert_eq!(indexed(a).await, at(10).as_millis(), "a later expiry");
+    let (expected, login) = save(30, Some("ada"));
+    assert!(store.replace(&a, expected, &login, NOW).await.unwrap());
+    assert_eq!(indexed(a).await, at(10).as_millis(), "a new user");
+    let (expected, earlier) = save(3, Some("ada"));
+    assert!(store.replace(&a, expected, &earlier, NOW).await.unwrap());
+    assert_eq!(indexed(a).await, at(3).as_millis(), "an earlier expiry");
+    let (expected, again) = save(40, None);
+    assert!(store.replace(&a, expected, &again, NOW).await.unwrap());
+    assert_eq!(store.load(&a, at(5)).await.unwrap(), Some(again));
+
+    assert_eq!(store.purge_expired(at(5)).await.unwrap(), 0);
+    assert_eq!(indexed(a).await, at(40).as_millis(), "purge moved it");
+    assert_eq!(store.purge_expired(at(40)).await.unwrap(), 1);
+}
+
 /// Stamps the SQL-store cases into a test file that has `store()` (a fresh,
 /// set-up store on a unique table, or `None` when the server is down),
-/// `store_on(table)` and `url()`.
+/// `store_on(table)`, `url()` and `indexed_expiry(table, key)` (the raw
+/// `expires_at` column of a row).
 macro_rules! sql_store_cases {
     () => {
         #[test]
@@ -225,6 +267,20 @@ macro_rules! sql_store_cases {
                     (store_on(&table).await, store_on(&table).await)
                 {
                     sql_cases::setup_twice_keeps_sessions(first, second).await;
+                }
+            });
+        }
+
+        #[test]
+        fn saves_leave_the_expiry_index_alone_until_purge() {
+            session2::testing::run(async {
+                let table = sql_cases::unique_table_name();
+                if let Some(store) = store_on(&table).await {
+                    let indexed = |key| {
+                        let table = table.clone();
+                        async move { indexed_expiry(&table, &key).await }
+                    };
+                    sql_cases::expiry_index_moves_only_when_it_must(store, indexed).await;
                 }
             });
         }
