@@ -484,3 +484,29 @@ async fn one_purge_batch_cleans_the_indexes_of_many_users() {
         vec![(survivor, record(now, 3 * HOUR, Some("fay")))]
     );
 }
+
+/// A server that forgot the scripts (restarted, or `SCRIPT FLUSH`) is sent
+/// them again by the next call, which then succeeds.
+#[tokio::test]
+async fn scripts_are_loaded_again_when_the_server_forgot_them() {
+    let Some(store) = fresh_store().await else {
+        return;
+    };
+    let now = SystemClock.now();
+    let key = new_key();
+    let first = record(now, Duration::from_secs(60), None);
+    assert_eq!(
+        store.create(&key, &first, now).await.unwrap(),
+        CreateOutcome::Created
+    );
+    let () = redis::cmd("SCRIPT")
+        .arg("FLUSH")
+        .query_async(&mut raw().await)
+        .await
+        .unwrap();
+    let mut next = first.clone();
+    next.version = 2;
+    next.data = br#"{"n":2}"#.to_vec();
+    assert!(store.replace(&key, 1, &next, now).await.unwrap());
+    assert_eq!(store.load(&key, now).await.unwrap(), Some(next));
+}

@@ -18,7 +18,6 @@
 //! # Ok(()) }
 //! ```
 
-use std::collections::HashMap;
 use std::fmt;
 use std::time::Duration;
 
@@ -512,25 +511,53 @@ impl RedisStore {
         extra_key: Option<&[u8]>,
         args: &[&[u8]],
     ) -> Result<T> {
-        let mut invocation = script.prepare_invoke();
-        invocation
-            .key(&self.keys.expiry)
-            .key(&self.keys.keys)
-            .key(&self.keys.owners);
-        if let Some(extra) = extra_key {
-            invocation.key(extra);
-        }
-        invocation
-            .arg(&self.keys.session_prefix)
-            .arg(&self.keys.user_prefix);
+        let mut call = self.script_call(script, extra_key);
         for arg in args {
-            invocation.arg(*arg);
+            call.arg(*arg);
         }
+        self.call(script, &call, context).await
+    }
+
+    /// `EVALSHA` of `script` with the store's keys (and `extra_key`) and
+    /// its prefixes as `ARGV[1]` and `ARGV[2]`; the caller appends the rest.
+    /// Arguments go straight into the command's one buffer: a save costs a
+    /// few allocations, not one per argument.
+    fn script_call(&self, script: &Script, extra_key: Option<&[u8]>) -> Cmd {
+        let mut call = redis::cmd("EVALSHA");
+        call.arg(script.get_hash())
+            .arg(3 + usize::from(extra_key.is_some()))
+            .arg(&self.keys.expiry)
+            .arg(&self.keys.keys)
+            .arg(&self.keys.owners);
+        if let Some(extra) = extra_key {
+            call.arg(extra);
+        }
+        call.arg(&self.keys.session_prefix)
+            .arg(&self.keys.user_prefix);
+        call
+    }
+
+    /// Sends a [`script_call`](Self::script_call); a server that does not
+    /// know the script yet (new, restarted or flushed) gets it loaded, and
+    /// the call is sent once more.
+    async fn call<T: redis::FromRedisValue>(
+        &self,
+        script: &Script,
+        call: &Cmd,
+        context: &str,
+    ) -> Result<T> {
         let mut connection = self.connection.clone();
-        invocation
-            .invoke_async(&mut connection)
-            .await
-            .map_err(|err| Error::backend_source(STORE, context, err))
+        let reply = match call.query_async(&mut connection).await {
+            Err(err) if err.code() == Some("NOSCRIPT") => {
+                script
+                    .load_async(&mut connection)
+                    .await
+                    .map_err(|err| Error::backend_source(STORE, context, err))?;
+                call.query_async(&mut connection).await
+            }
+            reply => reply,
+        };
+        reply.map_err(|err| Error::backend_source(STORE, context, err))
     }
 
     /// Marks an unreadable record so that the next purge deletes it.
@@ -554,116 +581,98 @@ impl RedisStore {
         head: &[&[u8]],
         record: &Record,
     ) -> Result<bool> {
-        let hex = key.to_hex();
-        let encoded = RecordFields::new(record);
-        let mut args: Vec<&[u8]> = vec![hex.as_bytes()];
-        args.extend_from_slice(head);
-        encoded.push_args(&mut args);
-        let written: i64 = self.run(script, context, None, &args).await?;
+        let mut call = self.script_call(script, None);
+        call.arg(key.to_hex());
+        for arg in head {
+            call.arg(*arg);
+        }
+        push_record(&mut call, record);
+        let written: i64 = self.call(script, &call, context).await?;
         Ok(written == 1)
     }
 }
 
-/// A record's hash fields as text, borrowed by a script invocation.
-struct RecordFields<'a> {
-    expires_at: String,
-    user: Option<&'a str>,
-    fields: Vec<(&'static str, Vec<u8>)>,
-    data: &'a [u8],
-}
-
-impl<'a> RecordFields<'a> {
-    fn new(record: &'a Record) -> Self {
-        let millis = |at: Timestamp| at.as_millis().to_string().into_bytes();
-        let mut fields = vec![
-            ("version", record.version.to_string().into_bytes()),
-            ("created_at", millis(record.created_at)),
-            ("accessed_at", millis(record.accessed_at)),
-            ("idle_deadline", millis(record.idle_deadline)),
-            ("expires_at", millis(record.expires_at())),
-        ];
-        if let Some(absolute) = record.absolute_deadline {
-            fields.push(("absolute_deadline", millis(absolute)));
-        }
-        if let Some(user) = &record.user {
-            fields.push(("user", user.as_bytes().to_vec()));
-        }
-        if let Some(lease) = record.lease {
-            fields.push(("lease_token", lease.token.to_string().into_bytes()));
-            fields.push(("lease_until", millis(lease.until)));
-        }
-        Self {
-            expires_at: record.expires_at().as_millis().to_string(),
-            user: record.user.as_deref(),
-            fields,
-            data: &record.data,
-        }
+/// Appends a record as the scripts' `write` reads it: expires_at, has_user,
+/// user, then the hash's field/value pairs.
+fn push_record(call: &mut Cmd, record: &Record) {
+    call.arg(record.expires_at().as_millis())
+        .arg(if record.user.is_some() { "1" } else { "0" })
+        .arg(record.user.as_deref().unwrap_or_default())
+        .arg("version")
+        .arg(record.version)
+        .arg("created_at")
+        .arg(record.created_at.as_millis())
+        .arg("accessed_at")
+        .arg(record.accessed_at.as_millis())
+        .arg("idle_deadline")
+        .arg(record.idle_deadline.as_millis())
+        .arg("expires_at")
+        .arg(record.expires_at().as_millis());
+    if let Some(absolute) = record.absolute_deadline {
+        call.arg("absolute_deadline").arg(absolute.as_millis());
     }
-
-    /// expires_at, has_user, user, then field/value pairs (the scripts' `write`).
-    fn push_args<'b>(&'b self, args: &mut Vec<&'b [u8]>) {
-        args.push(self.expires_at.as_bytes());
-        args.push(if self.user.is_some() { b"1" } else { b"0" });
-        args.push(self.user.unwrap_or_default().as_bytes());
-        for (name, value) in &self.fields {
-            args.push(name.as_bytes());
-            args.push(value);
-        }
-        args.push(b"data");
-        args.push(self.data);
+    if let Some(user) = &record.user {
+        call.arg("user").arg(user.as_str());
     }
+    if let Some(lease) = record.lease {
+        call.arg("lease_token")
+            .arg(lease.token)
+            .arg("lease_until")
+            .arg(lease.until.as_millis());
+    }
+    call.arg("data").arg(record.data.as_slice());
 }
 
 /// Decodes a session hash (a flat field/value array or a RESP3 map).
 fn decode_fields(value: Value) -> Result<Record> {
-    let pairs: Vec<(Value, Value)> = match value {
+    fn bulk(name: Value, value: Value) -> Result<(Vec<u8>, Vec<u8>)> {
+        match (name, value) {
+            (Value::BulkString(name), Value::BulkString(value)) => Ok((name, value)),
+            _ => Err(Error::decode("redis session hash holds a non-string item")),
+        }
+    }
+    let fields = match value {
         Value::Array(items) => {
             if items.len() % 2 != 0 {
                 return Err(Error::decode(
                     "redis session hash has an odd number of items",
                 ));
             }
+            let mut fields = Vec::with_capacity(items.len() / 2);
             let mut items = items.into_iter();
-            let mut pairs = Vec::new();
             while let (Some(name), Some(value)) = (items.next(), items.next()) {
-                pairs.push((name, value));
+                fields.push(bulk(name, value)?);
             }
-            pairs
+            fields
         }
-        Value::Map(pairs) => pairs,
+        Value::Map(pairs) => pairs
+            .into_iter()
+            .map(|(name, value)| bulk(name, value))
+            .collect::<Result<_>>()?,
         other => {
             return Err(Error::decode(format_args!(
                 "redis session is not a hash: {other:?}"
             )));
         }
     };
-    let mut fields = HashMap::with_capacity(pairs.len());
-    for (name, value) in pairs {
-        match (name, value) {
-            (Value::BulkString(name), Value::BulkString(value)) => {
-                fields.insert(name, value);
-            }
-            _ => return Err(Error::decode("redis session hash holds a non-string item")),
-        }
-    }
     record_from_fields(fields)
 }
 
-fn record_from_fields(mut fields: HashMap<Vec<u8>, Vec<u8>>) -> Result<Record> {
-    fn text(fields: &HashMap<Vec<u8>, Vec<u8>>, name: &str) -> Result<Option<String>> {
+/// A record from a hash's fields: a dozen at most, so a scan beats hashing.
+fn record_from_fields(mut fields: Vec<(Vec<u8>, Vec<u8>)>) -> Result<Record> {
+    type Fields = [(Vec<u8>, Vec<u8>)];
+    fn text<'f>(fields: &'f Fields, name: &str) -> Result<Option<&'f str>> {
         fields
-            .get(name.as_bytes())
-            .map(|value| {
-                String::from_utf8(value.clone()).map_err(|_| {
+            .iter()
+            .find(|(field, _)| field == name.as_bytes())
+            .map(|(_, value)| {
+                std::str::from_utf8(value).map_err(|_| {
                     Error::decode(format_args!("redis session field `{name}` is not UTF-8"))
                 })
             })
             .transpose()
     }
-    fn number<T: std::str::FromStr>(
-        fields: &HashMap<Vec<u8>, Vec<u8>>,
-        name: &str,
-    ) -> Result<Option<T>> {
+    fn number<T: std::str::FromStr>(fields: &Fields, name: &str) -> Result<Option<T>> {
         text(fields, name)?
             .map(|value| {
                 value.parse().map_err(|_| {
@@ -674,7 +683,7 @@ fn record_from_fields(mut fields: HashMap<Vec<u8>, Vec<u8>>) -> Result<Record> {
             })
             .transpose()
     }
-    fn required<T: std::str::FromStr>(fields: &HashMap<Vec<u8>, Vec<u8>>, name: &str) -> Result<T> {
+    fn required<T: std::str::FromStr>(fields: &Fields, name: &str) -> Result<T> {
         number(fields, name)?
             .ok_or_else(|| Error::decode(format_args!("redis session has no `{name}` field")))
     }
@@ -690,17 +699,20 @@ fn record_from_fields(mut fields: HashMap<Vec<u8>, Vec<u8>>) -> Result<Record> {
         (None, None) => None,
         _ => return Err(Error::decode("redis session has half a lease")),
     };
+    let data = fields
+        .iter()
+        .position(|(field, _)| field == b"data")
+        .map(|index| fields.swap_remove(index).1)
+        .ok_or_else(|| Error::decode("redis session has no `data` field"))?;
     Ok(Record {
         version: required(&fields, "version")?,
-        user: text(&fields, "user")?,
+        user: text(&fields, "user")?.map(str::to_owned),
         created_at: at(required(&fields, "created_at")?),
         accessed_at: at(required(&fields, "accessed_at")?),
         idle_deadline: at(required(&fields, "idle_deadline")?),
         absolute_deadline: number::<i64>(&fields, "absolute_deadline")?.map(at),
         lease,
-        data: fields
-            .remove(b"data".as_slice())
-            .ok_or_else(|| Error::decode("redis session has no `data` field"))?,
+        data,
     })
 }
 
@@ -1029,10 +1041,16 @@ mod tests {
             until: Timestamp::from_millis(2_000),
         });
         record.data = b"\xff\x00 not json".to_vec();
-        let fields = RecordFields::new(&record);
-        let mut args = Vec::new();
-        fields.push_args(&mut args);
-        assert_eq!(args[0], b"3000");
+        let mut call = Cmd::new();
+        push_record(&mut call, &record);
+        let args: Vec<&[u8]> = call
+            .args_iter()
+            .map(|arg| match arg {
+                redis::Arg::Simple(bytes) => bytes,
+                _ => unreachable!("a record is plain arguments"),
+            })
+            .collect();
+        assert_eq!(args[..3], [b"3000".as_slice(), b"1", b"alice"]);
         let flat = args[3..]
             .iter()
             .map(|arg| Value::BulkString(arg.to_vec()))
