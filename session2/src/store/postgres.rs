@@ -2,7 +2,7 @@
 //!
 //! | persistent | multiprocess safe | thread safe | server-side expiry | atomic create |
 //! |---|---|---|---|---|
-//! | yes | yes | yes | yes: expired rows are never returned; [`purge_expired`](crate::SessionStore::purge_expired) deletes them in batches | yes: one `INSERT … ON CONFLICT DO UPDATE … WHERE expired` |
+//! | yes | yes | yes | yes: expired rows are never returned; [`purge_expired`](crate::SessionStore::purge_expired) deletes them in one statement | yes: one `INSERT … ON CONFLICT DO UPDATE … WHERE expired` |
 //!
 //! Use it when the application already runs PostgreSQL: build it from the
 //! application's own pool with [`PostgresStore::from_pool`], or from a URL

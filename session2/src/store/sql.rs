@@ -55,10 +55,12 @@ pub(crate) const SCHEMA_VERSION: i64 = 2;
 /// PostgreSQL keeps of an identifier (MySQL allows 64).
 const MAX_TABLE_NAME: usize = 56;
 
-/// How many expired rows one purge statement deletes, so that purging a
-/// million sessions never holds locks on all of them at once. Large enough
-/// that purge costs little more than one `DELETE` of everything: each batch
-/// scans past the index entries the batches before it left dead.
+/// How many rows one purge statement changes, so that purging a million
+/// sessions never holds locks on all of them at once: SQLite's one write
+/// lock, which stops every save meanwhile, and InnoDB's lock memory.
+/// PostgreSQL deletes expired rows in one statement (its row locks live in
+/// the rows, and nobody waits for an expired row), but moves live rows'
+/// early `expires_at` in batches like the others.
 const PURGE_BATCH: i64 = 100_000;
 
 /// The columns `SELECT`ed for a record after its key, in the order
@@ -256,8 +258,9 @@ pub(crate) struct Statements {
     delete_at_version: String,
     /// accessed_at, idle_deadline (three times), key, accessed_at
     touch: String,
-    /// now, now: deletes a batch of expired rows
+    /// now, now: deletes expired rows, in a batch where `purge_in_batches`
     purge: String,
+    purge_in_batches: bool,
     /// now, now: moves a batch of early `expires_at` of live rows to their expiry
     purge_move: String,
     /// limit
@@ -408,7 +411,20 @@ impl Statements {
                 p(5),
                 p(6)
             ),
-            purge: format!("DELETE FROM {t} {}", due_rows("<=")),
+            purge: match dialect {
+                #[cfg(feature = "postgres")]
+                Dialect::Postgres => {
+                    format!("DELETE FROM {t} WHERE expires_at <= $1 AND {expiry} <= $2")
+                }
+                #[allow(unreachable_patterns)]
+                _ => format!("DELETE FROM {t} {}", due_rows("<=")),
+            },
+            purge_in_batches: match dialect {
+                #[cfg(feature = "postgres")]
+                Dialect::Postgres => false,
+                #[allow(unreachable_patterns)]
+                _ => true,
+            },
             purge_move: format!("UPDATE {t} SET expires_at = {expiry} {}", due_rows(">")),
             list_first: format!(
                 "SELECT {key}, {columns} FROM {t} ORDER BY {key} LIMIT {}",
@@ -742,15 +758,18 @@ where
     }
 
     pub(crate) async fn purge_expired(&self, now: Timestamp) -> Result<u64> {
-        let purged = self.each_batch(&self.statements.purge, now).await?;
+        let statements = &self.statements;
+        let purged = self
+            .each_batch(&statements.purge, statements.purge_in_batches, now)
+            .await?;
         // After the deletes, so that no batch moves a row only to delete it.
-        self.each_batch(&self.statements.purge_move, now).await?;
+        self.each_batch(&statements.purge_move, true, now).await?;
         Ok(purged)
     }
 
-    /// Runs a purge statement batch after batch until one falls short;
-    /// returns the rows they changed.
-    async fn each_batch(&self, statement: &str, now: Timestamp) -> Result<u64> {
+    /// Runs a purge statement, `in_batches` until one falls short; returns
+    /// the rows changed.
+    async fn each_batch(&self, statement: &str, in_batches: bool, now: Timestamp) -> Result<u64> {
         let mut changed = 0;
         loop {
             let result = sqlx::query(statement)
@@ -761,7 +780,7 @@ where
                 .map_err(|err| self.error("purge expired sessions", err))?;
             let batch = DB::rows_affected(&result);
             changed += batch;
-            if batch < PURGE_BATCH as u64 {
+            if !in_batches || batch < PURGE_BATCH as u64 {
                 return Ok(changed);
             }
         }
