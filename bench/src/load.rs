@@ -97,16 +97,23 @@ fn cpu_sample(pids: &[u32]) -> Vec<Option<f64>> {
 }
 
 fn cpu_used(before: &[Option<f64>], after: &[Option<f64>]) -> f64 {
-    before.iter().zip(after).filter_map(|(before, after)| Some(after.as_ref()? - before.as_ref()?)).sum()
+    before
+        .iter()
+        .zip(after)
+        .filter_map(|(before, after)| Some(after.as_ref()? - before.as_ref()?))
+        .sum()
 }
 
 /// The processes whose name (`/proc/PID/comm`) starts with one of `names`.
 fn pids_named(names: &[String]) -> Vec<u32> {
-    let Ok(entries) = std::fs::read_dir("/proc") else { return Vec::new() };
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
     entries
         .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u32>().ok())
         .filter(|pid| {
-            std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|comm| names.iter().any(|name| comm.trim().starts_with(name)))
+            std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .is_ok_and(|comm| names.iter().any(|name| comm.trim().starts_with(name)))
         })
         .collect()
 }
@@ -120,14 +127,21 @@ struct Connection {
 
 impl Connection {
     fn new(address: SocketAddr) -> Self {
-        Self { address, sender: None, cookie: None }
+        Self {
+            address,
+            sender: None,
+            cookie: None,
+        }
     }
 
-    async fn sender(&mut self) -> anyhow::Result<&mut hyper::client::conn::http1::SendRequest<Empty<Bytes>>> {
+    async fn sender(
+        &mut self,
+    ) -> anyhow::Result<&mut hyper::client::conn::http1::SendRequest<Empty<Bytes>>> {
         if self.sender.as_ref().is_none_or(|sender| sender.is_closed()) {
             let stream = tokio::net::TcpStream::connect(self.address).await?;
             stream.set_nodelay(true)?;
-            let (sender, connection) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+            let (sender, connection) =
+                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
             tokio::spawn(connection);
             self.sender = Some(sender);
         }
@@ -135,7 +149,10 @@ impl Connection {
     }
 
     async fn call(&mut self, method: Method, path: &str) -> anyhow::Result<(StatusCode, String)> {
-        let mut request = Request::builder().method(method).uri(path).header("host", "127.0.0.1");
+        let mut request = Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", "127.0.0.1");
         if let Some(cookie) = &self.cookie {
             request = request.header("cookie", cookie);
         }
@@ -163,7 +180,9 @@ struct Counters {
 }
 
 fn parse(body: &str) -> anyhow::Result<i64> {
-    body.trim().parse().map_err(|_| anyhow!("unexpected body {body:?}"))
+    body.trim()
+        .parse()
+        .map_err(|_| anyhow!("unexpected body {body:?}"))
 }
 
 pub(crate) async fn run(args: LoadArgs) -> anyhow::Result<()> {
@@ -179,7 +198,10 @@ pub(crate) async fn measure(args: &LoadArgs) -> anyhow::Result<LoadResult> {
         mismatches: AtomicU64::new(0),
         acknowledged: AtomicU64::new(0),
     });
-    let shared = matches!(args.workload, Workload::Contention | Workload::ContentionExclusive);
+    let shared = matches!(
+        args.workload,
+        Workload::Contention | Workload::ContentionExclusive
+    );
     let path = match args.workload {
         Workload::RmwExclusive | Workload::ContentionExclusive => "/rmw-exclusive",
         _ => "/rmw",
@@ -187,7 +209,10 @@ pub(crate) async fn measure(args: &LoadArgs) -> anyhow::Result<LoadResult> {
     // The shared session of the contention workloads, made before the clock starts.
     let mut first = Connection::new(args.address);
     let shared_cookie = if shared {
-        let (_, body) = first.call(Method::POST, path).await.context("creating the shared session")?;
+        let (_, body) = first
+            .call(Method::POST, path)
+            .await
+            .context("creating the shared session")?;
         anyhow::ensure!(parse(&body)? == 1, "a new session starts at 1");
         Some(first.cookie.clone().context("the server set no cookie")?)
     } else {
@@ -205,14 +230,26 @@ pub(crate) async fn measure(args: &LoadArgs) -> anyhow::Result<LoadResult> {
         users.push(tokio::spawn(async move {
             let mut connection = Connection::new(address);
             connection.cookie = shared_cookie;
-            virtual_user(workload, path, user as u64, &mut connection, &counters, measure_from, end).await
+            virtual_user(
+                workload,
+                path,
+                user as u64,
+                &mut connection,
+                &counters,
+                measure_from,
+                end,
+            )
+            .await
         }));
     }
     let cpu_before = {
         let (server_pid, store_processes) = (args.server_pid, args.store_processes.clone());
         tokio::spawn(async move {
             tokio::time::sleep_until(measure_from.into()).await;
-            let watched: Vec<u32> = server_pid.into_iter().chain(pids_named(&store_processes)).collect();
+            let watched: Vec<u32> = server_pid
+                .into_iter()
+                .chain(pids_named(&store_processes))
+                .collect();
             let sample = cpu_sample(&watched);
             (watched, sample)
         })
@@ -231,7 +268,12 @@ pub(crate) async fn measure(args: &LoadArgs) -> anyhow::Result<LoadResult> {
         lost_updates = u64::try_from(expected - parse(&body)?).unwrap_or(0);
     }
     latencies.sort_unstable();
-    let percentile = |p: usize| latencies.get(latencies.len().saturating_sub(1) * p / 100).copied().unwrap_or(0);
+    let percentile = |p: usize| {
+        latencies
+            .get(latencies.len().saturating_sub(1) * p / 100)
+            .copied()
+            .unwrap_or(0)
+    };
     let requests = latencies.len() as u64;
     Ok(LoadResult {
         workload: format!("{:?}", args.workload),
@@ -242,8 +284,11 @@ pub(crate) async fn measure(args: &LoadArgs) -> anyhow::Result<LoadResult> {
         requests_per_second: requests as f64 / args.duration,
         p50_us: percentile(50),
         p99_us: percentile(99),
-        server_cpu_us: args.server_pid.map(|_| cpu_used(&cpu_before[..split], &cpu_after[..split]) / requests.max(1) as f64),
-        store_cpu_us: (!args.store_processes.is_empty()).then(|| cpu_used(&cpu_before[split..], &cpu_after[split..]) / requests.max(1) as f64),
+        server_cpu_us: args
+            .server_pid
+            .map(|_| cpu_used(&cpu_before[..split], &cpu_after[..split]) / requests.max(1) as f64),
+        store_cpu_us: (!args.store_processes.is_empty())
+            .then(|| cpu_used(&cpu_before[split..], &cpu_after[split..]) / requests.max(1) as f64),
     })
 }
 
@@ -272,9 +317,10 @@ async fn virtual_user(
         random ^= random >> 7;
         random ^= random << 17;
         let (method, path) = match workload {
-            Workload::Rmw | Workload::RmwExclusive | Workload::Contention | Workload::ContentionExclusive => {
-                (Method::POST, rmw_path)
-            }
+            Workload::Rmw
+            | Workload::RmwExclusive
+            | Workload::Contention
+            | Workload::ContentionExclusive => (Method::POST, rmw_path),
             Workload::Read => (Method::GET, "/read"),
             Workload::Anon => (Method::GET, "/anon"),
             Workload::Mix => match random % 100 {

@@ -21,7 +21,11 @@ use crate::store::{MemoryResult, StoreArgs, StoreResult};
 #[derive(Debug, clap::Args)]
 pub(crate) struct AllArgs {
     /// Stores to run: memory, sqlite, postgres, mysql, redis.
-    #[arg(long, value_delimiter = ',', default_value = "memory,sqlite,postgres,mysql,redis")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "memory,sqlite,postgres,mysql,redis"
+    )]
     stores: Vec<String>,
     #[arg(long, default_value = "postgres://postgres@127.0.0.1:5432/test")]
     postgres: String,
@@ -74,7 +78,9 @@ impl Server {
             .spawn()?;
         let mut lines = BufReader::new(child.stdout.take().context("stdout")?).lines();
         let address = loop {
-            let line = lines.next().context("the server exited before listening")??;
+            let line = lines
+                .next()
+                .context("the server exited before listening")??;
             if let Some(url) = line.strip_prefix("listening on http://") {
                 break url.parse()?;
             }
@@ -105,7 +111,10 @@ fn store_urls(args: &AllArgs, name: &str, scratch: &std::path::Path) -> anyhow::
         // The SQL servers get the same pool; each library uses its own table.
         "postgres" => (args.postgres.clone(), args.postgres.clone()),
         "mysql" => (args.mysql.clone(), args.mysql.clone()),
-        "redis" => (format!("{}?prefix=bench-session2:", args.redis), args.redis.clone()),
+        "redis" => (
+            format!("{}?prefix=bench-session2:", args.redis),
+            args.redis.clone(),
+        ),
         other => bail!("unknown store `{other}`"),
     };
     Ok(StoreUrls { ours, theirs })
@@ -141,7 +150,12 @@ fn middle<T: PartialOrd + Copy>(mut values: Vec<T>) -> T {
 /// The middle run of each figure (requests/s, p99, CPU), each taken on its
 /// own; errors, mismatches and lost updates add up over all runs.
 fn median(runs: &[LoadResult]) -> LoadResult {
-    let optional = |values: Vec<Option<f64>>| values.iter().all(Option::is_some).then(|| middle(values.into_iter().flatten().collect()));
+    let optional = |values: Vec<Option<f64>>| {
+        values
+            .iter()
+            .all(Option::is_some)
+            .then(|| middle(values.into_iter().flatten().collect()))
+    };
     LoadResult {
         workload: runs[0].workload.clone(),
         requests: runs.iter().map(|run| run.requests).sum(),
@@ -171,7 +185,11 @@ impl Row {
 
     /// Server plus store CPU per request, median over the runs.
     fn cpu_us(&self) -> Option<f64> {
-        let totals: Option<Vec<f64>> = self.runs.iter().map(|run| Some(run.server_cpu_us? + run.store_cpu_us.unwrap_or(0.0))).collect();
+        let totals: Option<Vec<f64>> = self
+            .runs
+            .iter()
+            .map(|run| Some(run.server_cpu_us? + run.store_cpu_us.unwrap_or(0.0)))
+            .collect();
         totals.map(middle)
     }
 }
@@ -196,29 +214,53 @@ pub(crate) async fn all(args: AllArgs) -> anyhow::Result<()> {
         // All three servers run side by side, so the libraries can take
         // turns on each row: drift of the machine hits both alike.
         let mut servers = Vec::new();
-        for (library, url) in [(Library::Session2, &urls.ours), (Library::TowerSessions, &urls.theirs), (Library::Bare, &"memory".to_owned())] {
+        for (library, url) in [
+            (Library::Session2, &urls.ours),
+            (Library::TowerSessions, &urls.theirs),
+            (Library::Bare, &"memory".to_owned()),
+        ] {
             match Server::start(library, url) {
                 Ok(server) => servers.push((library, server)),
                 Err(err) => eprintln!("skipping {library:?} on {name}: {err:#}"),
             }
         }
-        let workloads = if args.rounds == 0 { &[][..] } else { &ALL_WORKLOADS[..] };
+        let workloads = if args.rounds == 0 {
+            &[][..]
+        } else {
+            &ALL_WORKLOADS[..]
+        };
         for &workload in workloads {
             let takes_part = |library: Library| match library {
                 Library::Session2 => true,
-                Library::TowerSessions => !matches!(workload, Workload::RmwExclusive | Workload::ContentionExclusive),
+                Library::TowerSessions => !matches!(
+                    workload,
+                    Workload::RmwExclusive | Workload::ContentionExclusive
+                ),
                 Library::Bare => workload == Workload::Anon,
             };
             let mut rows: Vec<Row> = servers
                 .iter()
                 .filter(|(library, _)| takes_part(*library))
-                .map(|(library, _)| Row { store: name.clone(), workload, library: *library, runs: Vec::new() })
+                .map(|(library, _)| Row {
+                    store: name.clone(),
+                    workload,
+                    library: *library,
+                    runs: Vec::new(),
+                })
                 .collect();
             for round in 0..args.rounds {
                 // Alternate who goes first, so neither always runs on a warmer machine.
-                let order: Vec<usize> = if round % 2 == 0 { (0..rows.len()).collect() } else { (0..rows.len()).rev().collect() };
+                let order: Vec<usize> = if round % 2 == 0 {
+                    (0..rows.len()).collect()
+                } else {
+                    (0..rows.len()).rev().collect()
+                };
                 for index in order {
-                    let server = &servers.iter().find(|(library, _)| *library == rows[index].library).expect("a running server").1;
+                    let server = &servers
+                        .iter()
+                        .find(|(library, _)| *library == rows[index].library)
+                        .expect("a running server")
+                        .1;
                     let load = LoadArgs {
                         address: server.address,
                         workload,
@@ -247,7 +289,14 @@ pub(crate) async fn all(args: AllArgs) -> anyhow::Result<()> {
             }
         }
         drop(servers);
-        match crate::store::measure(&StoreArgs { store: urls.ours.clone(), sessions: 10_000, concurrency: 32, seconds: 3.0 }).await {
+        match crate::store::measure(&StoreArgs {
+            store: urls.ours.clone(),
+            sessions: 10_000,
+            concurrency: 32,
+            seconds: 3.0,
+        })
+        .await
+        {
             Ok(result) => {
                 eprintln!("{name} store: {result:?}");
                 results.store.push(result);
@@ -259,7 +308,11 @@ pub(crate) async fn all(args: AllArgs) -> anyhow::Result<()> {
         }
     }
     if args.purge_sessions > 0 {
-        for name in args.stores.iter().filter(|name| ["sqlite", "postgres", "mysql"].contains(&name.as_str())) {
+        for name in args
+            .stores
+            .iter()
+            .filter(|name| ["sqlite", "postgres", "mysql"].contains(&name.as_str()))
+        {
             let server_url = match name.as_str() {
                 "postgres" => args.postgres.clone(),
                 "mysql" => args.mysql.clone(),
@@ -293,13 +346,22 @@ pub(crate) async fn all(args: AllArgs) -> anyhow::Result<()> {
         }
     }
     for library in ["session2", "tower-sessions"] {
-        let output = Command::new(std::env::current_exe()?).args(["memory", "--library", library]).output()?;
+        let output = Command::new(std::env::current_exe()?)
+            .args(["memory", "--library", library])
+            .output()?;
         let line = String::from_utf8_lossy(&output.stdout);
-        results.memory.push(serde_json::from_str(line.trim()).with_context(|| format!("memory benchmark: {line}"))?);
+        results.memory.push(
+            serde_json::from_str(line.trim())
+                .with_context(|| format!("memory benchmark: {line}"))?,
+        );
     }
     let report = render(&args, &results, started.elapsed());
     std::fs::write(&args.output, report)?;
-    eprintln!("wrote {} in {:.0} s", args.output.display(), started.elapsed().as_secs_f64());
+    eprintln!(
+        "wrote {} in {:.0} s",
+        args.output.display(),
+        started.elapsed().as_secs_f64()
+    );
     let _ = std::fs::remove_dir_all(&scratch);
     Ok(())
 }
@@ -308,15 +370,38 @@ pub(crate) async fn all(args: AllArgs) -> anyhow::Result<()> {
 fn raw_figure(args: &AllArgs, store: &str, scratch: &std::path::Path) -> Option<String> {
     let run = |command: &mut Command| -> Option<String> {
         let output = command.output().ok()?;
-        output.status.success().then(|| String::from_utf8_lossy(&output.stdout).into_owned())
+        output
+            .status
+            .success()
+            .then(|| String::from_utf8_lossy(&output.stdout).into_owned())
     };
     match store {
         "redis" => {
-            let text = run(Command::new("redis-benchmark").args(["-h", "127.0.0.1", "-p", "6379", "-c", "32", "-n", "200000", "-q", "-t", "get,set", "-d", "400"]))?;
+            let text = run(Command::new("redis-benchmark").args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                "6379",
+                "-c",
+                "32",
+                "-n",
+                "200000",
+                "-q",
+                "-t",
+                "get,set",
+                "-d",
+                "400",
+            ]))?;
             // Progress lines end in carriage returns; keep the summaries.
-            let summaries: Vec<&str> =
-                text.split(['\r', '\n']).map(str::trim).filter(|part| part.contains("requests per second")).collect();
-            Some(format!("redis-benchmark -c 32 -d 400: {}", summaries.join("; ")))
+            let summaries: Vec<&str> = text
+                .split(['\r', '\n'])
+                .map(str::trim)
+                .filter(|part| part.contains("requests per second"))
+                .collect();
+            Some(format!(
+                "redis-benchmark -c 32 -d 400: {}",
+                summaries.join("; ")
+            ))
         }
         "postgres" => {
             let script = scratch.join("pgbench.sql");
@@ -326,9 +411,17 @@ fn raw_figure(args: &AllArgs, store: &str, scratch: &std::path::Path) -> Option<
             )
             .ok()?;
             run(Command::new("psql").args([&args.postgres, "-qc", "CREATE TABLE IF NOT EXISTS pgbench_session (key int PRIMARY KEY, version bigint, data text)"]))?;
-            let text = run(Command::new("pgbench").args(["-n", "-c", "32", "-j", "2", "-T", "5", "-f"]).arg(&script).arg(&args.postgres))?;
-            let tps = text.lines().find(|line| line.starts_with("tps"))?.to_owned();
-            Some(format!("pgbench, one upsert + one select per transaction: {tps}"))
+            let text = run(Command::new("pgbench")
+                .args(["-n", "-c", "32", "-j", "2", "-T", "5", "-f"])
+                .arg(&script)
+                .arg(&args.postgres))?;
+            let tps = text
+                .lines()
+                .find(|line| line.starts_with("tps"))?
+                .to_owned();
+            Some(format!(
+                "pgbench, one upsert + one select per transaction: {tps}"
+            ))
         }
         "mysql" => {
             // mariadb-slap drops the schema it ran in: give it one of its own.
@@ -347,7 +440,10 @@ fn raw_figure(args: &AllArgs, store: &str, scratch: &std::path::Path) -> Option<
                 .trim_end_matches(" seconds")
                 .parse()
                 .ok()?;
-            Some(format!("mariadb-slap -c 32, each query one upsert + one select: {:.0} queries/s", 16_000.0 / seconds))
+            Some(format!(
+                "mariadb-slap -c 32, each query one upsert + one select: {:.0} queries/s",
+                16_000.0 / seconds
+            ))
         }
         _ => None,
     }
@@ -358,7 +454,14 @@ fn version_of(command: &str, args: &[&str]) -> String {
         .args(args)
         .output()
         .ok()
-        .map(|output| String::from_utf8_lossy(&output.stdout).lines().next().unwrap_or_default().trim().to_owned())
+        .map(|output| {
+            String::from_utf8_lossy(&output.stdout)
+                .lines()
+                .next()
+                .unwrap_or_default()
+                .trim()
+                .to_owned()
+        })
         .filter(|text| !text.is_empty())
         .unwrap_or_else(|| "not found".to_owned())
 }
@@ -367,50 +470,118 @@ fn render(args: &AllArgs, results: &Results, took: Duration) -> String {
     let mut out = String::new();
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
-        .and_then(|info| info.lines().find(|line| line.starts_with("model name")).map(|line| line.split(':').nth(1).unwrap_or_default().trim().to_owned()))
+        .and_then(|info| {
+            info.lines()
+                .find(|line| line.starts_with("model name"))
+                .map(|line| line.split(':').nth(1).unwrap_or_default().trim().to_owned())
+        })
         .unwrap_or_default();
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
     let memory = std::fs::read_to_string("/proc/meminfo")
         .ok()
-        .and_then(|info| info.lines().next().map(|line| line.split_whitespace().nth(1).unwrap_or("0").parse::<u64>().unwrap_or(0) / 1_048_576))
+        .and_then(|info| {
+            info.lines().next().map(|line| {
+                line.split_whitespace()
+                    .nth(1)
+                    .unwrap_or("0")
+                    .parse::<u64>()
+                    .unwrap_or(0)
+                    / 1_048_576
+            })
+        })
         .unwrap_or(0);
     let _ = writeln!(out, "# Benchmarks\n");
-    let _ = writeln!(out, "session2 beside tower-sessions {}, measured in one run by `bench/run.sh` (`session2-bench all`).", TOWER_SESSIONS_VERSION);
-    let _ = writeln!(out, "Ratios are session2 / tower-sessions: above 1 means session2 serves more requests per second.\n");
+    let _ = writeln!(
+        out,
+        "session2 beside tower-sessions {}, measured in one run by `bench/run.sh` (`session2-bench all`).",
+        TOWER_SESSIONS_VERSION
+    );
+    let _ = writeln!(
+        out,
+        "Ratios are session2 / tower-sessions: above 1 means session2 serves more requests per second.\n"
+    );
     let _ = writeln!(out, "## Machine and settings\n");
     let _ = writeln!(out, "- CPU: {cpu}, {cores} cores; memory: {memory} GiB");
-    let _ = writeln!(out, "- {}; PostgreSQL: {}; MariaDB: {}; Redis: {}", version_of("rustc", &["--version"]), version_of("psql", &["--version"]), version_of("mariadb", &["--version"]), version_of("redis-server", &["--version"]));
-    let _ = writeln!(out, "- load: {} virtual users, each with its own keep-alive connection and cookie, closed loop; {} rounds of {:.1} s warm-up and {:.1} s measured per row; load generator, servers and databases share the machine", args.users, args.rounds, args.warmup, args.duration);
-    let _ = writeln!(out, "- both libraries: the same axum routes, 16 connections per SQL pool, one multiplexed Redis connection, 30-minute idle expiry, a plain-HTTP (non-Secure) cookie");
+    let _ = writeln!(
+        out,
+        "- {}; PostgreSQL: {}; MariaDB: {}; Redis: {}",
+        version_of("rustc", &["--version"]),
+        version_of("psql", &["--version"]),
+        version_of("mariadb", &["--version"]),
+        version_of("redis-server", &["--version"])
+    );
+    let _ = writeln!(
+        out,
+        "- load: {} virtual users, each with its own keep-alive connection and cookie, closed loop; {} rounds of {:.1} s warm-up and {:.1} s measured per row; load generator, servers and databases share the machine",
+        args.users, args.rounds, args.warmup, args.duration
+    );
+    let _ = writeln!(
+        out,
+        "- both libraries: the same axum routes, 16 connections per SQL pool, one multiplexed Redis connection, 30-minute idle expiry, a plain-HTTP (non-Secure) cookie"
+    );
     let _ = writeln!(out, "- run time: {:.0} s\n", took.as_secs_f64());
 
-    let row = |store: &str, workload: Workload, library: Library| results.http.iter().find(|row| row.store == store && row.workload == workload && row.library == library);
-    let cpu = |row: Option<&Row>| row.and_then(Row::cpu_us).map_or("–".to_owned(), |cpu| format!("{cpu:.0}"));
+    let row = |store: &str, workload: Workload, library: Library| {
+        results
+            .http
+            .iter()
+            .find(|row| row.store == store && row.workload == workload && row.library == library)
+    };
+    let cpu = |row: Option<&Row>| {
+        row.and_then(Row::cpu_us)
+            .map_or("–".to_owned(), |cpu| format!("{cpu:.0}"))
+    };
     let table = |out: &mut String, title: &str, workload: Workload, ours_workload: Workload| {
         let _ = writeln!(out, "### {title}\n");
-        let _ = writeln!(out, "| store | session2 req/s | tower-sessions req/s | ratio (per-round range) | session2 p99 | tower-sessions p99 | CPU µs/request, session2 | CPU µs/request, tower-sessions | errors / mismatches (session2, tower-sessions) |");
+        let _ = writeln!(
+            out,
+            "| store | session2 req/s | tower-sessions req/s | ratio (per-round range) | session2 p99 | tower-sessions p99 | CPU µs/request, session2 | CPU µs/request, tower-sessions | errors / mismatches (session2, tower-sessions) |"
+        );
         let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|---|");
         for store in &args.stores {
-            let (Some(ours_row), theirs_row) = (row(store, ours_workload, Library::Session2), row(store, workload, Library::TowerSessions)) else { continue };
+            let (Some(ours_row), theirs_row) = (
+                row(store, ours_workload, Library::Session2),
+                row(store, workload, Library::TowerSessions),
+            ) else {
+                continue;
+            };
             let ours = ours_row.median();
             let theirs = theirs_row.map(Row::median);
             let ratio = theirs_row.map_or("–".to_owned(), |theirs_row| {
-                let paired: Vec<f64> = ours_row.runs.iter().zip(&theirs_row.runs).map(|(a, b)| a.requests_per_second / b.requests_per_second).collect();
-                let (low, high) = paired.iter().fold((f64::MAX, f64::MIN), |(low, high), r| (low.min(*r), high.max(*r)));
-                format!("{:.2}× ({low:.2}–{high:.2})", ours.requests_per_second / theirs_row.median().requests_per_second)
+                let paired: Vec<f64> = ours_row
+                    .runs
+                    .iter()
+                    .zip(&theirs_row.runs)
+                    .map(|(a, b)| a.requests_per_second / b.requests_per_second)
+                    .collect();
+                let (low, high) = paired.iter().fold((f64::MAX, f64::MIN), |(low, high), r| {
+                    (low.min(*r), high.max(*r))
+                });
+                format!(
+                    "{:.2}× ({low:.2}–{high:.2})",
+                    ours.requests_per_second / theirs_row.median().requests_per_second
+                )
             });
             let _ = writeln!(
                 out,
                 "| {store} | {:.0} | {} | {ratio} | {} µs | {} | {} | {} | {}/{}, {} |",
                 ours.requests_per_second,
-                theirs.as_ref().map_or("–".to_owned(), |t| format!("{:.0}", t.requests_per_second)),
+                theirs.as_ref().map_or("–".to_owned(), |t| format!(
+                    "{:.0}",
+                    t.requests_per_second
+                )),
                 ours.p99_us,
-                theirs.as_ref().map_or("–".to_owned(), |t| format!("{} µs", t.p99_us)),
+                theirs
+                    .as_ref()
+                    .map_or("–".to_owned(), |t| format!("{} µs", t.p99_us)),
                 cpu(Some(ours_row)),
                 cpu(theirs_row),
                 ours.errors,
                 ours.mismatches,
-                theirs.as_ref().map_or("–".to_owned(), |t| format!("{}/{}", t.errors, t.mismatches)),
+                theirs.as_ref().map_or("–".to_owned(), |t| format!(
+                    "{}/{}",
+                    t.errors, t.mismatches
+                )),
             );
         }
         let _ = writeln!(out);
@@ -423,17 +594,44 @@ fn render(args: &AllArgs, results: &Results, took: Duration) -> String {
          CPU µs/request is the CPU time the server process and the store's server (PostgreSQL, MariaDB or Redis; none for the in-process stores) used per request in the measured window: it depends far less on what else the two cores are doing than requests/s does.\n",
         args.rounds, args.duration, args.warmup
     );
-    table(&mut out, "(a) read-modify-write of a counter, plain session", Workload::Rmw, Workload::Rmw);
-    table(&mut out, "(a′) read-modify-write, session2's exclusive session", Workload::Rmw, Workload::RmwExclusive);
+    table(
+        &mut out,
+        "(a) read-modify-write of a counter, plain session",
+        Workload::Rmw,
+        Workload::Rmw,
+    );
+    table(
+        &mut out,
+        "(a′) read-modify-write, session2's exclusive session",
+        Workload::Rmw,
+        Workload::RmwExclusive,
+    );
     table(&mut out, "(b) read only", Workload::Read, Workload::Read);
-    table(&mut out, "(c) anonymous (the handler does not touch the session)", Workload::Anon, Workload::Anon);
-    let _ = writeln!(out, "The floor for (c): a bare axum server with no session layer, in the same rounds.\n");
-    let _ = writeln!(out, "| store | bare axum req/s | session2 anonymous / bare | tower-sessions anonymous / bare | CPU µs/request: bare, session2, tower-sessions |");
+    table(
+        &mut out,
+        "(c) anonymous (the handler does not touch the session)",
+        Workload::Anon,
+        Workload::Anon,
+    );
+    let _ = writeln!(
+        out,
+        "The floor for (c): a bare axum server with no session layer, in the same rounds.\n"
+    );
+    let _ = writeln!(
+        out,
+        "| store | bare axum req/s | session2 anonymous / bare | tower-sessions anonymous / bare | CPU µs/request: bare, session2, tower-sessions |"
+    );
     let _ = writeln!(out, "|---|---:|---:|---:|---|");
     for store in &args.stores {
-        let Some(bare) = row(store, Workload::Anon, Library::Bare) else { continue };
+        let Some(bare) = row(store, Workload::Anon, Library::Bare) else {
+            continue;
+        };
         let floor = bare.median().requests_per_second;
-        let ratio = |library| row(store, Workload::Anon, library).map_or("–".to_owned(), |row| format!("{:.2}×", row.median().requests_per_second / floor));
+        let ratio = |library| {
+            row(store, Workload::Anon, library).map_or("–".to_owned(), |row| {
+                format!("{:.2}×", row.median().requests_per_second / floor)
+            })
+        };
         let _ = writeln!(
             out,
             "| {store} | {floor:.0} | {} | {} | {}, {}, {} |",
@@ -445,48 +643,117 @@ fn render(args: &AllArgs, results: &Results, took: Duration) -> String {
         );
     }
     let _ = writeln!(out);
-    table(&mut out, "(d) mix: 90% read-modify-write, 5% read, 3% login, 2% logout", Workload::Mix, Workload::Mix);
-    let _ = writeln!(out, "### (e) contention: {} users share one session, read-modify-write\n", args.users);
-    let _ = writeln!(out, "Lost updates are added up over the {} runs.\n", args.rounds);
-    let _ = writeln!(out, "| store | session2 exclusive: req/s, lost updates | session2 plain: req/s, lost updates | tower-sessions: req/s, lost updates |");
+    table(
+        &mut out,
+        "(d) mix: 90% read-modify-write, 5% read, 3% login, 2% logout",
+        Workload::Mix,
+        Workload::Mix,
+    );
+    let _ = writeln!(
+        out,
+        "### (e) contention: {} users share one session, read-modify-write\n",
+        args.users
+    );
+    let _ = writeln!(
+        out,
+        "Lost updates are added up over the {} runs.\n",
+        args.rounds
+    );
+    let _ = writeln!(
+        out,
+        "| store | session2 exclusive: req/s, lost updates | session2 plain: req/s, lost updates | tower-sessions: req/s, lost updates |"
+    );
     let _ = writeln!(out, "|---|---|---|---|");
     for store in &args.stores {
-        let find = |library, workload| row(store, workload, library).map(Row::median).map(|r| format!("{:.0}, {} lost", r.requests_per_second, r.lost_updates)).unwrap_or_else(|| "–".to_owned());
-        let _ = writeln!(out, "| {store} | {} | {} | {} |", find(Library::Session2, Workload::ContentionExclusive), find(Library::Session2, Workload::Contention), find(Library::TowerSessions, Workload::Contention));
+        let find = |library, workload| {
+            row(store, workload, library)
+                .map(Row::median)
+                .map(|r| format!("{:.0}, {} lost", r.requests_per_second, r.lost_updates))
+                .unwrap_or_else(|| "–".to_owned())
+        };
+        let _ = writeln!(
+            out,
+            "| {store} | {} | {} | {} |",
+            find(Library::Session2, Workload::ContentionExclusive),
+            find(Library::Session2, Workload::Contention),
+            find(Library::TowerSessions, Workload::Contention)
+        );
     }
-    let _ = writeln!(out, "\n## Store level (session2, no HTTP; 32 concurrent tasks over 10,000 sessions of 200 bytes)\n");
-    let _ = writeln!(out, "| store | load/s | save (compare-and-swap)/s | create/s | touch/s |");
+    let _ = writeln!(
+        out,
+        "\n## Store level (session2, no HTTP; 32 concurrent tasks over 10,000 sessions of 200 bytes)\n"
+    );
+    let _ = writeln!(
+        out,
+        "| store | load/s | save (compare-and-swap)/s | create/s | touch/s |"
+    );
     let _ = writeln!(out, "|---|---:|---:|---:|---:|");
     for result in &results.store {
-        let _ = writeln!(out, "| {} | {:.0} | {:.0} | {:.0} | {:.0} |", short_store(&result.store), result.load, result.save, result.create, result.touch);
+        let _ = writeln!(
+            out,
+            "| {} | {:.0} | {:.0} | {:.0} | {:.0} |",
+            short_store(&result.store),
+            result.load,
+            result.save,
+            result.create,
+            result.touch
+        );
     }
-    let _ = writeln!(out, "\nThe raw servers at the same concurrency, as the physical limit:\n");
+    let _ = writeln!(
+        out,
+        "\nThe raw servers at the same concurrency, as the physical limit:\n"
+    );
     for (store, raw) in &results.raw {
         let _ = writeln!(out, "- {store}: {raw}");
     }
     let _ = writeln!(out, "\n## Scale: purging expired sessions\n");
-    let _ = writeln!(out, "| store | expired sessions | session2 `purge_expired` (batches of 100,000) | one raw `DELETE` | ratio |");
+    let _ = writeln!(
+        out,
+        "| store | expired sessions | session2 `purge_expired` (batches of 100,000) | one raw `DELETE` | ratio |"
+    );
     let _ = writeln!(out, "|---|---:|---:|---:|---:|");
     for result in &results.purge {
         let _ = writeln!(
             out,
             "| {} | {} (purged {}) | {:.2} s | {:.2} s | {:.2}× |",
-            result.store, result.sessions, result.purged, result.store_seconds, result.raw_seconds, result.store_seconds / result.raw_seconds
+            result.store,
+            result.sessions,
+            result.purged,
+            result.store_seconds,
+            result.raw_seconds,
+            result.store_seconds / result.raw_seconds
         );
     }
     if results.purge.iter().any(|result| result.store == "redis") {
-        let _ = writeln!(out, "\nRedis: `purge_expired` runs one script per 1,000 sessions; its raw column is one Lua script per 10,000 sessions (`ZRANGEBYSCORE`, `UNLINK`, `ZREM`) on the same keys, not a `DELETE`.");
+        let _ = writeln!(
+            out,
+            "\nRedis: `purge_expired` runs one script per 1,000 sessions; its raw column is one Lua script per 10,000 sessions (`ZRANGEBYSCORE`, `UNLINK`, `ZREM`) on the same keys, not a `DELETE`."
+        );
     }
     if let Some(result) = &results.directory {
-        let _ = writeln!(out, "\n## Scale: the directory store with {} sessions\n", result.sessions);
-        let _ = writeln!(out, "Creates go through the store (each one fsyncs twice) on a sample; the other sessions are written directly, then synced; loads are random, 32 at a time, for 5 s; the raw column is `rm -rf` of an identical tree.\n");
+        let _ = writeln!(
+            out,
+            "\n## Scale: the directory store with {} sessions\n",
+            result.sessions
+        );
+        let _ = writeln!(
+            out,
+            "Creates go through the store (each one fsyncs twice) on a sample; the other sessions are written directly, then synced; loads are random, 32 at a time, for 5 s; the raw column is `rm -rf` of an identical tree.\n"
+        );
         out.push_str(&crate::scale::render_directory(result));
     }
-    let _ = writeln!(out, "\n## Memory store: resident memory per session (200-byte payload)\n");
+    let _ = writeln!(
+        out,
+        "\n## Memory store: resident memory per session (200-byte payload)\n"
+    );
     let _ = writeln!(out, "| library | sessions | bytes per session |");
     let _ = writeln!(out, "|---|---:|---:|");
     for result in &results.memory {
-        let _ = writeln!(out, "| {} | {} | {:.0} |", result.library, result.sessions, result.bytes_per_session);
+        let _ = writeln!(
+            out,
+            "| {} | {} | {:.0} |",
+            result.library, result.sessions, result.bytes_per_session
+        );
     }
     let _ = writeln!(out, "\n## Reproduce\n\n```sh\nbench/run.sh\n```");
     out
@@ -496,4 +763,5 @@ fn short_store(url: &str) -> &str {
     url.split([':', '?']).next().unwrap_or(url)
 }
 
-const TOWER_SESSIONS_VERSION: &str = "0.14 (tower-sessions-sqlx-store 0.15, tower-sessions-redis-store 0.16)";
+const TOWER_SESSIONS_VERSION: &str =
+    "0.14 (tower-sessions-sqlx-store 0.15, tower-sessions-redis-store 0.16)";

@@ -25,7 +25,9 @@ use std::time::{Duration, Instant, SystemTime};
 use serde::{Deserialize, Serialize};
 use session2::{Clock as _, CreateOutcome, SessionId, SessionKey, SystemClock};
 use sqlx::Connection;
-use tower_sessions_redis_store::fred::prelude::{Client, ClientLike as _, Config, FromValue, Value};
+use tower_sessions_redis_store::fred::prelude::{
+    Client, ClientLike as _, Config, FromValue, Value,
+};
 use tower_sessions_redis_store::fred::types::{ClusterHash, CustomCommand};
 
 /// One store's purge figure.
@@ -102,12 +104,23 @@ pub(crate) async fn purge(kind: &str, server_url: &str, count: u64) -> anyhow::R
             purged = store.purge_expired(now).await?;
             started.elapsed()
         } else {
-            execute(server_url, &[format!("DELETE FROM {table} WHERE expires_at <= 2")]).await?
+            execute(
+                server_url,
+                &[format!("DELETE FROM {table} WHERE expires_at <= 2")],
+            )
+            .await?
         };
         timings.push(took.as_secs_f64());
         drop(store);
         let schema = format!("{table}_schema");
-        execute(server_url, &[format!("DROP TABLE {table}"), format!("DROP TABLE {schema}")]).await?;
+        execute(
+            server_url,
+            &[
+                format!("DROP TABLE {table}"),
+                format!("DROP TABLE {schema}"),
+            ],
+        )
+        .await?;
     }
     Ok(PurgeResult {
         store: kind.to_owned(),
@@ -210,7 +223,13 @@ struct RedisKeys {
 impl RedisKeys {
     fn new(prefix: String) -> Self {
         let tag = format!("{{{prefix}}}:");
-        Self { sessions: format!("{tag}s:"), expiry: format!("{tag}exp"), keys: format!("{tag}keys"), owners: format!("{tag}owner"), prefix }
+        Self {
+            sessions: format!("{tag}s:"),
+            expiry: format!("{tag}exp"),
+            keys: format!("{tag}keys"),
+            owners: format!("{tag}owner"),
+            prefix,
+        }
     }
 }
 
@@ -222,11 +241,25 @@ struct RedisLeftovers {
     template: Option<String>,
 }
 
-async fn redis_command<T: FromValue>(client: &Client, command: &'static str, args: Vec<Value>) -> anyhow::Result<T> {
-    Ok(client.custom(CustomCommand::new_static(command, ClusterHash::FirstKey, false), args).await?)
+async fn redis_command<T: FromValue>(
+    client: &Client,
+    command: &'static str,
+    args: Vec<Value>,
+) -> anyhow::Result<T> {
+    Ok(client
+        .custom(
+            CustomCommand::new_static(command, ClusterHash::FirstKey, false),
+            args,
+        )
+        .await?)
 }
 
-async fn eval<T: FromValue>(client: &Client, script: &str, keys: &[&str], args: Vec<Value>) -> anyhow::Result<T> {
+async fn eval<T: FromValue>(
+    client: &Client,
+    script: &str,
+    keys: &[&str],
+    args: Vec<Value>,
+) -> anyhow::Result<T> {
     let mut all: Vec<Value> = vec![script.into(), i64::try_from(keys.len())?.into()];
     all.extend(keys.iter().map(|key| Value::from(*key)));
     all.extend(args);
@@ -238,18 +271,34 @@ async fn zcard(client: &Client, key: &str) -> anyhow::Result<u64> {
 }
 
 /// Seeds `count` clones of `template` (a flat field/value list) under `names`.
-async fn redis_seed(client: &Client, names: &RedisKeys, stem: &str, template: &[Value], count: u64, seeded: &mut u64) -> anyhow::Result<()> {
+async fn redis_seed(
+    client: &Client,
+    names: &RedisKeys,
+    stem: &str,
+    template: &[Value],
+    count: u64,
+    seeded: &mut u64,
+) -> anyhow::Result<()> {
     while *seeded < count {
         let batch = REDIS_BATCH.min(count - *seeded);
         let first = *seeded;
         // A script that fails half-way keeps what it wrote: count the batch before.
         *seeded += batch;
-        let mut args: Vec<Value> = vec![names.sessions.as_str().into(), stem.into(), i64::try_from(first)?.into(), i64::try_from(batch)?.into()];
+        let mut args: Vec<Value> = vec![
+            names.sessions.as_str().into(),
+            stem.into(),
+            i64::try_from(first)?.into(),
+            i64::try_from(batch)?.into(),
+        ];
         args.extend_from_slice(template);
         let _: i64 = eval(client, REDIS_SEED, &[&names.expiry, &names.keys], args).await?;
     }
     let indexed = zcard(client, &names.expiry).await?;
-    anyhow::ensure!(indexed == count, "seeded {count} sessions under `{}`, but its expiry index holds {indexed}", names.prefix);
+    anyhow::ensure!(
+        indexed == count,
+        "seeded {count} sessions under `{}`, but its expiry index holds {indexed}",
+        names.prefix
+    );
     Ok(())
 }
 
@@ -271,8 +320,19 @@ pub(crate) async fn redis_purge(redis_url: &str, count: u64) -> anyhow::Result<P
     let stem = SessionId::generate().key().to_hex()[..48].to_owned();
     let client = Client::new(Config::from_url(redis_url)?, None, None, None);
     client.init().await?;
-    let mut leftovers = RedisLeftovers { seeded: [0; 2], template: None };
-    let outcome = redis_purge_run(&client, redis_url, [&ours, &raw], &stem, count, &mut leftovers).await;
+    let mut leftovers = RedisLeftovers {
+        seeded: [0; 2],
+        template: None,
+    };
+    let outcome = redis_purge_run(
+        &client,
+        redis_url,
+        [&ours, &raw],
+        &stem,
+        count,
+        &mut leftovers,
+    )
+    .await;
     let cleaned = redis_clean(&client, [&ours, &raw], &stem, &leftovers).await;
     let _ = client.quit().await;
     let result = outcome?;
@@ -280,77 +340,178 @@ pub(crate) async fn redis_purge(redis_url: &str, count: u64) -> anyhow::Result<P
     Ok(result)
 }
 
-async fn redis_purge_run(client: &Client, redis_url: &str, [ours, raw]: [&RedisKeys; 2], stem: &str, count: u64, leftovers: &mut RedisLeftovers) -> anyhow::Result<PurgeResult> {
+async fn redis_purge_run(
+    client: &Client,
+    redis_url: &str,
+    [ours, raw]: [&RedisKeys; 2],
+    stem: &str,
+    count: u64,
+    leftovers: &mut RedisLeftovers,
+) -> anyhow::Result<PurgeResult> {
     for names in [ours, raw] {
-        let existing: u64 = redis_command(client, "EXISTS", vec![names.expiry.as_str().into(), names.keys.as_str().into(), names.owners.as_str().into()]).await?;
-        anyhow::ensure!(existing == 0, "keys under the prefix `{}` already exist", names.prefix);
+        let existing: u64 = redis_command(
+            client,
+            "EXISTS",
+            vec![
+                names.expiry.as_str().into(),
+                names.keys.as_str().into(),
+                names.owners.as_str().into(),
+            ],
+        )
+        .await?;
+        anyhow::ensure!(
+            existing == 0,
+            "keys under the prefix `{}` already exist",
+            names.prefix
+        );
     }
     let separator = if redis_url.contains('?') { '&' } else { '?' };
-    let store = session2::store::open(&format!("{redis_url}{separator}prefix={}", ours.prefix)).await?;
+    let store =
+        session2::store::open(&format!("{redis_url}{separator}prefix={}", ours.prefix)).await?;
     store.setup().await?;
     let now = SystemClock.now();
     let record = crate::store::record(now);
     let key = SessionId::generate().key();
     let hash = format!("{}{}", ours.sessions, key.to_hex());
     leftovers.template = Some(hash.clone());
-    anyhow::ensure!(store.create(&key, &record, now).await? == CreateOutcome::Created, "the template session collided");
-    let template = match redis_command::<Value>(client, "HGETALL", vec![hash.as_str().into()]).await? {
-        Value::Array(items) => items,
-        Value::Map(map) => map.inner().into_iter().flat_map(|(name, value)| [Value::from(name), value]).collect(),
-        other => anyhow::bail!("HGETALL of the template session: unexpected {other:?}"),
-    };
-    anyhow::ensure!(!template.is_empty(), "the template session is not in `{hash}`");
-    anyhow::ensure!(store.delete(&key, None).await?, "the template session could not be deleted");
+    anyhow::ensure!(
+        store.create(&key, &record, now).await? == CreateOutcome::Created,
+        "the template session collided"
+    );
+    let template =
+        match redis_command::<Value>(client, "HGETALL", vec![hash.as_str().into()]).await? {
+            Value::Array(items) => items,
+            Value::Map(map) => map
+                .inner()
+                .into_iter()
+                .flat_map(|(name, value)| [Value::from(name), value])
+                .collect(),
+            other => anyhow::bail!("HGETALL of the template session: unexpected {other:?}"),
+        };
+    anyhow::ensure!(
+        !template.is_empty(),
+        "the template session is not in `{hash}`"
+    );
+    anyhow::ensure!(
+        store.delete(&key, None).await?,
+        "the template session could not be deleted"
+    );
     leftovers.template = None;
     let due = record.expires_at();
 
-    redis_seed(client, ours, stem, &template, count, &mut leftovers.seeded[0]).await?;
+    redis_seed(
+        client,
+        ours,
+        stem,
+        &template,
+        count,
+        &mut leftovers.seeded[0],
+    )
+    .await?;
     if count > 0 {
         let clone = SessionKey::from_hex(&format!("{stem}{:016x}", 0)).expect("64 hex digits");
-        anyhow::ensure!(store.load(&clone, now).await?.as_ref() == Some(&record), "the store does not read a seeded session back as the one it wrote");
+        anyhow::ensure!(
+            store.load(&clone, now).await?.as_ref() == Some(&record),
+            "the store does not read a seeded session back as the one it wrote"
+        );
     }
     let started = Instant::now();
     let purged = store.purge_expired(due).await?;
     let store_seconds = started.elapsed().as_secs_f64();
-    anyhow::ensure!(purged == count, "purge_expired deleted {purged} of {count} expired sessions");
-    let (expiry, keys) = (zcard(client, &ours.expiry).await?, zcard(client, &ours.keys).await?);
-    anyhow::ensure!(expiry == 0 && keys == 0, "after the purge the expiry index holds {expiry} entries and the key index {keys}");
+    anyhow::ensure!(
+        purged == count,
+        "purge_expired deleted {purged} of {count} expired sessions"
+    );
+    let (expiry, keys) = (
+        zcard(client, &ours.expiry).await?,
+        zcard(client, &ours.keys).await?,
+    );
+    anyhow::ensure!(
+        expiry == 0 && keys == 0,
+        "after the purge the expiry index holds {expiry} entries and the key index {keys}"
+    );
     leftovers.seeded[0] = 0;
     drop(store);
 
-    redis_seed(client, raw, stem, &template, count, &mut leftovers.seeded[1]).await?;
+    redis_seed(
+        client,
+        raw,
+        stem,
+        &template,
+        count,
+        &mut leftovers.seeded[1],
+    )
+    .await?;
     let (due, batch) = (due.as_millis(), i64::try_from(REDIS_BATCH)?);
     let started = Instant::now();
     let mut unlinked = 0;
     loop {
         let args = vec![raw.sessions.as_str().into(), due.into(), batch.into()];
-        let reply: Vec<u64> = eval(client, REDIS_RAW_DELETE, &[&raw.expiry, &raw.keys], args).await?;
-        let [deleted, taken] = reply[..] else { anyhow::bail!("unexpected reply {reply:?} from the raw deletion") };
+        let reply: Vec<u64> =
+            eval(client, REDIS_RAW_DELETE, &[&raw.expiry, &raw.keys], args).await?;
+        let [deleted, taken] = reply[..] else {
+            anyhow::bail!("unexpected reply {reply:?} from the raw deletion")
+        };
         unlinked += deleted;
         if taken < REDIS_BATCH {
             break;
         }
     }
     let raw_seconds = started.elapsed().as_secs_f64();
-    anyhow::ensure!(unlinked == count, "the raw deletion unlinked {unlinked} of {count} sessions");
-    let (expiry, keys) = (zcard(client, &raw.expiry).await?, zcard(client, &raw.keys).await?);
-    anyhow::ensure!(expiry == 0 && keys == 0, "after the raw deletion the expiry index holds {expiry} entries and the key index {keys}");
+    anyhow::ensure!(
+        unlinked == count,
+        "the raw deletion unlinked {unlinked} of {count} sessions"
+    );
+    let (expiry, keys) = (
+        zcard(client, &raw.expiry).await?,
+        zcard(client, &raw.keys).await?,
+    );
+    anyhow::ensure!(
+        expiry == 0 && keys == 0,
+        "after the raw deletion the expiry index holds {expiry} entries and the key index {keys}"
+    );
     leftovers.seeded[1] = 0;
-    Ok(PurgeResult { store: "redis".to_owned(), sessions: count, purged, store_seconds, raw_seconds })
+    Ok(PurgeResult {
+        store: "redis".to_owned(),
+        sessions: count,
+        purged,
+        store_seconds,
+        raw_seconds,
+    })
 }
 
 /// Deletes whatever a run left under both prefixes.
-async fn redis_clean(client: &Client, prefixes: [&RedisKeys; 2], stem: &str, leftovers: &RedisLeftovers) -> anyhow::Result<()> {
+async fn redis_clean(
+    client: &Client,
+    prefixes: [&RedisKeys; 2],
+    stem: &str,
+    leftovers: &RedisLeftovers,
+) -> anyhow::Result<()> {
     for (names, seeded) in prefixes.into_iter().zip(leftovers.seeded) {
         let mut first = 0;
         while first < seeded {
             let batch = REDIS_BATCH.min(seeded - first);
-            let args = vec![names.sessions.as_str().into(), stem.into(), i64::try_from(first)?.into(), i64::try_from(batch)?.into()];
+            let args = vec![
+                names.sessions.as_str().into(),
+                stem.into(),
+                i64::try_from(first)?.into(),
+                i64::try_from(batch)?.into(),
+            ];
             let _: i64 = eval(client, REDIS_SWEEP, &[], args).await?;
             first += batch;
         }
-        let mut doomed: Vec<Value> = vec![names.expiry.as_str().into(), names.keys.as_str().into(), names.owners.as_str().into()];
-        doomed.extend(leftovers.template.as_deref().filter(|hash| hash.starts_with(&names.sessions)).map(Value::from));
+        let mut doomed: Vec<Value> = vec![
+            names.expiry.as_str().into(),
+            names.keys.as_str().into(),
+            names.owners.as_str().into(),
+        ];
+        doomed.extend(
+            leftovers
+                .template
+                .as_deref()
+                .filter(|hash| hash.starts_with(&names.sessions))
+                .map(Value::from),
+        );
         let _: i64 = redis_command(client, "UNLINK", doomed).await?;
     }
     Ok(())
@@ -397,17 +558,40 @@ fn spread(n: u64) -> u64 {
 /// Silent when `df` cannot tell.
 fn check_room(dir: &Path, count: u64) -> anyhow::Result<()> {
     let df = |flag: &str| -> Option<(u64, u64)> {
-        let output = Command::new("df").arg("-P").arg(flag).arg(dir).output().ok()?;
+        let output = Command::new("df")
+            .arg("-P")
+            .arg(flag)
+            .arg(dir)
+            .output()
+            .ok()?;
         let text = String::from_utf8(output.stdout).ok()?;
-        let columns: Vec<u64> = text.lines().nth(1)?.split_whitespace().skip(1).take(3).map(str::parse).collect::<Result<_, _>>().ok()?;
+        let columns: Vec<u64> = text
+            .lines()
+            .nth(1)?
+            .split_whitespace()
+            .skip(1)
+            .take(3)
+            .map(str::parse)
+            .collect::<Result<_, _>>()
+            .ok()?;
         Some((columns[0], columns[2]))
     };
     if let Some((_, free_kib)) = df("-k") {
-        anyhow::ensure!(free_kib > count * 5, "{} has {} MiB free; {count} session files need about {} MiB", dir.display(), free_kib / 1024, count * 5 / 1024);
+        anyhow::ensure!(
+            free_kib > count * 5,
+            "{} has {} MiB free; {count} session files need about {} MiB",
+            dir.display(),
+            free_kib / 1024,
+            count * 5 / 1024
+        );
     }
     // File systems without an inode table report 0 inodes.
     if let Some((inodes, free)) = df("-i").filter(|(inodes, _)| *inodes > 0) {
-        anyhow::ensure!(free > count + 1_000, "{} has {free} free inodes of {inodes}; {count} session files need as many", dir.display());
+        anyhow::ensure!(
+            free > count + 1_000,
+            "{} has {free} free inodes of {inodes}; {count} session files need as many",
+            dir.display()
+        );
     }
     Ok(())
 }
@@ -417,7 +601,12 @@ fn check_room(dir: &Path, count: u64) -> anyhow::Result<()> {
 /// but without the store's temporary file, rename and two fsyncs, one thread
 /// per core over disjoint shards. Files already there are left alone.
 /// Returns how many it wrote.
-fn seed_tree(root: &Path, keys: &[SessionKey], bytes: &[u8], expiry: SystemTime) -> std::io::Result<u64> {
+fn seed_tree(
+    root: &Path,
+    keys: &[SessionKey],
+    bytes: &[u8],
+    expiry: SystemTime,
+) -> std::io::Result<u64> {
     let mut shards: Vec<Vec<&SessionKey>> = vec![Vec::new(); 256];
     for key in keys {
         shards[usize::from(key.as_bytes()[0])].push(key);
@@ -428,9 +617,20 @@ fn seed_tree(root: &Path, keys: &[SessionKey], bytes: &[u8], expiry: SystemTime)
         for (shard, keys) in shards.iter().enumerate().skip(thread).step_by(threads) {
             let dir = root.join(format!("{shard:02x}"));
             DirBuilder::new().recursive(true).mode(0o700).create(&dir)?;
-            OpenOptions::new().read(true).write(true).create(true).truncate(false).mode(0o600).open(dir.join(".lock"))?;
+            OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .mode(0o600)
+                .open(dir.join(".lock"))?;
             for key in keys {
-                let mut file = match OpenOptions::new().write(true).create_new(true).mode(0o600).open(dir.join(key.to_hex())) {
+                let mut file = match OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .open(dir.join(key.to_hex()))
+                {
                     Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists => continue,
                     other => other?,
                 };
@@ -442,8 +642,13 @@ fn seed_tree(root: &Path, keys: &[SessionKey], bytes: &[u8], expiry: SystemTime)
         Ok(written)
     };
     std::thread::scope(|scope| {
-        let workers: Vec<_> = (0..threads).map(|thread| scope.spawn(move || write_shards(thread))).collect();
-        workers.into_iter().map(|worker| worker.join().expect("a seeding thread panicked")).sum()
+        let workers: Vec<_> = (0..threads)
+            .map(|thread| scope.spawn(move || write_shards(thread)))
+            .collect();
+        workers
+            .into_iter()
+            .map(|worker| worker.join().expect("a seeding thread panicked"))
+            .sum()
     })
 }
 
@@ -486,7 +691,10 @@ impl Drop for RemoveOnDrop {
 /// and a million sessions take about 10 minutes in all, so the report may
 /// want a smaller `count`.
 pub(crate) async fn directory(root: &Path, count: u64) -> anyhow::Result<DirectoryResult> {
-    anyhow::ensure!(count > 0, "the directory benchmark needs at least one session");
+    anyhow::ensure!(
+        count > 0,
+        "the directory benchmark needs at least one session"
+    );
     let started = Instant::now();
     let work = root.join(format!("directory-{}", std::process::id()));
     std::fs::create_dir_all(&work)?;
@@ -497,25 +705,42 @@ pub(crate) async fn directory(root: &Path, count: u64) -> anyhow::Result<Directo
     store.setup().await?;
     let born = SystemClock.now();
     let template = Arc::new(crate::store::record(born));
-    let purge_at = template.expires_at().saturating_add(Duration::from_secs(3600));
-    let keys: Arc<Vec<SessionKey>> = Arc::new((0..count).map(|_| SessionId::generate().key()).collect());
+    let purge_at = template
+        .expires_at()
+        .saturating_add(Duration::from_secs(3600));
+    let keys: Arc<Vec<SessionKey>> =
+        Arc::new((0..count).map(|_| SessionId::generate().key()).collect());
 
-    let (created, creates_per_second) = crate::store::repeat(DIRECTORY_CONCURRENCY, DIRECTORY_CREATE_WINDOW, count.min(DIRECTORY_CREATE_SAMPLE), {
-        let (store, keys, template) = (Arc::clone(&store), Arc::clone(&keys), Arc::clone(&template));
-        move |_, _, n| {
-            let (store, keys, template) = (Arc::clone(&store), Arc::clone(&keys), Arc::clone(&template));
-            async move {
-                let outcome = store.create(&keys[usize::try_from(n)?], &template, born).await?;
-                anyhow::ensure!(outcome == CreateOutcome::Created, "a create collided");
-                Ok(())
+    let (created, creates_per_second) = crate::store::repeat(
+        DIRECTORY_CONCURRENCY,
+        DIRECTORY_CREATE_WINDOW,
+        count.min(DIRECTORY_CREATE_SAMPLE),
+        {
+            let (store, keys, template) =
+                (Arc::clone(&store), Arc::clone(&keys), Arc::clone(&template));
+            move |_, _, n| {
+                let (store, keys, template) =
+                    (Arc::clone(&store), Arc::clone(&keys), Arc::clone(&template));
+                async move {
+                    let outcome = store
+                        .create(&keys[usize::try_from(n)?], &template, born)
+                        .await?;
+                    anyhow::ensure!(outcome == CreateOutcome::Created, "a create collided");
+                    Ok(())
+                }
             }
-        }
-    })
+        },
+    )
     .await?;
 
     let seed_started = Instant::now();
     let seeded = {
-        let (ours, keys, bytes, expiry) = (ours.clone(), Arc::clone(&keys), template.encode(), template.expires_at().to_system_time());
+        let (ours, keys, bytes, expiry) = (
+            ours.clone(),
+            Arc::clone(&keys),
+            template.encode(),
+            template.expires_at().to_system_time(),
+        );
         tokio::task::spawn_blocking(move || -> anyhow::Result<u64> {
             let seeded = seed_tree(&ours, &keys, &bytes, expiry)?;
             sync()?;
@@ -524,42 +749,67 @@ pub(crate) async fn directory(root: &Path, count: u64) -> anyhow::Result<Directo
         .await??
     };
     let seed_seconds = seed_started.elapsed().as_secs_f64();
-    anyhow::ensure!(created + seeded == count, "the store created {created} sessions and the seed wrote {seeded}, not {count} in all");
+    anyhow::ensure!(
+        created + seeded == count,
+        "the store created {created} sessions and the seed wrote {seeded}, not {count} in all"
+    );
     let stored = store.count().await?;
-    anyhow::ensure!(stored == count, "the store counts {stored} sessions, not {count}");
+    anyhow::ensure!(
+        stored == count,
+        "the store counts {stored} sessions, not {count}"
+    );
 
     let missed = Arc::new(AtomicU64::new(0));
-    let (loads, loads_per_second) = crate::store::repeat(DIRECTORY_CONCURRENCY, DIRECTORY_LOAD_WINDOW, u64::MAX, {
-        let (store, keys, missed) = (Arc::clone(&store), Arc::clone(&keys), Arc::clone(&missed));
-        move |_, _, n| {
-            let (store, keys, missed) = (Arc::clone(&store), Arc::clone(&keys), Arc::clone(&missed));
-            async move {
-                let key = keys[usize::try_from(spread(n) % keys.len() as u64)?];
-                if store.load(&key, born).await?.is_none() {
-                    missed.fetch_add(1, Ordering::Relaxed);
+    let (loads, loads_per_second) =
+        crate::store::repeat(DIRECTORY_CONCURRENCY, DIRECTORY_LOAD_WINDOW, u64::MAX, {
+            let (store, keys, missed) =
+                (Arc::clone(&store), Arc::clone(&keys), Arc::clone(&missed));
+            move |_, _, n| {
+                let (store, keys, missed) =
+                    (Arc::clone(&store), Arc::clone(&keys), Arc::clone(&missed));
+                async move {
+                    let key = keys[usize::try_from(spread(n) % keys.len() as u64)?];
+                    if store.load(&key, born).await?.is_none() {
+                        missed.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Ok(())
                 }
-                Ok(())
             }
-        }
-    })
-    .await?;
+        })
+        .await?;
     let missed = missed.load(Ordering::Relaxed);
-    anyhow::ensure!(missed == 0, "{missed} of {loads} loads did not find their session");
+    anyhow::ensure!(
+        missed == 0,
+        "{missed} of {loads} loads did not find their session"
+    );
 
     let purge_started = Instant::now();
     let purged = store.purge_expired(purge_at).await?;
     let purge_seconds = purge_started.elapsed().as_secs_f64();
-    anyhow::ensure!(purged == count, "purge_expired deleted {purged} of {count} expired sessions");
+    anyhow::ensure!(
+        purged == count,
+        "purge_expired deleted {purged} of {count} expired sessions"
+    );
     let stored = store.count().await?;
     anyhow::ensure!(stored == 0, "{stored} sessions are left after the purge");
     drop(store);
 
     let raw_seconds = {
-        let (keys, bytes, expiry) = (Arc::clone(&keys), template.encode(), template.expires_at().to_system_time());
+        let (keys, bytes, expiry) = (
+            Arc::clone(&keys),
+            template.encode(),
+            template.expires_at().to_system_time(),
+        );
         tokio::task::spawn_blocking(move || -> anyhow::Result<f64> {
-            DirBuilder::new().recursive(true).mode(0o700).create(raw.join("users"))?;
+            DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(raw.join("users"))?;
             let seeded = seed_tree(&raw, &keys, &bytes, expiry)?;
-            anyhow::ensure!(seeded == count, "the raw tree got {seeded} files, not {count}");
+            anyhow::ensure!(
+                seeded == count,
+                "the raw tree got {seeded} files, not {count}"
+            );
             sync()?;
             let started = Instant::now();
             std::fs::remove_dir_all(&raw)?;

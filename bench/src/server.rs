@@ -52,22 +52,33 @@ pub(crate) async fn run(args: ServerArgs) -> anyhow::Result<()> {
 }
 
 async fn session2_app(args: &ServerArgs) -> anyhow::Result<Router> {
-    use session2::{ExclusiveSession, Session, SessionConfig, SessionLayer, SessionManager, SessionStore};
+    use session2::{
+        ExclusiveSession, Session, SessionConfig, SessionLayer, SessionManager, SessionStore,
+    };
 
     // SQL stores get the very pool the tower-sessions server gets.
     let store: Arc<dyn SessionStore> = match args.store.as_str() {
         "memory" => Arc::new(session2::MemoryStore::new()),
-        url if url.starts_with("sqlite:") => Arc::new(session2::SqliteStore::from_pool(sqlite_pool(url, args.pool).await?)),
+        url if url.starts_with("sqlite:") => Arc::new(session2::SqliteStore::from_pool(
+            sqlite_pool(url, args.pool).await?,
+        )),
         url if url.starts_with("postgres") => Arc::new(session2::PostgresStore::from_pool(
-            sqlx::postgres::PgPoolOptions::new().max_connections(args.pool).connect(url).await?,
+            sqlx::postgres::PgPoolOptions::new()
+                .max_connections(args.pool)
+                .connect(url)
+                .await?,
         )),
         url if url.starts_with("mysql") => Arc::new(session2::MySqlStore::from_pool(
-            sqlx::mysql::MySqlPoolOptions::new().max_connections(args.pool).connect(url).await?,
+            sqlx::mysql::MySqlPoolOptions::new()
+                .max_connections(args.pool)
+                .connect(url)
+                .await?,
         )),
         url => session2::store::open(url).await?,
     };
     store.setup().await?;
-    let manager = SessionManager::from_arc(store).with_config(SessionConfig::default().with_secure(false))?;
+    let manager =
+        SessionManager::from_arc(store).with_config(SessionConfig::default().with_secure(false))?;
 
     fn bump(session: &Session) -> String {
         let next = session.get::<i64>(COUNTER).ok().flatten().unwrap_or(0) + 1;
@@ -75,18 +86,36 @@ async fn session2_app(args: &ServerArgs) -> anyhow::Result<Router> {
         next.to_string()
     }
     Ok(Router::new()
-        .route("/rmw", post(|session: Session| async move { bump(&session) }))
-        .route("/rmw-exclusive", post(|ExclusiveSession(session): ExclusiveSession| async move { bump(&session) }))
+        .route(
+            "/rmw",
+            post(|session: Session| async move { bump(&session) }),
+        )
+        .route(
+            "/rmw-exclusive",
+            post(|ExclusiveSession(session): ExclusiveSession| async move { bump(&session) }),
+        )
         .route(
             "/read",
-            get(|session: Session| async move { session.get::<i64>(COUNTER).ok().flatten().unwrap_or(0).to_string() }),
+            get(|session: Session| async move {
+                session
+                    .get::<i64>(COUNTER)
+                    .ok()
+                    .flatten()
+                    .unwrap_or(0)
+                    .to_string()
+            }),
         )
         .route("/anon", get(|| async { "ok" }))
         .route(
             "/login",
             post(|session: Session| async move {
                 session.set_user("bench-user");
-                session.get::<i64>(COUNTER).ok().flatten().unwrap_or(0).to_string()
+                session
+                    .get::<i64>(COUNTER)
+                    .ok()
+                    .flatten()
+                    .unwrap_or(0)
+                    .to_string()
             }),
         )
         .route(
@@ -103,7 +132,13 @@ async fn tower_sessions_app(args: &ServerArgs) -> anyhow::Result<Router> {
     use tower_sessions::{Expiry, Session, SessionManagerLayer};
 
     async fn bump(session: Session) -> String {
-        let next = session.get::<i64>(COUNTER).await.ok().flatten().unwrap_or(0) + 1;
+        let next = session
+            .get::<i64>(COUNTER)
+            .await
+            .ok()
+            .flatten()
+            .unwrap_or(0)
+            + 1;
         session.insert(COUNTER, next).await.expect("insert");
         next.to_string()
     }
@@ -117,7 +152,13 @@ async fn tower_sessions_app(args: &ServerArgs) -> anyhow::Result<Router> {
             .route(
                 "/read",
                 get(|session: Session| async move {
-                    session.get::<i64>(COUNTER).await.ok().flatten().unwrap_or(0).to_string()
+                    session
+                        .get::<i64>(COUNTER)
+                        .await
+                        .ok()
+                        .flatten()
+                        .unwrap_or(0)
+                        .to_string()
                 }),
             )
             .route("/anon", get(|| async { "ok" }))
@@ -126,7 +167,13 @@ async fn tower_sessions_app(args: &ServerArgs) -> anyhow::Result<Router> {
                 post(|session: Session| async move {
                     session.cycle_id().await.expect("cycle id");
                     session.insert("user", "bench-user").await.expect("insert");
-                    session.get::<i64>(COUNTER).await.ok().flatten().unwrap_or(0).to_string()
+                    session
+                        .get::<i64>(COUNTER)
+                        .await
+                        .ok()
+                        .flatten()
+                        .unwrap_or(0)
+                        .to_string()
                 }),
             )
             .route(
@@ -143,16 +190,23 @@ async fn tower_sessions_app(args: &ServerArgs) -> anyhow::Result<Router> {
     Ok(if store == "memory" {
         routes(tower_sessions::MemoryStore::default())
     } else if store.starts_with("sqlite:") {
-        let store = tower_sessions_sqlx_store::SqliteStore::new(sqlite_pool(store, args.pool).await?);
+        let store =
+            tower_sessions_sqlx_store::SqliteStore::new(sqlite_pool(store, args.pool).await?);
         store.migrate().await?;
         routes(store)
     } else if store.starts_with("postgres") {
-        let pool = sqlx::postgres::PgPoolOptions::new().max_connections(args.pool).connect(store).await?;
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(args.pool)
+            .connect(store)
+            .await?;
         let store = tower_sessions_sqlx_store::PostgresStore::new(pool);
         store.migrate().await?;
         routes(store)
     } else if store.starts_with("mysql") {
-        let pool = sqlx::mysql::MySqlPoolOptions::new().max_connections(args.pool).connect(store).await?;
+        let pool = sqlx::mysql::MySqlPoolOptions::new()
+            .max_connections(args.pool)
+            .connect(store)
+            .await?;
         let store = tower_sessions_sqlx_store::MySqlStore::new(pool);
         store.migrate().await?;
         routes(store)
@@ -174,5 +228,8 @@ async fn sqlite_pool(url: &str, pool: u32) -> anyhow::Result<sqlx::SqlitePool> {
         .create_if_missing(true)
         .journal_mode(sqlx::sqlite::SqliteJournalMode::Wal)
         .busy_timeout(std::time::Duration::from_secs(5));
-    Ok(sqlx::sqlite::SqlitePoolOptions::new().max_connections(pool).connect_with(options).await?)
+    Ok(sqlx::sqlite::SqlitePoolOptions::new()
+        .max_connections(pool)
+        .connect_with(options)
+        .await?)
 }

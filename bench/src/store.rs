@@ -7,7 +7,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
-use session2::{Clock, CreateOutcome, Record, SessionId, SessionKey, SessionStore, SystemClock, Timestamp};
+use session2::{
+    Clock, CreateOutcome, Record, SessionId, SessionKey, SessionStore, SystemClock, Timestamp,
+};
 
 #[derive(Debug, clap::Args)]
 pub(crate) struct StoreArgs {
@@ -59,7 +61,11 @@ pub(crate) async fn measure(args: &StoreArgs) -> anyhow::Result<StoreResult> {
     let store = open(&args.store).await?;
     let now = SystemClock.now();
     let template = record(now);
-    let keys: Arc<Vec<SessionKey>> = Arc::new((0..args.sessions).map(|_| SessionId::generate().key()).collect());
+    let keys: Arc<Vec<SessionKey>> = Arc::new(
+        (0..args.sessions)
+            .map(|_| SessionId::generate().key())
+            .collect(),
+    );
     // Seed concurrently.
     repeat(args.concurrency, Duration::MAX, keys.len() as u64, {
         let (store, keys, template) = (Arc::clone(&store), Arc::clone(&keys), template.clone());
@@ -87,18 +93,32 @@ pub(crate) async fn measure(args: &StoreArgs) -> anyhow::Result<StoreResult> {
     })
     .await?;
     // Save: each worker owns every `concurrency`-th key and knows its version.
-    let versions: Arc<Vec<AtomicU64>> = Arc::new((0..keys.len()).map(|_| AtomicU64::new(1)).collect());
+    let versions: Arc<Vec<AtomicU64>> =
+        Arc::new((0..keys.len()).map(|_| AtomicU64::new(1)).collect());
     let (_, save) = repeat(args.concurrency, window, u64::MAX, {
-        let (store, keys, versions, template, concurrency) =
-            (Arc::clone(&store), Arc::clone(&keys), Arc::clone(&versions), template.clone(), args.concurrency);
+        let (store, keys, versions, template, concurrency) = (
+            Arc::clone(&store),
+            Arc::clone(&keys),
+            Arc::clone(&versions),
+            template.clone(),
+            args.concurrency,
+        );
         move |worker, n, _| {
-            let (store, keys, versions, mut next) = (Arc::clone(&store), Arc::clone(&keys), Arc::clone(&versions), template.clone());
+            let (store, keys, versions, mut next) = (
+                Arc::clone(&store),
+                Arc::clone(&keys),
+                Arc::clone(&versions),
+                template.clone(),
+            );
             async move {
                 let per_worker = keys.len() / concurrency;
                 let index = worker + concurrency * ((n as usize) % per_worker.max(1));
                 let version = versions[index].load(Ordering::Relaxed);
                 next.version = version + 1;
-                anyhow::ensure!(store.replace(&keys[index], version, &next, now).await?, "compare-and-swap lost");
+                anyhow::ensure!(
+                    store.replace(&keys[index], version, &next, now).await?,
+                    "compare-and-swap lost"
+                );
                 versions[index].store(version + 1, Ordering::Relaxed);
                 Ok(())
             }
@@ -110,7 +130,9 @@ pub(crate) async fn measure(args: &StoreArgs) -> anyhow::Result<StoreResult> {
         move |_, _, _| {
             let (store, template) = (Arc::clone(&store), template.clone());
             async move {
-                let outcome = store.create(&SessionId::generate().key(), &template, now).await?;
+                let outcome = store
+                    .create(&SessionId::generate().key(), &template, now)
+                    .await?;
                 anyhow::ensure!(outcome == CreateOutcome::Created);
                 Ok(())
             }
@@ -130,13 +152,24 @@ pub(crate) async fn measure(args: &StoreArgs) -> anyhow::Result<StoreResult> {
         }
     })
     .await?;
-    Ok(StoreResult { store: args.store.clone(), load, save, create, touch })
+    Ok(StoreResult {
+        store: args.store.clone(),
+        load,
+        save,
+        create,
+        touch,
+    })
 }
 
 /// Runs `operation(worker, worker's count, global count)` from `workers`
 /// tasks until `window` has passed or `total` operations were done; returns
 /// how many were done and how many per second.
-pub(crate) async fn repeat<F, Fut>(workers: usize, window: Duration, total: u64, operation: F) -> anyhow::Result<(u64, f64)>
+pub(crate) async fn repeat<F, Fut>(
+    workers: usize,
+    window: Duration,
+    total: u64,
+    operation: F,
+) -> anyhow::Result<(u64, f64)>
 where
     F: Fn(usize, u64, u64) -> Fut + Clone + Send + 'static,
     Fut: std::future::Future<Output = anyhow::Result<()>> + Send,
@@ -196,7 +229,9 @@ pub(crate) async fn memory(args: MemoryArgs) -> anyhow::Result<()> {
             let store = session2::MemoryStore::new();
             let template = record(now);
             for _ in 0..args.sessions {
-                store.create(&SessionId::generate().key(), &template, now).await?;
+                store
+                    .create(&SessionId::generate().key(), &template, now)
+                    .await?;
             }
             keep_alive.push(Box::new(store));
         }
@@ -204,7 +239,8 @@ pub(crate) async fn memory(args: MemoryArgs) -> anyhow::Result<()> {
             use tower_sessions::session_store::SessionStore as _;
             let store = tower_sessions::MemoryStore::default();
             let payload: serde_json::Value = serde_json::from_slice(&record(now).data)?;
-            let data: std::collections::HashMap<String, serde_json::Value> = serde_json::from_value(payload)?;
+            let data: std::collections::HashMap<String, serde_json::Value> =
+                serde_json::from_value(payload)?;
             for _ in 0..args.sessions {
                 let mut session = tower_sessions::session::Record {
                     id: tower_sessions::session::Id::default(),
