@@ -109,8 +109,8 @@ fn store_urls(args: &AllArgs, name: &str, scratch: &std::path::Path) -> anyhow::
             format!("sqlite:{}", scratch.join("tower.db").display()),
         ),
         // The SQL servers get the same pool; each library uses its own table.
-        "postgres" => (args.postgres.clone(), args.postgres.clone()),
-        "mysql" => (args.mysql.clone(), args.mysql.clone()),
+        "postgres" => (with_bench_table(&args.postgres), args.postgres.clone()),
+        "mysql" => (with_bench_table(&args.mysql), args.mysql.clone()),
         "redis" => (
             format!("{}?prefix=bench-session2:", args.redis),
             args.redis.clone(),
@@ -118,6 +118,28 @@ fn store_urls(args: &AllArgs, name: &str, scratch: &std::path::Path) -> anyhow::
         other => bail!("unknown store `{other}`"),
     };
     Ok(StoreUrls { ours, theirs })
+}
+
+/// session2's table on the SQL servers, made afresh by each run.
+const BENCH_TABLE: &str = "bench_session2";
+
+fn with_bench_table(url: &str) -> String {
+    let separator = if url.contains('?') { '&' } else { '?' };
+    format!("{url}{separator}table={BENCH_TABLE}")
+}
+
+/// Drops both libraries' tables on a SQL server, so that each run starts
+/// from empty tables of the same size: sessions left by earlier runs (the
+/// store-level runs alone add 10,000 a run) would make one library's
+/// table, and its indexes, larger than the other's.
+async fn drop_session_tables(url: &str) -> anyhow::Result<()> {
+    let statements = [
+        format!("DROP TABLE IF EXISTS {BENCH_TABLE}"),
+        format!("DROP TABLE IF EXISTS {BENCH_TABLE}_schema"),
+        "DROP TABLE IF EXISTS tower_sessions.session".to_owned(),
+    ];
+    crate::scale::execute(url, &statements).await?;
+    Ok(())
 }
 
 const ALL_WORKLOADS: [Workload; 7] = [
@@ -211,6 +233,11 @@ pub(crate) async fn all(args: AllArgs) -> anyhow::Result<()> {
     let mut results = Results::default();
     for name in &args.stores {
         let urls = store_urls(&args, name, &scratch)?;
+        if matches!(name.as_str(), "postgres" | "mysql")
+            && let Err(err) = drop_session_tables(&urls.theirs).await
+        {
+            eprintln!("could not drop the session tables on {name}: {err:#}");
+        }
         // All three servers run side by side, so the libraries can take
         // turns on each row: drift of the machine hits both alike.
         let mut servers = Vec::new();

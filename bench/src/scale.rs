@@ -59,7 +59,7 @@ fn seed_sql(kind: &str, table: &str, count: u64) -> String {
     }
 }
 
-async fn execute(url: &str, statements: &[String]) -> anyhow::Result<Duration> {
+pub(crate) async fn execute(url: &str, statements: &[String]) -> anyhow::Result<Duration> {
     let started = Instant::now();
     if url.starts_with("postgres") {
         let mut connection = sqlx::PgConnection::connect(url).await?;
