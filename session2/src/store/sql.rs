@@ -55,12 +55,8 @@ pub(crate) const SCHEMA_VERSION: i64 = 2;
 /// PostgreSQL keeps of an identifier (MySQL allows 64).
 const MAX_TABLE_NAME: usize = 56;
 
-/// How many rows one purge statement changes, so that purging a million
-/// sessions never holds locks on all of them at once: SQLite's one write
-/// lock, which stops every save meanwhile, and InnoDB's lock memory.
-/// PostgreSQL deletes expired rows in one statement (its row locks live in
-/// the rows, and nobody waits for an expired row), but moves live rows'
-/// early `expires_at` in batches like the others.
+/// How many rows one purge statement changes where purge goes in batches
+/// (see [`Purge`]); moving live rows' early `expires_at` always does.
 const PURGE_BATCH: i64 = 100_000;
 
 /// The columns `SELECT`ed for a record after its key, in the order
@@ -258,9 +254,10 @@ pub(crate) struct Statements {
     delete_at_version: String,
     /// accessed_at, idle_deadline (three times), key, accessed_at
     touch: String,
-    /// now, now: deletes expired rows, in a batch where `purge_in_batches`
-    purge: String,
-    purge_in_batches: bool,
+    /// How expired rows are deleted.
+    purge: Purge,
+    /// Rows per purge batch: [`PURGE_BATCH`] (tests make it small).
+    purge_batch: i64,
     /// now, now: moves a batch of early `expires_at` of live rows to their expiry
     purge_move: String,
     /// limit
@@ -272,8 +269,25 @@ pub(crate) struct Statements {
     find_by_user: String,
 }
 
+/// How a dialect deletes the expired rows.
+#[derive(Debug)]
+enum Purge {
+    /// now, now: one statement (PostgreSQL: its row locks live in the rows,
+    /// and nobody waits for an expired row).
+    Whole(String),
+    /// now, now: a batch, repeated until one falls short: SQLite, where a
+    /// batch holds the one write lock and so stops every save meanwhile,
+    /// and MySQL, where it bounds the transaction and its undo log.
+    /// InnoDB keeps deleted index entries until its background purge gets
+    /// to them, and each batch walks past those of the batches before it:
+    /// a million rows take about twice one `DELETE` there. Batches that
+    /// start where the last one ended (by `(expires_at, key)`) did not help:
+    /// MariaDB 10.11 does not turn that condition into an index range.
+    Batches(String),
+}
+
 impl Statements {
-    pub(crate) fn new(dialect: Dialect, table: &str) -> Self {
+    pub(crate) fn new(dialect: Dialect, table: &str, purge_batch: i64) -> Self {
         let t = dialect.quote(table);
         let key = dialect.quote("key");
         let p = |n| dialect.param(n);
@@ -353,14 +367,14 @@ impl Statements {
             let due = format!("expires_at <= {} AND {expiry} {compare} {}", p(1), p(2));
             match dialect {
                 #[cfg(feature = "mysql")]
-                Dialect::MySql => format!("WHERE {due} LIMIT {PURGE_BATCH}"),
+                Dialect::MySql => format!("WHERE {due} LIMIT {purge_batch}"),
                 #[cfg(feature = "postgres")]
                 Dialect::Postgres => format!(
-                    "WHERE ctid = ANY(ARRAY(SELECT ctid FROM {t} WHERE {due} LIMIT {PURGE_BATCH}))"
+                    "WHERE ctid = ANY(ARRAY(SELECT ctid FROM {t} WHERE {due} LIMIT {purge_batch}))"
                 ),
                 #[allow(unreachable_patterns)]
                 _ => format!(
-                    "WHERE rowid IN (SELECT rowid FROM {t} WHERE {due} LIMIT {PURGE_BATCH})"
+                    "WHERE rowid IN (SELECT rowid FROM {t} WHERE {due} LIMIT {purge_batch})"
                 ),
             }
         };
@@ -413,18 +427,13 @@ impl Statements {
             ),
             purge: match dialect {
                 #[cfg(feature = "postgres")]
-                Dialect::Postgres => {
-                    format!("DELETE FROM {t} WHERE expires_at <= $1 AND {expiry} <= $2")
-                }
+                Dialect::Postgres => Purge::Whole(format!(
+                    "DELETE FROM {t} WHERE expires_at <= $1 AND {expiry} <= $2"
+                )),
                 #[allow(unreachable_patterns)]
-                _ => format!("DELETE FROM {t} {}", due_rows("<=")),
+                _ => Purge::Batches(format!("DELETE FROM {t} {}", due_rows("<="))),
             },
-            purge_in_batches: match dialect {
-                #[cfg(feature = "postgres")]
-                Dialect::Postgres => false,
-                #[allow(unreachable_patterns)]
-                _ => true,
-            },
+            purge_batch,
             purge_move: format!("UPDATE {t} SET expires_at = {expiry} {}", due_rows(">")),
             list_first: format!(
                 "SELECT {key}, {columns} FROM {t} ORDER BY {key} LIMIT {}",
@@ -471,8 +480,15 @@ impl<DB: Backend> SqlTable<DB> {
         Ok(Self {
             pool,
             table: table.to_owned(),
-            statements: std::sync::Arc::new(Statements::new(DB::DIALECT, table)),
+            statements: std::sync::Arc::new(Statements::new(DB::DIALECT, table, PURGE_BATCH)),
         })
+    }
+
+    /// The same table, purged in batches of `rows`.
+    #[cfg(test)]
+    pub(crate) fn with_purge_batch(mut self, rows: i64) -> Self {
+        self.statements = std::sync::Arc::new(Statements::new(DB::DIALECT, &self.table, rows));
+        self
     }
 
     /// The same pool on another table.
@@ -759,9 +775,10 @@ where
 
     pub(crate) async fn purge_expired(&self, now: Timestamp) -> Result<u64> {
         let statements = &self.statements;
-        let purged = self
-            .each_batch(&statements.purge, statements.purge_in_batches, now)
-            .await?;
+        let purged = match &statements.purge {
+            Purge::Whole(statement) => self.each_batch(statement, false, now).await?,
+            Purge::Batches(statement) => self.each_batch(statement, true, now).await?,
+        };
         // After the deletes, so that no batch moves a row only to delete it.
         self.each_batch(&statements.purge_move, true, now).await?;
         Ok(purged)
@@ -780,7 +797,7 @@ where
                 .map_err(|err| self.error("purge expired sessions", err))?;
             let batch = DB::rows_affected(&result);
             changed += batch;
-            if !in_batches || batch < PURGE_BATCH as u64 {
+            if !in_batches || batch < self.statements.purge_batch as u64 {
                 return Ok(changed);
             }
         }
@@ -927,6 +944,16 @@ where
 /// `table` field is a [`SqlTable`] and that has an inherent `setup_schema`.
 macro_rules! impl_sql_session_store {
     ($store:ty, $name:literal) => {
+        #[cfg(test)]
+        impl $store {
+            /// The same store, purging in batches of `rows`.
+            pub(crate) fn with_purge_batch(self, rows: i64) -> Self {
+                Self {
+                    table: self.table.with_purge_batch(rows),
+                }
+            }
+        }
+
         #[async_trait::async_trait]
         impl crate::SessionStore for $store {
             fn name(&self) -> &'static str {
@@ -1029,6 +1056,107 @@ pub(crate) use impl_sql_session_store;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Purges with batches of 3 rows: expired rows spread over several
+    /// batches, several of them sharing one `expires_at` across a batch
+    /// boundary, and live rows with early `expires_at` among them. Every
+    /// expired row goes, every live one stays, and the early entries move.
+    async fn purge_in_small_batches(store: impl crate::SessionStore) {
+        use std::time::Duration;
+        let now = Timestamp::from_millis(1_700_000_000_000);
+        let at = |seconds: u64| now.saturating_add(Duration::from_secs(seconds));
+        store.setup().await.unwrap();
+        let mut live = Vec::new();
+        for i in 0..16u64 {
+            let key = crate::SessionId::generate().key();
+            // Expiries of 10 s (nine rows alike) and 20 s; every fourth
+            // row is prolonged to an hour, leaving its entry early.
+            let record = Record::new(now, at(if i % 3 == 0 { 20 } else { 10 }), None);
+            assert_eq!(
+                store.create(&key, &record, now).await.unwrap(),
+                CreateOutcome::Created
+            );
+            if i % 4 == 0 {
+                let prolonged = Record {
+                    version: 2,
+                    idle_deadline: at(3_600),
+                    ..record
+                };
+                assert!(store.replace(&key, 1, &prolonged, now).await.unwrap());
+                live.push(key);
+            }
+        }
+        assert_eq!(store.purge_expired(at(30)).await.unwrap(), 12);
+        assert_eq!(store.count().await.unwrap(), 4);
+        for key in &live {
+            assert!(store.load(key, at(30)).await.unwrap().is_some());
+        }
+        assert_eq!(store.purge_expired(at(30)).await.unwrap(), 0);
+        assert_eq!(store.purge_expired(at(3_600)).await.unwrap(), 4);
+    }
+
+    fn test_table() -> String {
+        format!(
+            "s2unit_{}",
+            &crate::SessionId::generate().key().to_hex()[..16]
+        )
+    }
+
+    #[cfg(feature = "sqlite")]
+    #[test]
+    fn sqlite_purges_in_batches() {
+        crate::testing::run(async {
+            let store = crate::store::SqliteStore::connect("sqlite::memory:")
+                .await
+                .unwrap()
+                .with_purge_batch(3);
+            purge_in_small_batches(store).await;
+        });
+    }
+
+    #[cfg(feature = "mysql")]
+    #[test]
+    fn mysql_purges_in_batches() {
+        crate::testing::run(async {
+            let url = std::env::var("SESSION2_TEST_MYSQL_URL")
+                .unwrap_or_else(|_| "mysql://root@127.0.0.1:3306/test".to_owned());
+            let connected = crate::store::MySqlStore::connect(&url).await;
+            let Some(store) = crate::testing::require_server("mysql", connected) else {
+                return;
+            };
+            let table = test_table();
+            let store = store.with_table_name(&table).unwrap().with_purge_batch(3);
+            purge_in_small_batches(store.clone()).await;
+            for name in [table.clone(), format!("{table}_schema")] {
+                sqlx::query(&format!("DROP TABLE `{name}`"))
+                    .execute(store.pool())
+                    .await
+                    .unwrap();
+            }
+        });
+    }
+
+    #[cfg(feature = "postgres")]
+    #[test]
+    fn postgres_purges_whole_and_moves_in_batches() {
+        crate::testing::run(async {
+            let url = std::env::var("SESSION2_TEST_POSTGRES_URL")
+                .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned());
+            let connected = crate::store::PostgresStore::connect(&url).await;
+            let Some(store) = crate::testing::require_server("postgres", connected) else {
+                return;
+            };
+            let table = test_table();
+            let store = store.with_table_name(&table).unwrap().with_purge_batch(3);
+            purge_in_small_batches(store.clone()).await;
+            for name in [table.clone(), format!("{table}_schema")] {
+                sqlx::query(&format!("DROP TABLE \"{name}\""))
+                    .execute(store.pool())
+                    .await
+                    .unwrap();
+            }
+        });
+    }
 
     #[test]
     fn table_names_are_validated() {
