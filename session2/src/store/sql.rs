@@ -1114,48 +1114,51 @@ mod tests {
         });
     }
 
+    /// [`purge_in_small_batches`] on a fresh table of the server at the URL
+    /// in `$env` (default `$default`), which it then drops.
+    macro_rules! purge_in_small_batches_on_server {
+        ($store:ty, $dialect:expr, $server:literal, $env:literal, $default:literal) => {
+            crate::testing::run(async {
+                let url = std::env::var($env).unwrap_or_else(|_| $default.to_owned());
+                let connected = <$store>::connect(&url).await;
+                let Some(store) = crate::testing::require_server($server, connected) else {
+                    return;
+                };
+                let table = test_table();
+                let store = store.with_table_name(&table).unwrap().with_purge_batch(3);
+                purge_in_small_batches(store.clone()).await;
+                for name in [table.clone(), format!("{table}_schema")] {
+                    sqlx::query(&format!("DROP TABLE {}", $dialect.quote(&name)))
+                        .execute(store.pool())
+                        .await
+                        .unwrap();
+                }
+            })
+        };
+    }
+
     #[cfg(feature = "mysql")]
     #[test]
     fn mysql_purges_in_batches() {
-        crate::testing::run(async {
-            let url = std::env::var("SESSION2_TEST_MYSQL_URL")
-                .unwrap_or_else(|_| "mysql://root@127.0.0.1:3306/test".to_owned());
-            let connected = crate::store::MySqlStore::connect(&url).await;
-            let Some(store) = crate::testing::require_server("mysql", connected) else {
-                return;
-            };
-            let table = test_table();
-            let store = store.with_table_name(&table).unwrap().with_purge_batch(3);
-            purge_in_small_batches(store.clone()).await;
-            for name in [table.clone(), format!("{table}_schema")] {
-                sqlx::query(&format!("DROP TABLE `{name}`"))
-                    .execute(store.pool())
-                    .await
-                    .unwrap();
-            }
-        });
+        purge_in_small_batches_on_server!(
+            crate::store::MySqlStore,
+            Dialect::MySql,
+            "mysql",
+            "SESSION2_TEST_MYSQL_URL",
+            "mysql://root@127.0.0.1:3306/test"
+        );
     }
 
     #[cfg(feature = "postgres")]
     #[test]
     fn postgres_purges_whole_and_moves_in_batches() {
-        crate::testing::run(async {
-            let url = std::env::var("SESSION2_TEST_POSTGRES_URL")
-                .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned());
-            let connected = crate::store::PostgresStore::connect(&url).await;
-            let Some(store) = crate::testing::require_server("postgres", connected) else {
-                return;
-            };
-            let table = test_table();
-            let store = store.with_table_name(&table).unwrap().with_purge_batch(3);
-            purge_in_small_batches(store.clone()).await;
-            for name in [table.clone(), format!("{table}_schema")] {
-                sqlx::query(&format!("DROP TABLE \"{name}\""))
-                    .execute(store.pool())
-                    .await
-                    .unwrap();
-            }
-        });
+        purge_in_small_batches_on_server!(
+            crate::store::PostgresStore,
+            Dialect::Postgres,
+            "postgres",
+            "SESSION2_TEST_POSTGRES_URL",
+            "postgres://postgres@127.0.0.1:5432/test"
+        );
     }
 
     #[test]
