@@ -83,8 +83,11 @@ local function write(hex, first, old)
   else
     redis.call('ZADD', keys, 0, hex)
   end
-  redis.call('HSET', skey, unpack(ARGV, first + 3))
-  if indexed[1] then redis.call('HSET', skey, unpack(indexed)) end
+  if indexed[1] then
+    redis.call('HSET', skey, indexed[1], indexed[2], unpack(ARGV, first + 3))
+  else
+    redis.call('HSET', skey, unpack(ARGV, first + 3))
+  end
   redis.call('PEXPIREAT', skey, expires_at)
   local old_user = old and old.user or false
   if old_user == user then return end

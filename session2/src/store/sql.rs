@@ -776,31 +776,37 @@ where
     pub(crate) async fn purge_expired(&self, now: Timestamp) -> Result<u64> {
         let statements = &self.statements;
         let purged = match &statements.purge {
-            Purge::Whole(statement) => self.each_batch(statement, false, now).await?,
-            Purge::Batches(statement) => self.each_batch(statement, true, now).await?,
+            Purge::Whole(statement) => self.run_purge_statement(statement, now).await?,
+            Purge::Batches(statement) => self.each_batch(statement, now).await?,
         };
         // After the deletes, so that no batch moves a row only to delete it.
-        self.each_batch(&statements.purge_move, true, now).await?;
+        self.each_batch(&statements.purge_move, now).await?;
         Ok(purged)
     }
 
-    /// Runs a purge statement, `in_batches` until one falls short; returns
+    /// Runs a batched purge statement until a batch falls short; returns
     /// the rows changed.
-    async fn each_batch(&self, statement: &str, in_batches: bool, now: Timestamp) -> Result<u64> {
+    async fn each_batch(&self, statement: &str, now: Timestamp) -> Result<u64> {
         let mut changed = 0;
         loop {
-            let result = sqlx::query(statement)
-                .bind(now.as_millis())
-                .bind(now.as_millis())
-                .execute(&self.pool)
-                .await
-                .map_err(|err| self.error("purge expired sessions", err))?;
-            let batch = DB::rows_affected(&result);
+            let batch = self.run_purge_statement(statement, now).await?;
             changed += batch;
-            if !in_batches || batch < self.statements.purge_batch as u64 {
+            if batch < self.statements.purge_batch as u64 {
                 return Ok(changed);
             }
         }
+    }
+
+    /// Runs a purge statement (placeholders: now, now) once; returns the
+    /// rows changed.
+    async fn run_purge_statement(&self, statement: &str, now: Timestamp) -> Result<u64> {
+        let result = sqlx::query(statement)
+            .bind(now.as_millis())
+            .bind(now.as_millis())
+            .execute(&self.pool)
+            .await
+            .map_err(|err| self.error("purge expired sessions", err))?;
+        Ok(DB::rows_affected(&result))
     }
 
     pub(crate) async fn list(&self, after: Option<&SessionKey>, limit: usize) -> Result<Page> {
