@@ -278,11 +278,12 @@ enum Purge {
     /// now, now: a batch, repeated until one falls short: SQLite, where a
     /// batch holds the one write lock and so stops every save meanwhile,
     /// and MySQL, where it bounds the transaction and its undo log.
-    /// InnoDB keeps deleted index entries until its background purge gets
-    /// to them, and each batch walks past those of the batches before it:
-    /// a million rows take about twice one `DELETE` there. Batches that
-    /// start where the last one ended (by `(expires_at, key)`) did not help:
-    /// MariaDB 10.11 does not turn that condition into an index range.
+    /// On InnoDB a `DELETE` returns before its background purge has removed
+    /// the rows; batches share the machine with the purge of the batches
+    /// before them, so they return later than one big `DELETE` (about 2×
+    /// for a million rows) but leave the server done sooner (about 0.9×).
+    /// Batches that start where the last one ended, by `(expires_at, key)`,
+    /// were measured too and were no faster.
     Batches(String),
 }
 
