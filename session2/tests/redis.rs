@@ -18,7 +18,8 @@ async fn factory() -> Option<Arc<dyn SessionStore>> {
 
 session2::conformance_tests!(factory);
 
-/// The suite again over RESP3, where Redis answers `HGETALL` with a map.
+/// The suite again over RESP3, whose replies have their own types (a
+/// missing field is a RESP3 null).
 mod resp3 {
     use std::sync::Arc;
 

@@ -8,6 +8,9 @@
 local exp, keys, owners = KEYS[1], KEYS[2], KEYS[3]
 local sprefix, uprefix = ARGV[1], ARGV[2]
 
+-- The fields a reader gets, in the order `RECORD_FIELDS` in `store/redis.rs` decodes them.
+local record_fields = { 'version', 'created_at', 'accessed_at', 'idle_deadline', 'absolute_deadline', 'user', 'lease_token', 'lease_until', 'data' }
+
 -- The metadata of the record under `skey`: nil when missing (or expired by
 -- Redis), false when it cannot be read, else its version, expiry, the
 -- optional fields a rewrite may have to drop, and the score it has in the
@@ -100,8 +103,13 @@ local function write(hex, first, old)
   end
 end
 
--- The whole record `hex` for a reader: its hash as a flat field/value array,
--- an empty array when unreadable, nil (and its index entries dropped) when gone.
+-- The record under `skey` for a reader: the values of `record_fields`.
+local function read(skey)
+  return redis.call('HMGET', skey, unpack(record_fields))
+end
+
+-- The whole record `hex` for a reader (see `read`), an empty array when
+-- unreadable, nil (and its index entries dropped) when gone.
 local function fetch(hex)
   local skey = sprefix .. hex
   local kind = redis.call('TYPE', skey)['ok']
@@ -110,5 +118,5 @@ local function fetch(hex)
     return nil
   end
   if kind ~= 'hash' then return {} end
-  return redis.call('HGETALL', skey)
+  return read(skey)
 end
