@@ -37,7 +37,7 @@ pub(crate) struct AllArgs {
     users: usize,
     #[arg(long, default_value_t = 0.5)]
     warmup: f64,
-    #[arg(long, default_value_t = 1.5)]
+    #[arg(long, default_value_t = 2.0)]
     duration: f64,
     /// Runs of every row, the libraries taking turns; the report gives
     /// medians. 0 skips the HTTP benchmarks.
