@@ -56,25 +56,38 @@ async fn session2_app(args: &ServerArgs) -> anyhow::Result<Router> {
         ExclusiveSession, Session, SessionConfig, SessionLayer, SessionManager, SessionStore,
     };
 
-    // SQL stores get the very pool the tower-sessions server gets.
-    let store: Arc<dyn SessionStore> = match args.store.as_str() {
+    // SQL stores get the very pool the tower-sessions server gets, and the
+    // table the URL names (`table=…`), as `session2::store::open` would.
+    let (url, table) = split_table(&args.store);
+    let table = table.as_deref();
+    let store: Arc<dyn SessionStore> = match url.as_str() {
         "memory" => Arc::new(session2::MemoryStore::new()),
-        url if url.starts_with("sqlite:") => Arc::new(session2::SqliteStore::from_pool(
-            sqlite_pool(url, args.pool).await?,
-        )),
-        url if url.starts_with("postgres") => Arc::new(session2::PostgresStore::from_pool(
-            sqlx::postgres::PgPoolOptions::new()
-                .max_connections(args.pool)
-                .connect(url)
-                .await?,
-        )),
-        url if url.starts_with("mysql") => Arc::new(session2::MySqlStore::from_pool(
-            sqlx::mysql::MySqlPoolOptions::new()
-                .max_connections(args.pool)
-                .connect(url)
-                .await?,
-        )),
-        url => session2::store::open(url).await?,
+        url if url.starts_with("sqlite:") => Arc::new(on_table(
+            session2::SqliteStore::from_pool(sqlite_pool(url, args.pool).await?),
+            table,
+            session2::SqliteStore::with_table_name,
+        )?),
+        url if url.starts_with("postgres") => Arc::new(on_table(
+            session2::PostgresStore::from_pool(
+                sqlx::postgres::PgPoolOptions::new()
+                    .max_connections(args.pool)
+                    .connect(url)
+                    .await?,
+            ),
+            table,
+            session2::PostgresStore::with_table_name,
+        )?),
+        url if url.starts_with("mysql") => Arc::new(on_table(
+            session2::MySqlStore::from_pool(
+                sqlx::mysql::MySqlPoolOptions::new()
+                    .max_connections(args.pool)
+                    .connect(url)
+                    .await?,
+            ),
+            table,
+            session2::MySqlStore::with_table_name,
+        )?),
+        _ => session2::store::open(&args.store).await?,
     };
     store.setup().await?;
     let manager =
@@ -221,6 +234,43 @@ async fn tower_sessions_app(args: &ServerArgs) -> anyhow::Result<Router> {
     })
 }
 
+/// `store` on the table `table` names, if it names one.
+fn on_table<S>(
+    store: S,
+    table: Option<&str>,
+    with_table_name: impl FnOnce(S, &str) -> session2::Result<S>,
+) -> anyhow::Result<S> {
+    Ok(match table {
+        Some(name) => with_table_name(store, name)?,
+        None => store,
+    })
+}
+
+/// Splits the `table=NAME` option off a store URL: the connection gets the
+/// rest, the session2 store the table name.
+fn split_table(url: &str) -> (String, Option<String>) {
+    let Some((base, query)) = url.split_once('?') else {
+        return (url.to_owned(), None);
+    };
+    let mut table = None;
+    let rest: Vec<&str> = query
+        .split('&')
+        .filter(|option| match option.strip_prefix("table=") {
+            Some(name) => {
+                table = Some(name.to_owned());
+                false
+            }
+            None => true,
+        })
+        .collect();
+    let url = if rest.is_empty() {
+        base.to_owned()
+    } else {
+        format!("{base}?{}", rest.join("&"))
+    };
+    (url, table)
+}
+
 /// The SQLite pool both libraries get: WAL, a busy timeout, `pool` connections.
 async fn sqlite_pool(url: &str, pool: u32) -> anyhow::Result<sqlx::SqlitePool> {
     use std::str::FromStr;
@@ -232,4 +282,22 @@ async fn sqlite_pool(url: &str, pool: u32) -> anyhow::Result<sqlx::SqlitePool> {
         .max_connections(pool)
         .connect_with(options)
         .await?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::split_table;
+
+    #[test]
+    fn the_table_option_goes_to_the_store_and_the_rest_to_the_pool() {
+        assert_eq!(
+            split_table("postgres://u@h/db?table=bench&sslmode=disable"),
+            ("postgres://u@h/db?sslmode=disable".to_owned(), Some("bench".to_owned()))
+        );
+        assert_eq!(
+            split_table("mysql://u@h/db?table=bench"),
+            ("mysql://u@h/db".to_owned(), Some("bench".to_owned()))
+        );
+        assert_eq!(split_table("memory"), ("memory".to_owned(), None));
+    }
 }
