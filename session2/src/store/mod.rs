@@ -219,3 +219,53 @@ pub trait SessionStore: Send + Sync + fmt::Debug + 'static {
     /// never a scan of every session.
     async fn find_by_user(&self, user: &str, now: Timestamp) -> Result<Vec<(SessionKey, Record)>>;
 }
+
+/// Tests that several stores share; each store's module runs them on a store
+/// made for the case.
+#[cfg(test)]
+pub(crate) mod test_support {
+    /// Purges with batches of 3 sessions: expired sessions spread over
+    /// several batches, several of them sharing one expiry across a batch
+    /// boundary, and live sessions whose expiry index entry ran early among
+    /// them; half have a user. Every expired session goes, with its entry in
+    /// the user index; every live one stays, and the early entries move.
+    pub(crate) async fn purge_in_small_batches(store: impl crate::SessionStore) {
+        use std::time::Duration;
+        // The real clock: Redis expires keys by it.
+        let now = crate::Clock::now(&crate::SystemClock);
+        let at = |seconds: u64| now.saturating_add(Duration::from_secs(seconds));
+        store.setup().await.unwrap();
+        let mut live = Vec::new();
+        for i in 0..16u64 {
+            let key = crate::SessionId::generate().key();
+            // Expiries of 10 s (nine alike) and 20 s; every fourth session
+            // is prolonged to an hour, leaving its index entry early.
+            let mut record = crate::Record::new(now, at(if i % 3 == 0 { 20 } else { 10 }), None);
+            record.user = (i % 2 == 0).then(|| "batch-user".to_owned());
+            assert_eq!(
+                store.create(&key, &record, now).await.unwrap(),
+                crate::store::CreateOutcome::Created
+            );
+            if i % 4 == 0 {
+                let prolonged = crate::Record {
+                    version: 2,
+                    idle_deadline: at(3_600),
+                    ..record
+                };
+                assert!(store.replace(&key, 1, &prolonged, now).await.unwrap());
+                live.push(key);
+            }
+        }
+        assert_eq!(store.purge_expired(at(30)).await.unwrap(), 12);
+        assert_eq!(store.count().await.unwrap(), 4);
+        for key in &live {
+            assert!(store.load(key, at(30)).await.unwrap().is_some());
+        }
+        let users_sessions = store.find_by_user("batch-user", at(30)).await.unwrap();
+        assert_eq!(users_sessions.len(), live.len());
+        assert_eq!(store.purge_expired(at(30)).await.unwrap(), 0);
+        assert_eq!(store.purge_expired(at(3_600)).await.unwrap(), 4);
+        let users_sessions = store.find_by_user("batch-user", at(3_600)).await.unwrap();
+        assert!(users_sessions.is_empty());
+    }
+}

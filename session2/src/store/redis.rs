@@ -122,26 +122,27 @@ return 1
 );
 
 /// ARGV[3] = now, ARGV[4] = batch size. Returns {deleted, examined}.
-/// One read per due session; the deletes and index removals of the whole
-/// batch go in a few multi-key commands.
+/// One read of three fields per due session; the deletes and index
+/// removals of the whole batch go in a few multi-key commands.
 const PURGE: &str = script!(
     r"
 local now = tonumber(ARGV[3])
 local due = redis.call('ZRANGEBYSCORE', exp, '-inf', ARGV[3], 'LIMIT', 0, tonumber(ARGV[4]))
-local gone, records, by_user = {}, {}, {}
+local gone, records, owned, by_user = {}, {}, {}, {}
 for _, hex in ipairs(due) do
   local skey = sprefix .. hex
-  local cur = current(skey)
-  if cur and cur.expires_at > now then
+  local cur = read_meta(skey)
+  if cur and cur[2] > now then
     -- Its entry ran early (see `index_expiry`): move it to the real expiry.
-    redis.call('ZADD', exp, cur.expires_at, hex)
-    redis.call('HSET', skey, 'indexed_expiry', cur.expires_at)
+    redis.call('ZADD', exp, cur[2], hex)
+    redis.call('HSET', skey, 'indexed_expiry', cur[2])
   else
     table.insert(gone, hex)
     if cur ~= nil then table.insert(records, skey) end
     -- Readable records name their user; for the others ask the owner index.
-    local user = cur and cur.user or (not cur and redis.call('HGET', owners, hex))
+    local user = cur and cur[3] or (not cur and redis.call('HGET', owners, hex))
     if user then
+      table.insert(owned, hex)
       by_user[user] = by_user[user] or {}
       table.insert(by_user[user], hex)
     end
@@ -149,10 +150,12 @@ for _, hex in ipairs(due) do
 end
 if #records > 0 then redis.call('DEL', unpack(records)) end
 if #gone > 0 then
-  redis.call('ZREM', exp, unpack(gone))
+  -- The entries of `gone` are the first of the index now: the moved ones
+  -- went past `now`, behind every entry not yet looked at.
+  redis.call('ZREMRANGEBYRANK', exp, 0, #gone - 1)
   redis.call('ZREM', keys, unpack(gone))
-  redis.call('HDEL', owners, unpack(gone))
 end
+if #owned > 0 then redis.call('HDEL', owners, unpack(owned)) end
 for user, hexes in pairs(by_user) do redis.call('SREM', uprefix .. user, unpack(hexes)) end
 return { #records, #due }
 "
@@ -349,6 +352,8 @@ pub struct RedisStore {
     connection: Connection,
     keys: KeyNames,
     scripts: std::sync::Arc<Scripts>,
+    /// Sessions one purge script looks at: [`PURGE_BATCH`] (tests make it small).
+    purge_batch: usize,
 }
 
 /// The names of the store's keys, all in one hash slot.
@@ -429,7 +434,15 @@ impl RedisStore {
             connection,
             keys: KeyNames::new(DEFAULT_PREFIX),
             scripts: std::sync::Arc::new(Scripts::new()),
+            purge_batch: PURGE_BATCH,
         }
+    }
+
+    /// The same store, purging `sessions` per script.
+    #[cfg(test)]
+    fn with_purge_batch(mut self, sessions: usize) -> Self {
+        self.purge_batch = sessions;
+        self
     }
 
     /// Connects to the Redis server at `url` (`redis://[user:password@]host[:port][/db]`).
@@ -970,7 +983,7 @@ impl SessionStore for RedisStore {
 
     async fn purge_expired(&self, now: Timestamp) -> Result<u64> {
         let now = millis_arg(now);
-        let batch = PURGE_BATCH.to_string();
+        let batch = self.purge_batch.to_string();
         let mut purged = 0;
         loop {
             let (deleted, examined): (u64, usize) = self
@@ -982,7 +995,7 @@ impl SessionStore for RedisStore {
                 )
                 .await?;
             purged += deleted;
-            if examined < PURGE_BATCH {
+            if examined < self.purge_batch {
                 return Ok(purged);
             }
         }
@@ -1047,6 +1060,24 @@ impl SessionStore for RedisStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn purges_in_small_batches() {
+        crate::testing::run(async {
+            let url = std::env::var("SESSION2_TEST_REDIS_URL")
+                .unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned());
+            let connected = RedisStore::connect(&url).await;
+            let Some(store) = crate::testing::require_server("redis", connected) else {
+                return;
+            };
+            let prefix = format!(
+                "s2unit-{}",
+                crate::SessionId::generate().key().fingerprint()
+            );
+            let store = store.with_prefix(prefix).with_purge_batch(3);
+            crate::store::test_support::purge_in_small_batches(store).await;
+        });
+    }
 
     #[test]
     fn prefixes_must_fit_in_a_hash_tag() {

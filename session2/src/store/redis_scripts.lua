@@ -11,22 +11,31 @@ local sprefix, uprefix = ARGV[1], ARGV[2]
 -- The fields a reader gets, in the order `RECORD_FIELDS` in `store/redis.rs` decodes them.
 local record_fields = { 'version', 'created_at', 'accessed_at', 'idle_deadline', 'absolute_deadline', 'user', 'lease_token', 'lease_until', 'data' }
 
--- The metadata of the record under `skey`: nil when missing (or expired by
--- Redis), false when it cannot be read, else its version, expiry, the
--- optional fields a rewrite may have to drop, and the score it has in the
--- expiry index (`indexed`, nil when unknown).
-local function current(skey)
-  local fields = redis.pcall('HMGET', skey, 'version', 'expires_at', 'user',
-    'absolute_deadline', 'lease_token', 'indexed_expiry', 'lease_until')
+-- The fields `version`, `expires_at`, `user` and then `...` of the record
+-- under `skey`, as HMGET gives them but with `expires_at` a number: nil
+-- when the record is missing (or expired by Redis), false when it cannot
+-- be read.
+local function read_meta(skey, ...)
+  local fields = redis.pcall('HMGET', skey, 'version', 'expires_at', 'user', ...)
   if fields['err'] then return false end
   if not fields[1] and not fields[2] then
     if redis.call('EXISTS', skey) == 0 then return nil end
     return false
   end
-  local expires_at = tonumber(fields[2])
-  if not fields[1] or not string.match(fields[1], '^%d+$') or not expires_at then return false end
+  fields[2] = tonumber(fields[2])
+  if not fields[1] or not string.match(fields[1], '^%d+$') or not fields[2] then return false end
+  return fields
+end
+
+-- The metadata of the record under `skey` (nil when missing, false when it
+-- cannot be read, see `read_meta`): its version, expiry, the optional fields
+-- a rewrite may have to drop, and the score it has in the expiry index
+-- (`indexed`, nil when unknown).
+local function current(skey)
+  local fields = read_meta(skey, 'absolute_deadline', 'lease_token', 'indexed_expiry', 'lease_until')
+  if not fields then return fields end
   return {
-    version = fields[1], expires_at = expires_at, user = fields[3],
+    version = fields[1], expires_at = fields[2], user = fields[3],
     absolute = fields[4], leased = fields[5], indexed = tonumber(fields[6]),
     lease_until = tonumber(fields[7]),
   }

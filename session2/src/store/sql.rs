@@ -1064,44 +1064,6 @@ pub(crate) use impl_sql_session_store;
 mod tests {
     use super::*;
 
-    /// Purges with batches of 3 rows: expired rows spread over several
-    /// batches, several of them sharing one `expires_at` across a batch
-    /// boundary, and live rows with early `expires_at` among them. Every
-    /// expired row goes, every live one stays, and the early entries move.
-    async fn purge_in_small_batches(store: impl crate::SessionStore) {
-        use std::time::Duration;
-        let now = Timestamp::from_millis(1_700_000_000_000);
-        let at = |seconds: u64| now.saturating_add(Duration::from_secs(seconds));
-        store.setup().await.unwrap();
-        let mut live = Vec::new();
-        for i in 0..16u64 {
-            let key = crate::SessionId::generate().key();
-            // Expiries of 10 s (nine rows alike) and 20 s; every fourth
-            // row is prolonged to an hour, leaving its entry early.
-            let record = Record::new(now, at(if i % 3 == 0 { 20 } else { 10 }), None);
-            assert_eq!(
-                store.create(&key, &record, now).await.unwrap(),
-                CreateOutcome::Created
-            );
-            if i % 4 == 0 {
-                let prolonged = Record {
-                    version: 2,
-                    idle_deadline: at(3_600),
-                    ..record
-                };
-                assert!(store.replace(&key, 1, &prolonged, now).await.unwrap());
-                live.push(key);
-            }
-        }
-        assert_eq!(store.purge_expired(at(30)).await.unwrap(), 12);
-        assert_eq!(store.count().await.unwrap(), 4);
-        for key in &live {
-            assert!(store.load(key, at(30)).await.unwrap().is_some());
-        }
-        assert_eq!(store.purge_expired(at(30)).await.unwrap(), 0);
-        assert_eq!(store.purge_expired(at(3_600)).await.unwrap(), 4);
-    }
-
     fn test_table() -> String {
         format!(
             "s2unit_{}",
@@ -1117,11 +1079,11 @@ mod tests {
                 .await
                 .unwrap()
                 .with_purge_batch(3);
-            purge_in_small_batches(store).await;
+            crate::store::test_support::purge_in_small_batches(store).await;
         });
     }
 
-    /// [`purge_in_small_batches`] on a fresh table of the server at the URL
+    /// [`purge_in_small_batches`](crate::store::test_support::purge_in_small_batches) on a fresh table of the server at the URL
     /// in `$env` (default `$default`), which it then drops.
     macro_rules! purge_in_small_batches_on_server {
         ($store:ty, $dialect:expr, $server:literal, $env:literal, $default:literal) => {
@@ -1133,7 +1095,7 @@ mod tests {
                 };
                 let table = test_table();
                 let store = store.with_table_name(&table).unwrap().with_purge_batch(3);
-                purge_in_small_batches(store.clone()).await;
+                crate::store::test_support::purge_in_small_batches(store.clone()).await;
                 for name in [table.clone(), format!("{table}_schema")] {
                     sqlx::query(&format!("DROP TABLE {}", $dialect.quote(&name)))
                         .execute(store.pool())
