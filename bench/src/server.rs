@@ -292,7 +292,10 @@ mod tests {
     fn the_table_option_goes_to_the_store_and_the_rest_to_the_pool() {
         assert_eq!(
             split_table("postgres://u@h/db?table=bench&sslmode=disable"),
-            ("postgres://u@h/db?sslmode=disable".to_owned(), Some("bench".to_owned()))
+            (
+                "postgres://u@h/db?sslmode=disable".to_owned(),
+                Some("bench".to_owned())
+            )
         );
         assert_eq!(
             split_table("mysql://u@h/db?table=bench"),
