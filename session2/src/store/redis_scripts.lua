@@ -8,9 +8,6 @@
 local exp, keys, owners = KEYS[1], KEYS[2], KEYS[3]
 local sprefix, uprefix = ARGV[1], ARGV[2]
 
--- The fields a reader gets, in the order `RECORD_FIELDS` in `store/redis.rs` decodes them.
-local record_fields = { 'version', 'created_at', 'accessed_at', 'idle_deadline', 'absolute_deadline', 'user', 'lease_token', 'lease_until', 'data' }
-
 -- The fields `version`, `expires_at`, `user` and then `...` of the record
 -- under `skey`, as HMGET gives them but with `expires_at` a number: nil
 -- when the record is missing (or expired by Redis), false when it cannot
@@ -112,9 +109,11 @@ local function write(hex, first, old)
   end
 end
 
--- The record under `skey` for a reader: the values of `record_fields`.
+-- The record under `skey` for a reader: the values of its fields, in the
+-- order `RECORD_FIELDS` in `store/redis.rs` decodes them. Spelled out, not
+-- a table: every script runs this prelude on every call.
 local function read(skey)
-  return redis.call('HMGET', skey, unpack(record_fields))
+  return redis.call('HMGET', skey, 'version', 'created_at', 'accessed_at', 'idle_deadline', 'absolute_deadline', 'user', 'lease_token', 'lease_until', 'data')
 end
 
 -- The whole record `hex` for a reader (see `read`), an empty array when
