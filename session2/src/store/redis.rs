@@ -1150,6 +1150,15 @@ mod tests {
     }
 
     #[test]
+    fn decode_errors_do_not_quote_the_reply() {
+        let secret = Value::BulkString(b"secret-token".to_vec());
+        for value in [Value::Array(vec![secret.clone()]), secret] {
+            let message = decode_record(value).unwrap_err().to_string();
+            assert!(!message.contains("secret"), "{message}");
+        }
+    }
+
+    #[test]
     fn a_hash_without_record_fields_reads_as_missing() {
         let nothing = vec![Value::Nil; RECORD_FIELDS.len()];
         assert_eq!(decode_record(Value::Array(nothing)).unwrap(), None);
