@@ -189,7 +189,12 @@ pub(crate) async fn purge(kind: &str, server_url: &str, count: u64) -> anyhow::R
         if let (Some(monitor), Some(baseline), Some(drained_seconds)) =
             (&mut monitor, baseline, drained_seconds)
         {
-            innodb_history_drained(monitor, baseline, Duration::from_secs(120)).await?;
+            let left = innodb_history_drained(monitor, baseline, Duration::from_secs(120)).await?;
+            if left > baseline {
+                eprintln!(
+                    "{table}: InnoDB's history list still held {left} (from {baseline}) after two minutes"
+                );
+            }
             *drained_seconds += started.elapsed().as_secs_f64() / 2.0;
         }
         drop(store);
