@@ -343,9 +343,11 @@ impl ConnectionLike for Connection {
 /// [`count`](SessionStore::count) is exact: `ZCARD` of the key index after
 /// dropping the entries whose session Redis already expired.
 ///
-/// A session whose hash cannot be decoded (or a foreign value under its
-/// key) fails [`load`](SessionStore::load) with a decode error and is put in
-/// the expiry index as already due, so the next purge deletes it.
+/// [`load`](SessionStore::load) is one `HMGET` of the record's fields. A
+/// session whose hash cannot be decoded (or a foreign value under its
+/// key) fails it with a decode error and is put in the expiry index as
+/// already due, so the next purge deletes it; a hash with none of the
+/// record's fields reads as no session.
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 #[derive(Clone)]
 pub struct RedisStore {
