@@ -910,7 +910,11 @@ pub mod cases {
                 .unwrap(),
             LeaseOutcome::Missing
         );
-        let original = with_data(record_at(now), r#"{"n":1}"#);
+        let mut original = with_data(record_at(now), r#"{"n":1}"#);
+        // Every field differs from the others, so a lease that hands one
+        // back in another's place shows.
+        original.user = Some("lease-user".into());
+        original.accessed_at = now.saturating_add(Duration::from_millis(5));
         create(&*store, &key, &original, now).await;
 
         let first = lease(1, now.saturating_add(MINUTE));
