@@ -66,24 +66,30 @@ return 1
 );
 
 /// ARGV[3] = hex, ARGV[4] = now, ARGV[5] = lease token, ARGV[6] = lease until.
-/// Returns {0} when missing, {1, hash} when another lease binds,
-/// {2, hash} when taken, {3} when unreadable (the caller's `load` reports it).
+/// Returns {0} when missing, {1, values} when another lease binds,
+/// {2, values} when taken, {3} when unreadable (the caller's `load` reports
+/// it); values as `read` gives them, from the script's one read.
 const LEASE: &str = script!(
     r"
 local hex = ARGV[3]
 local skey = sprefix .. hex
 local now = tonumber(ARGV[4])
-local cur = current(skey)
-if cur == false then return { 3 } end
-if not cur or cur.expires_at <= now then return { 0 } end
-if cur.lease_until and cur.lease_until > now then return { 1, read(skey) } end
+local f = read_meta(skey, 'absolute_deadline', 'lease_token', 'lease_until',
+  'created_at', 'accessed_at', 'idle_deadline', 'data')
+if f == false then return { 3 } end
+if not f or f[2] <= now then return { 0 } end
+-- In the order of `read`.
+local values = { f[1], f[7], f[8], f[9], f[4], f[3], f[5], f[6], f[10] }
+local lease_until = tonumber(f[6])
+if lease_until and lease_until > now then return { 1, values } end
 -- The version is a decimal u64: add one digit by digit, beyond Lua's exact doubles.
-local digits, i = cur.version, #cur.version
+local digits, i = f[1], #f[1]
 while i > 0 and string.sub(digits, i, i) == '9' do i = i - 1 end
 local version = i == 0 and '1' .. string.rep('0', #digits)
   or string.sub(digits, 1, i - 1) .. string.char(string.byte(digits, i) + 1) .. string.rep('0', #digits - i)
 redis.call('HSET', skey, 'version', version, 'lease_token', ARGV[5], 'lease_until', ARGV[6])
-return { 2, read(skey) }
+values[1], values[7], values[8] = version, ARGV[5], ARGV[6]
+return { 2, values }
 "
 );
 
