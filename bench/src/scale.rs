@@ -133,8 +133,36 @@ pub(crate) async fn execute(url: &str, statements: &[String]) -> anyhow::Result<
 /// mean of its two runs.
 pub(crate) async fn purge(kind: &str, server_url: &str, count: u64) -> anyhow::Result<PurgeResult> {
     let suffix = std::process::id();
-    let ours = format!("bench_purge_{suffix}");
-    let raw = format!("bench_purge_raw_{suffix}");
+    let tables = [
+        format!("bench_purge_{suffix}"),
+        format!("bench_purge_raw_{suffix}"),
+    ];
+    let result = purge_runs(kind, server_url, count, &tables).await;
+    if result.is_err() {
+        // A failed run must not leave a million rows behind on the server.
+        let drops: Vec<String> = tables
+            .iter()
+            .flat_map(|table| {
+                [
+                    format!("DROP TABLE IF EXISTS {table}"),
+                    format!("DROP TABLE IF EXISTS {table}_schema"),
+                ]
+            })
+            .collect();
+        if let Err(err) = execute(server_url, &drops).await {
+            eprintln!("could not drop the purge benchmark's tables: {err:#}");
+        }
+    }
+    result
+}
+
+/// The four timed runs of [`purge`] on the tables `ours` and `raw`.
+async fn purge_runs(
+    kind: &str,
+    server_url: &str,
+    count: u64,
+    [ours, raw]: &[String; 2],
+) -> anyhow::Result<PurgeResult> {
     let separator = if server_url.contains('?') { '&' } else { '?' };
     let (mut store_seconds, mut raw_seconds) = (0.0, 0.0);
     let mut drained = (kind == "mysql").then_some(Drained {
@@ -146,7 +174,7 @@ pub(crate) async fn purge(kind: &str, server_url: &str, count: u64) -> anyhow::R
         None => None,
     };
     let mut purged = u64::MAX;
-    for (table, through_store) in [(&ours, true), (&raw, false), (&raw, false), (&ours, true)] {
+    for (table, through_store) in [(ours, true), (raw, false), (raw, false), (ours, true)] {
         let store = session2::store::open(&format!("{server_url}{separator}table={table}")).await?;
         store.setup().await?;
         let mut prepare = Vec::new();
