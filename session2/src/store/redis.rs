@@ -66,30 +66,27 @@ return 1
 );
 
 /// ARGV[3] = hex, ARGV[4] = now, ARGV[5] = lease token, ARGV[6] = lease until.
-/// Returns {0} when missing, {1, values} when another lease binds,
-/// {2, values} when taken, {3} when unreadable (the caller's `load` reports
-/// it); values as `read` gives them, from the script's one read.
+/// Returns {0} when missing, {1, record} when another lease binds,
+/// {2, record} when taken, {3} when unreadable (the caller's `load` reports
+/// it); the record as `read_record` gives it, from the script's one read.
 const LEASE: &str = script!(
     r"
 local hex = ARGV[3]
 local skey = sprefix .. hex
 local now = tonumber(ARGV[4])
-local f = read_meta(skey, 'absolute_deadline', 'lease_token', 'lease_until',
-  'created_at', 'accessed_at', 'idle_deadline', 'data')
-if f == false then return { 3 } end
-if not f or f[2] <= now then return { 0 } end
--- In the order of `read`.
-local values = { f[1], f[7], f[8], f[9], f[4], f[3], f[5], f[6], f[10] }
-local lease_until = tonumber(f[6])
-if lease_until and lease_until > now then return { 1, values } end
+local record, expires_at = read_record(skey)
+if record == false then return { 3 } end
+if not record or expires_at <= now then return { 0 } end
+local lease_until = tonumber(record[9])
+if lease_until and lease_until > now then return { 1, record } end
 -- The version is a decimal u64: add one digit by digit, beyond Lua's exact doubles.
-local digits, i = f[1], #f[1]
+local digits, i = record[1], #record[1]
 while i > 0 and string.sub(digits, i, i) == '9' do i = i - 1 end
 local version = i == 0 and '1' .. string.rep('0', #digits)
   or string.sub(digits, 1, i - 1) .. string.char(string.byte(digits, i) + 1) .. string.rep('0', #digits - i)
 redis.call('HSET', skey, 'version', version, 'lease_token', ARGV[5], 'lease_until', ARGV[6])
-values[1], values[7], values[8] = version, ARGV[5], ARGV[6]
-return { 2, values }
+record[1], record[8], record[9] = version, ARGV[5], ARGV[6]
+return { 2, record }
 "
 );
 
@@ -137,11 +134,11 @@ local due = redis.call('ZRANGEBYSCORE', exp, '-inf', ARGV[3], 'LIMIT', 0, tonumb
 local gone, records, owned, by_user = {}, {}, {}, {}
 for _, hex in ipairs(due) do
   local skey = sprefix .. hex
-  local cur = read_meta(skey)
-  if cur and cur[2] > now then
+  local cur, expires_at = read_meta(skey)
+  if cur and expires_at > now then
     -- Its entry ran early (see `index_expiry`): move it to the real expiry.
-    redis.call('ZADD', exp, cur[2], hex)
-    redis.call('HSET', skey, 'indexed_expiry', cur[2])
+    redis.call('ZADD', exp, expires_at, hex)
+    redis.call('HSET', skey, 'indexed_expiry', expires_at)
   else
     table.insert(gone, hex)
     if cur ~= nil then table.insert(records, skey) end
@@ -679,16 +676,18 @@ fn push_record(call: &mut Cmd, record: &Record) {
 }
 
 /// The hash fields a record is read from, in the order every read asks for
-/// them: `HMGET` in [`RedisStore::load`], and `read` in the scripts'
-/// prelude. A reply of values alone parses in about half the time
-/// of `HGETALL`'s name/value pairs, and costs Redis the same.
-const RECORD_FIELDS: [&str; 9] = [
+/// them: `HMGET` in [`RedisStore::load`], and `read_meta` then
+/// `read_record` in the scripts' prelude. A reply of values alone parses in
+/// about half the time of `HGETALL`'s name/value pairs, and costs Redis the
+/// same. `expires_at` is derived from the deadlines; the scripts read it first.
+const RECORD_FIELDS: [&str; 10] = [
     "version",
+    "expires_at",
+    "user",
     "created_at",
     "accessed_at",
     "idle_deadline",
     "absolute_deadline",
-    "user",
     "lease_token",
     "lease_until",
     "data",
@@ -752,11 +751,12 @@ fn record_from_values(values: [Option<Vec<u8>>; RECORD_FIELDS.len()]) -> Result<
     }
     let [
         version,
+        _expires_at,
+        user,
         created_at,
         accessed_at,
         idle_deadline,
         absolute_deadline,
-        user,
         lease_token,
         lease_until,
         data,
@@ -1174,12 +1174,24 @@ mod tests {
 
     #[test]
     fn the_scripts_read_the_record_fields_in_order() {
-        let fields: Vec<String> = RECORD_FIELDS.iter().map(|f| format!("'{f}'")).collect();
-        let read = format!("redis.call('HMGET', skey, {})", fields.join(", "));
-        assert!(
-            include_str!("redis_scripts.lua").contains(&read),
-            "the prelude must read `{read}`"
+        let quoted = |fields: &[&str]| {
+            fields
+                .iter()
+                .map(|field| format!("'{field}'"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let head = format!(
+            "redis.pcall('HMGET', skey, {}, ...)",
+            quoted(&RECORD_FIELDS[..3])
         );
+        let tail = format!("read_meta(skey, {})", quoted(&RECORD_FIELDS[3..]));
+        for read in [head, tail] {
+            assert!(
+                include_str!("redis_scripts.lua").contains(&read),
+                "the prelude must read `{read}`"
+            );
+        }
     }
 
     #[test]
@@ -1187,11 +1199,15 @@ mod tests {
         let bulk = |text: &[u8]| Value::BulkString(text.to_vec());
         let values = |version: Value, data: Value| {
             let mut items = vec![Value::Nil; RECORD_FIELDS.len()];
-            items[0] = version;
-            items[1] = bulk(b"1");
-            items[2] = bulk(b"1");
-            items[3] = bulk(b"1");
-            items[8] = data;
+            let mut set = |name: &str, value: Value| {
+                let index = RECORD_FIELDS.iter().position(|field| *field == name);
+                items[index.expect("a record field")] = value;
+            };
+            set("version", version);
+            set("created_at", bulk(b"1"));
+            set("accessed_at", bulk(b"1"));
+            set("idle_deadline", bulk(b"1"));
+            set("data", data);
             Value::Array(items)
         };
         assert!(decode_record(values(bulk(b"1"), bulk(b""))).is_ok());

@@ -9,9 +9,8 @@ local exp, keys, owners = KEYS[1], KEYS[2], KEYS[3]
 local sprefix, uprefix = ARGV[1], ARGV[2]
 
 -- The fields `version`, `expires_at`, `user` and then `...` of the record
--- under `skey`, as HMGET gives them but with `expires_at` a number: nil
--- when the record is missing (or expired by Redis), false when it cannot
--- be read.
+-- under `skey` as HMGET gives them, and its expiry as a number: nil when
+-- the record is missing (or expired by Redis), false when it cannot be read.
 local function read_meta(skey, ...)
   local fields = redis.pcall('HMGET', skey, 'version', 'expires_at', 'user', ...)
   if fields['err'] then return false end
@@ -19,9 +18,15 @@ local function read_meta(skey, ...)
     if redis.call('EXISTS', skey) == 0 then return nil end
     return false
   end
-  fields[2] = tonumber(fields[2])
-  if not fields[1] or not string.match(fields[1], '^%d+$') or not fields[2] then return false end
-  return fields
+  local expires_at = tonumber(fields[2])
+  if not fields[1] or not string.match(fields[1], '^%d+$') or not expires_at then return false end
+  return fields, expires_at
+end
+
+-- The whole record under `skey` for a reader (see `read_meta`): its fields
+-- in the order `RECORD_FIELDS` in `store/redis.rs` decodes them.
+local function read_record(skey)
+  return read_meta(skey, 'created_at', 'accessed_at', 'idle_deadline', 'absolute_deadline', 'lease_token', 'lease_until', 'data')
 end
 
 -- The metadata of the record under `skey` (nil when missing, false when it
@@ -29,10 +34,10 @@ end
 -- a rewrite may have to drop, and the score it has in the expiry index
 -- (`indexed`, nil when unknown).
 local function current(skey)
-  local fields = read_meta(skey, 'absolute_deadline', 'lease_token', 'indexed_expiry', 'lease_until')
+  local fields, expires_at = read_meta(skey, 'absolute_deadline', 'lease_token', 'indexed_expiry', 'lease_until')
   if not fields then return fields end
   return {
-    version = fields[1], expires_at = fields[2], user = fields[3],
+    version = fields[1], expires_at = expires_at, user = fields[3],
     absolute = fields[4], leased = fields[5], indexed = tonumber(fields[6]),
     lease_until = tonumber(fields[7]),
   }
@@ -109,22 +114,13 @@ local function write(hex, first, old)
   end
 end
 
--- The record under `skey` for a reader: the values of its fields, in the
--- order `RECORD_FIELDS` in `store/redis.rs` decodes them. Spelled out, not
--- a table: every script runs this prelude on every call.
-local function read(skey)
-  return redis.call('HMGET', skey, 'version', 'created_at', 'accessed_at', 'idle_deadline', 'absolute_deadline', 'user', 'lease_token', 'lease_until', 'data')
-end
-
--- The whole record `hex` for a reader (see `read`), an empty array when
--- unreadable, nil (and its index entries dropped) when gone.
+-- The whole record `hex` for a reader (see `read_record`), an empty array
+-- when unreadable, nil (and its index entries dropped) when gone.
 local function fetch(hex)
-  local skey = sprefix .. hex
-  local kind = redis.call('TYPE', skey)['ok']
-  if kind == 'none' then
+  local record = read_record(sprefix .. hex)
+  if record == nil then
     unindex(hex)
     return nil
   end
-  if kind ~= 'hash' then return {} end
-  return read(skey)
+  return record or {}
 end
