@@ -50,6 +50,7 @@ macro_rules! conformance_tests {
             replace_fails_on_an_expired_record,
             delete_honours_the_expected_version,
             touch_moves_only_the_idle_deadline,
+            touch_never_passes_the_absolute_deadline,
             load_hides_idle_and_absolute_expired_records,
             purge_removes_exactly_the_expired,
             purge_follows_every_move_of_the_expiry,
@@ -404,6 +405,34 @@ pub mod cases {
                 .unwrap(),
             "an expired record"
         );
+    }
+
+    /// A touch whose idle deadline falls after the absolute deadline leaves
+    /// the session ending at the absolute one, for loads and for purge.
+    pub async fn touch_never_passes_the_absolute_deadline(store: Arc<dyn SessionStore>) {
+        let now = real_now();
+        let key = new_key();
+        let mut record = record_at(now);
+        let absolute = record.absolute_deadline.expect("record_at sets one");
+        let before = |by: Duration| {
+            Timestamp::from_millis(absolute.as_millis() - i64::try_from(by.as_millis()).unwrap())
+        };
+        record.idle_deadline = before(20 * MINUTE);
+        create(&*store, &key, &record, now).await;
+        let late = before(30 * MINUTE);
+        assert!(
+            store
+                .touch(&key, late, absolute.saturating_add(30 * MINUTE))
+                .await
+                .unwrap()
+        );
+        let just_before = before(MINUTE);
+        assert!(store.load(&key, just_before).await.unwrap().is_some());
+        assert_eq!(store.purge_expired(just_before).await.unwrap(), 0);
+        let after = absolute.saturating_add(MINUTE);
+        assert_eq!(store.load(&key, after).await.unwrap(), None);
+        assert_eq!(store.purge_expired(after).await.unwrap(), 1);
+        assert_eq!(store.count().await.unwrap(), 0);
     }
 
     /// Neither an idle-expired nor an absolute-expired record is returned.
