@@ -511,3 +511,97 @@ async fn scripts_are_loaded_again_when_the_server_forgot_them() {
     assert!(store.replace(&key, 1, &next, now).await.unwrap());
     assert_eq!(store.load(&key, now).await.unwrap(), Some(next));
 }
+
+/// Where Redis will drop `name`, in Unix milliseconds by this machine's clock.
+async fn dropped_at(raw: &mut redis::aio::MultiplexedConnection, name: &str) -> i64 {
+    let left: i64 = raw.pttl(name).await.unwrap();
+    assert!(left > 0, "{name} has no expiry in Redis (PTTL {left})");
+    SystemClock.now().as_millis() + left
+}
+
+/// Redis drops a session's key at or after the session's expiry, never
+/// before; saves and touches move the key's expiry only when the session's
+/// passes it, giving it slack of the session's remaining lifetime, at most
+/// an hour.
+#[tokio::test]
+async fn a_key_outlives_its_session_and_moves_only_when_outgrown() {
+    let Some(store) = fresh_store().await else {
+        return;
+    };
+    let mut raw = raw().await;
+    let now = SystemClock.now();
+    let at = |after: Duration| now.saturating_add(after);
+    let minutes = |n: u64| Duration::from_secs(60 * n);
+    let key = new_key();
+    let name = store.session_key_name(&key);
+    // The test's own round trips take far less than this.
+    let near = |actual: i64, expected: Timestamp| {
+        let off = (actual - expected.as_millis()).abs();
+        assert!(
+            off < 5_000,
+            "Redis drops the key {off} ms away from {expected:?}"
+        );
+    };
+
+    let first = record(now, minutes(10), None);
+    store.create(&key, &first, now).await.unwrap();
+    near(dropped_at(&mut raw, &name).await, at(minutes(20)));
+
+    let mut next = first.clone();
+    next.version = 2;
+    next.idle_deadline = at(minutes(15));
+    assert!(store.replace(&key, 1, &next, at(minutes(5))).await.unwrap());
+    near(dropped_at(&mut raw, &name).await, at(minutes(20)));
+
+    // Past the key's expiry: it moves, with at most an hour of slack.
+    assert!(
+        store
+            .touch(&key, at(minutes(10)), at(minutes(120)))
+            .await
+            .unwrap()
+    );
+    near(dropped_at(&mut raw, &name).await, at(minutes(180)));
+    next.idle_deadline = at(minutes(300));
+    next.version = 3;
+    assert!(
+        store
+            .replace(&key, 2, &next, at(minutes(10)))
+            .await
+            .unwrap()
+    );
+    near(dropped_at(&mut raw, &name).await, at(minutes(360)));
+
+    // A key written without the `ttl_at` field (by an older session2) gets
+    // its expiry on the next save.
+    let () = redis::cmd("HDEL")
+        .arg(&name)
+        .arg("ttl_at")
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+    let _: bool = raw.persist(&name).await.unwrap();
+    next.version = 4;
+    assert!(
+        store
+            .replace(&key, 3, &next, at(minutes(10)))
+            .await
+            .unwrap()
+    );
+    near(dropped_at(&mut raw, &name).await, at(minutes(360)));
+
+    // An expiry moved earlier leaves the key to Redis later; the session
+    // still ends on time.
+    next.version = 5;
+    next.idle_deadline = at(minutes(30));
+    assert!(
+        store
+            .replace(&key, 4, &next, at(minutes(10)))
+            .await
+            .unwrap()
+    );
+    near(dropped_at(&mut raw, &name).await, at(minutes(360)));
+    assert!(store.load(&key, at(minutes(29))).await.unwrap().is_some());
+    assert_eq!(store.load(&key, at(minutes(30))).await.unwrap(), None);
+    assert_eq!(store.purge_expired(at(minutes(31))).await.unwrap(), 1);
+    assert!(!raw.exists::<_, bool>(&name).await.unwrap());
+}

@@ -35,6 +35,9 @@ const DEFAULT_PREFIX: &str = "session2";
 const PURGE_BATCH: usize = 1_000;
 /// The most records one [`SessionStore::list`] page returns.
 const MAX_PAGE: usize = 100_000;
+/// How long at most a session's key outlives the session in Redis: see
+/// [`key_expiry`].
+const KEY_EXPIRY_SLACK: Duration = Duration::from_secs(3600);
 
 macro_rules! script {
     ($body:literal) => {
@@ -105,21 +108,21 @@ return 1
 "
 );
 
-/// ARGV[3] = hex, ARGV[4] = accessed_at, ARGV[5] = idle_deadline.
+/// ARGV[3] = hex, ARGV[4] = accessed_at, ARGV[5] = idle_deadline,
+/// ARGV[6] = when Redis should drop the key if it must be moved (see `key_expiry`).
 const TOUCH: &str = script!(
     r"
 local hex = ARGV[3]
 local skey = sprefix .. hex
 local cur = current(skey)
 if not cur or cur.expires_at <= tonumber(ARGV[4]) then return 0 end
-local expires_at = ARGV[5]
-if cur.absolute and tonumber(cur.absolute) < tonumber(expires_at) then expires_at = cur.absolute end
-local fields = index_expiry(hex, expires_at, cur.indexed)
-for _, item in ipairs({ 'accessed_at', ARGV[4], 'idle_deadline', ARGV[5], 'expires_at', expires_at }) do
-  table.insert(fields, item)
-end
-redis.call('HSET', skey, unpack(fields))
-redis.call('PEXPIREAT', skey, expires_at)
+local expires_at, expires = ARGV[5], tonumber(ARGV[5])
+local absolute = tonumber(cur.absolute)
+if absolute and absolute < expires then expires_at, expires = cur.absolute, absolute end
+local ttl_at, expire = key_expiry(expires, cur.ttl_at, ARGV[6])
+redis.call('HSET', skey, 'accessed_at', ARGV[4], 'idle_deadline', ARGV[5], 'expires_at', expires_at,
+  'indexed_expiry', index_expiry(hex, expires_at, expires, cur.indexed), 'ttl_at', ttl_at)
+if expire then redis.call('PEXPIREAT', skey, ttl_at) end
 return 1
 "
 );
@@ -309,7 +312,7 @@ impl ConnectionLike for Connection {
 ///
 /// | key | type | holds |
 /// |---|---|---|
-/// | `{session2}:s:<hex key>` | hash | one session: its metadata fields and its `data` blob (binary), with `PEXPIREAT` at its expiry |
+/// | `{session2}:s:<hex key>` | hash | one session: its metadata fields and its `data` blob (binary), with `PEXPIREAT` at or after its expiry (the hash's `ttl_at` field keeps it) |
 /// | `{session2}:exp` | sorted set | every session, scored by its expiry in Unix milliseconds or earlier (the hash's `indexed_expiry` field keeps the score) |
 /// | `{session2}:keys` | sorted set | every session, score 0, so `ZRANGEBYLEX` pages through keys in order |
 /// | `{session2}:owner` | hash | session → user, for sessions that have a user |
@@ -328,16 +331,22 @@ impl ConnectionLike for Connection {
 ///
 /// # Expiry
 ///
-/// Redis deletes a session by itself at its expiry, so dead sessions' data
-/// never piles up even when nobody purges. Every decision about expiry in the
+/// Redis deletes a session's key by itself soon after the session expires,
+/// so dead sessions' data never piles up even when nobody purges: the key's
+/// `PEXPIREAT` lies past the session's expiry by its remaining lifetime at
+/// the write, at most an hour, and a save moves it only when the session's
+/// expiry passes it. A key may thus outlive its session that long in Redis
+/// (reads and purge go by the session's own expiry, so it is dead to them),
+/// never end before it. Every decision about expiry in the
 /// scripts uses the `now` the caller passes, never the server's clock;
 /// [`purge_expired`](SessionStore::purge_expired) walks the expiry index up
 /// to `now` and deletes exactly those sessions and their index entries.
 /// A save that only moves a session's expiry later leaves its index entry
 /// where it was, and purge moves the entry when it meets the session still
 /// alive: one index write per session and idle period instead of one per
-/// request, so a save is three commands (read the metadata, write the hash,
-/// set its expiry) unless the user or the expiry moves back.
+/// request, so a save is two commands (read the metadata, write the hash)
+/// unless the user changes, the expiry moves back or the key's `PEXPIREAT`
+/// is due to move.
 /// Index entries left behind by sessions Redis expired by itself are dropped
 /// when reads ([`list`](SessionStore::list), [`count`](SessionStore::count),
 /// [`find_by_user`](SessionStore::find_by_user)) or purges meet them, so run
@@ -617,6 +626,7 @@ impl RedisStore {
         key: &SessionKey,
         head: &[&[u8]],
         record: &Record,
+        now: Timestamp,
     ) -> Result<bool> {
         let head_bytes: usize = head.iter().map(|arg| arg.len()).sum();
         let (record_args, record_bytes) = record_size(record);
@@ -630,41 +640,65 @@ impl RedisStore {
         for arg in head {
             call.arg(*arg);
         }
-        push_record(&mut call, record);
+        push_record(&mut call, record, now);
         let written: i64 = self.call(script, &call, context).await?;
         Ok(written == 1)
     }
+}
+
+/// When Redis should drop the key of a session that expires at `expires_at`,
+/// written at `now`: after its expiry by its remaining lifetime, at most
+/// [`KEY_EXPIRY_SLACK`]. The scripts move a key's `PEXPIREAT` only when the
+/// session's expiry passes it, so a session saved on every request costs one
+/// `PEXPIREAT` per such stretch instead of one per save, and its key
+/// outlives it in Redis by at most that much when nobody purges.
+fn key_expiry(expires_at: Timestamp, now: Timestamp) -> Timestamp {
+    let expires = expires_at.as_millis();
+    let cap = i64::try_from(KEY_EXPIRY_SLACK.as_millis()).unwrap_or(i64::MAX);
+    let slack = expires.saturating_sub(now.as_millis()).clamp(0, cap);
+    Timestamp::from_millis(expires.saturating_add(slack))
 }
 
 /// At most how many arguments, and about how many bytes, [`push_record`]
 /// appends for `record`.
 fn record_size(record: &Record) -> (usize, usize) {
     let user = record.user.as_deref().map_or(0, str::len);
-    // Field names and numbers come to under 200 bytes; user and data vary.
-    (23, 200 + 2 * user + record.data.len())
+    // has_user and the key's expiry, the fixed values, then up to four
+    // optional pairs. Names and numbers come to under 200 bytes.
+    (2 + WRITTEN_FIELDS.len() + 8, 200 + user + record.data.len())
 }
 
-/// Appends a record as the scripts' `write` reads it: expires_at, has_user,
-/// user, then the hash's field/value pairs.
-fn push_record(call: &mut Cmd, record: &Record) {
-    call.arg(record.expires_at().as_millis())
-        .arg(if record.user.is_some() { "1" } else { "0" })
-        .arg(record.user.as_deref().unwrap_or_default())
-        .arg("version")
+/// The fields every record has, in the order [`push_record`] passes their
+/// values: the scripts' `write` names them itself, in the same order.
+const WRITTEN_FIELDS: [&str; 6] = [
+    "version",
+    "created_at",
+    "accessed_at",
+    "idle_deadline",
+    "expires_at",
+    "data",
+];
+
+/// Appends a record, written at `now`, as the scripts' `write` reads it:
+/// has_user, when Redis should drop the key ([`key_expiry`]), the values of
+/// [`WRITTEN_FIELDS`], then the optional fields as name/value pairs, the
+/// user first. Names go only with the optional fields: every argument of a
+/// script costs Redis about 0.1 µs.
+fn push_record(call: &mut Cmd, record: &Record, now: Timestamp) {
+    let expires_at = record.expires_at();
+    call.arg(if record.user.is_some() { "1" } else { "0" })
+        .arg(key_expiry(expires_at, now).as_millis())
         .arg(record.version)
-        .arg("created_at")
         .arg(record.created_at.as_millis())
-        .arg("accessed_at")
         .arg(record.accessed_at.as_millis())
-        .arg("idle_deadline")
         .arg(record.idle_deadline.as_millis())
-        .arg("expires_at")
-        .arg(record.expires_at().as_millis());
-    if let Some(absolute) = record.absolute_deadline {
-        call.arg("absolute_deadline").arg(absolute.as_millis());
-    }
+        .arg(expires_at.as_millis())
+        .arg(record.data.as_slice());
     if let Some(user) = &record.user {
         call.arg("user").arg(user.as_str());
+    }
+    if let Some(absolute) = record.absolute_deadline {
+        call.arg("absolute_deadline").arg(absolute.as_millis());
     }
     if let Some(lease) = record.lease {
         call.arg("lease_token")
@@ -672,7 +706,6 @@ fn push_record(call: &mut Cmd, record: &Record) {
             .arg("lease_until")
             .arg(lease.until.as_millis());
     }
-    call.arg("data").arg(record.data.as_slice());
 }
 
 /// The hash fields a record is read from, in the order every read asks for
@@ -876,14 +909,14 @@ impl SessionStore for RedisStore {
         record: &Record,
         now: Timestamp,
     ) -> Result<CreateOutcome> {
-        let now = millis_arg(now);
         let created = self
             .write(
                 &self.scripts.create,
                 "create session",
                 key,
-                &[now.as_bytes()],
+                &[millis_arg(now).as_bytes()],
                 record,
+                now,
             )
             .await?;
         Ok(if created {
@@ -900,14 +933,14 @@ impl SessionStore for RedisStore {
         record: &Record,
         now: Timestamp,
     ) -> Result<bool> {
-        let now = millis_arg(now);
         let expected = expected_version.to_string();
         self.write(
             &self.scripts.replace,
             "replace session",
             key,
-            &[now.as_bytes(), expected.as_bytes()],
+            &[millis_arg(now).as_bytes(), expected.as_bytes()],
             record,
+            now,
         )
         .await
     }
@@ -977,6 +1010,8 @@ impl SessionStore for RedisStore {
         idle_deadline: Timestamp,
     ) -> Result<bool> {
         let hex = key.to_hex();
+        // The session expires at `idle_deadline` or earlier.
+        let key_expiry = millis_arg(key_expiry(idle_deadline, accessed_at));
         let accessed_at = millis_arg(accessed_at);
         let idle_deadline = millis_arg(idle_deadline);
         let touched: i64 = self
@@ -988,6 +1023,7 @@ impl SessionStore for RedisStore {
                     hex.as_bytes(),
                     accessed_at.as_bytes(),
                     idle_deadline.as_bytes(),
+                    key_expiry.as_bytes(),
                 ],
             )
             .await?;
@@ -1132,7 +1168,7 @@ mod tests {
         });
         record.data = b"\xff\x00 not json".to_vec();
         let mut call = Cmd::new();
-        push_record(&mut call, &record);
+        push_record(&mut call, &record, now);
         let args: Vec<&[u8]> = call
             .args_iter()
             .map(|arg| match arg {
@@ -1140,11 +1176,22 @@ mod tests {
                 _ => unreachable!("a record is plain arguments"),
             })
             .collect();
-        assert_eq!(args[..3], [b"3000".as_slice(), b"1", b"alice"]);
+        // has_user, then when Redis drops the key: 2 s of slack past 3 s.
+        assert_eq!(args[..2], [b"1".as_slice(), b"5000"]);
         // Every optional field is set: the most arguments a record takes.
         assert_eq!(args.len(), record_size(&record).0);
-        let written: Vec<(&[u8], &[u8])> =
-            args[3..].chunks(2).map(|pair| (pair[0], pair[1])).collect();
+        let (values, pairs) = args[2..].split_at(WRITTEN_FIELDS.len());
+        assert_eq!(
+            pairs[..2],
+            [b"user".as_slice(), b"alice"],
+            "the user comes first"
+        );
+        let written: Vec<(&[u8], &[u8])> = WRITTEN_FIELDS
+            .iter()
+            .map(|name| name.as_bytes())
+            .zip(values.iter().copied())
+            .chain(pairs.chunks(2).map(|pair| (pair[0], pair[1])))
+            .collect();
         let read = RECORD_FIELDS
             .iter()
             .map(|name| {
@@ -1155,6 +1202,35 @@ mod tests {
             })
             .collect();
         assert_eq!(decode_record(Value::Array(read)).unwrap(), Some(record));
+    }
+
+    #[test]
+    fn the_scripts_write_the_fixed_fields_in_order() {
+        let named: Vec<String> = WRITTEN_FIELDS
+            .iter()
+            .enumerate()
+            .map(|(at, field)| match at {
+                0 => format!("'{field}', ARGV[v]"),
+                _ => format!("'{field}', ARGV[v + {at}]"),
+            })
+            .collect();
+        let hset = named.join(", ");
+        let script: String = include_str!("redis_scripts.lua")
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ");
+        assert!(script.contains(&hset), "`write` must set `{hset}`");
+    }
+
+    #[test]
+    fn keys_outlive_their_sessions_by_at_most_the_slack() {
+        let at = Timestamp::from_millis;
+        let hour = i64::try_from(KEY_EXPIRY_SLACK.as_millis()).unwrap();
+        assert_eq!(key_expiry(at(10_000), at(4_000)), at(16_000));
+        assert_eq!(key_expiry(at(10 * hour), at(0)), at(11 * hour));
+        // Already expired, or saturating: never before the session's expiry.
+        assert_eq!(key_expiry(at(1_000), at(4_000)), at(1_000));
+        assert_eq!(key_expiry(at(i64::MAX), at(0)), at(i64::MAX));
     }
 
     #[test]
