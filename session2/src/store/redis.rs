@@ -128,42 +128,48 @@ return 1
 );
 
 /// ARGV[3] = now, ARGV[4] = batch size. Returns {deleted, examined}.
-/// One read of three fields per due session; the deletes and index
-/// removals of the whole batch go in a few multi-key commands.
+/// One `HGET` of the expiry per due session: a record that cannot be read
+/// has none (quarantine clears it), and the owner index names the users.
+/// The deletes and index removals of the whole batch go in a few
+/// multi-key commands.
 const PURGE: &str = script!(
     r"
 local now = tonumber(ARGV[3])
 local due = redis.call('ZRANGEBYSCORE', exp, '-inf', ARGV[3], 'LIMIT', 0, tonumber(ARGV[4]))
-local gone, records, owned, by_user = {}, {}, {}, {}
+local gone, names = {}, {}
 for _, hex in ipairs(due) do
   local skey = sprefix .. hex
-  local cur, expires_at = read_meta(skey)
-  if cur and expires_at > now then
+  -- A string, false when missing, an error table when not a hash.
+  local expires_at = redis.pcall('HGET', skey, 'expires_at')
+  local expires = type(expires_at) == 'string' and tonumber(expires_at)
+  if expires and expires > now then
     -- Its entry ran early (see `index_expiry`): move it to the real expiry.
     redis.call('ZADD', exp, expires_at, hex)
     redis.call('HSET', skey, 'indexed_expiry', expires_at)
   else
     table.insert(gone, hex)
-    if cur ~= nil then table.insert(records, skey) end
-    -- Readable records name their user; for the others ask the owner index.
-    local user = cur and cur[3] or (not cur and redis.call('HGET', owners, hex))
-    if user then
-      table.insert(owned, hex)
-      by_user[user] = by_user[user] or {}
-      table.insert(by_user[user], hex)
-    end
+    table.insert(names, skey)
   end
 end
-if #records > 0 then redis.call('DEL', unpack(records)) end
-if #gone > 0 then
-  -- The entries of `gone` are the first of the index now: the moved ones
-  -- went past `now`, behind every entry not yet looked at.
-  redis.call('ZREMRANGEBYRANK', exp, 0, #gone - 1)
-  redis.call('ZREM', keys, unpack(gone))
+if #gone == 0 then return { 0, #due } end
+local deleted = redis.call('DEL', unpack(names))
+-- The entries of `gone` are the first of the index now: the moved ones
+-- went past `now`, behind every entry not yet looked at.
+redis.call('ZREMRANGEBYRANK', exp, 0, #gone - 1)
+redis.call('ZREM', keys, unpack(gone))
+local users = redis.call('HMGET', owners, unpack(gone))
+local owned, by_user = {}, {}
+for i = 1, #gone do
+  local user = users[i]
+  if user then
+    table.insert(owned, gone[i])
+    by_user[user] = by_user[user] or {}
+    table.insert(by_user[user], gone[i])
+  end
 end
 if #owned > 0 then redis.call('HDEL', owners, unpack(owned)) end
 for user, hexes in pairs(by_user) do redis.call('SREM', uprefix .. user, unpack(hexes)) end
-return { #records, #due }
+return { deleted, #due }
 "
 );
 
@@ -216,12 +222,14 @@ return out
 "
 );
 
-/// ARGV[3] = hex. Puts an unreadable record in the indexes, due at once, so
-/// that the next purge deletes it.
+/// ARGV[3] = hex. Puts an unreadable record in the indexes, due at once,
+/// and clears the expiry of a hash, so that the next purge deletes it.
 const QUARANTINE: &str = script!(
     r"
 local hex = ARGV[3]
-if current(sprefix .. hex) ~= false then return 0 end
+local skey = sprefix .. hex
+if current(skey) ~= false then return 0 end
+redis.pcall('HSET', skey, 'expires_at', '')
 redis.call('ZADD', exp, '-inf', hex)
 redis.call('ZADD', keys, 0, hex)
 return 1
