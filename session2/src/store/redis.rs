@@ -49,8 +49,8 @@ macro_rules! script {
 const CREATE: &str = script!(
     r"
 local hex = ARGV[3]
-local cur = current(sprefix .. hex)
-if cur and cur.expires_at > tonumber(ARGV[4]) then return 0 end
+local cur, expires = current(sprefix .. hex)
+if cur and expires > tonumber(ARGV[4]) then return 0 end
 if cur ~= nil then remove(hex) end
 write(hex, 5, nil)
 return 1
@@ -61,8 +61,8 @@ return 1
 const REPLACE: &str = script!(
     r"
 local hex = ARGV[3]
-local cur = current(sprefix .. hex)
-if not cur or cur.expires_at <= tonumber(ARGV[4]) or cur.version ~= ARGV[5] then return 0 end
+local cur, expires = current(sprefix .. hex)
+if not cur or expires <= tonumber(ARGV[4]) or cur[VERSION] ~= ARGV[5] then return 0 end
 write(hex, 6, cur)
 return 1
 "
@@ -102,7 +102,7 @@ if cur == nil then
   unindex(hex)
   return 0
 end
-if ARGV[4] ~= '' and (not cur or cur.version ~= ARGV[4]) then return 0 end
+if ARGV[4] ~= '' and (not cur or cur[VERSION] ~= ARGV[4]) then return 0 end
 remove(hex)
 return 1
 "
@@ -114,14 +114,14 @@ const TOUCH: &str = script!(
     r"
 local hex = ARGV[3]
 local skey = sprefix .. hex
-local cur = current(skey)
-if not cur or cur.expires_at <= tonumber(ARGV[4]) then return 0 end
+local cur, current_expiry = current(skey)
+if not cur or current_expiry <= tonumber(ARGV[4]) then return 0 end
 local expires_at, expires = ARGV[5], tonumber(ARGV[5])
-local absolute = tonumber(cur.absolute)
-if absolute and absolute < expires then expires_at, expires = cur.absolute, absolute end
-local ttl_at, expire = key_expiry(expires, cur.ttl_at, ARGV[6])
+local absolute = tonumber(cur[ABSOLUTE])
+if absolute and absolute < expires then expires_at, expires = cur[ABSOLUTE], absolute end
+local ttl_at, expire = key_expiry(expires, cur[TTL_AT], ARGV[6])
 redis.call('HSET', skey, 'accessed_at', ARGV[4], 'idle_deadline', ARGV[5], 'expires_at', expires_at,
-  'indexed_expiry', index_expiry(hex, expires_at, expires, cur.indexed), 'ttl_at', ttl_at)
+  'indexed_expiry', index_expiry(hex, expires_at, expires, cur[INDEXED]), 'ttl_at', ttl_at)
 if expire then redis.call('PEXPIREAT', skey, ttl_at) end
 return 1
 "

@@ -29,18 +29,15 @@ local function read_record(skey)
   return read_meta(skey, 'created_at', 'accessed_at', 'idle_deadline', 'absolute_deadline', 'lease_token', 'lease_until', 'data')
 end
 
--- The metadata of the record under `skey` (nil when missing, false when it
--- cannot be read, see `read_meta`): its version, expiry, the optional fields
--- a rewrite may have to drop, the score it has in the expiry index
--- (`indexed`) and the time Redis drops its key (`ttl_at`), both as stored
--- (nil when unknown).
+-- The metadata of the record under `skey`, as `read_meta` gives it (nil
+-- when missing, false when it cannot be read): the fields at the positions
+-- below, as stored (false when absent), and the expiry as a number. The
+-- version, user and optional fields tell a rewrite what to drop; INDEXED
+-- is the score of its expiry index entry, TTL_AT the time Redis drops its
+-- key. Positions, not a table of names: building one costs about 0.6 µs.
+local VERSION, USER, ABSOLUTE, LEASED, INDEXED, TTL_AT = 1, 3, 4, 5, 6, 7
 local function current(skey)
-  local fields, expires_at = read_meta(skey, 'absolute_deadline', 'lease_token', 'indexed_expiry', 'ttl_at')
-  if not fields then return fields end
-  return {
-    version = fields[1], expires_at = expires_at, user = fields[3],
-    absolute = fields[4], leased = fields[5], indexed = fields[6], ttl_at = fields[7],
-  }
+  return read_meta(skey, 'absolute_deadline', 'lease_token', 'indexed_expiry', 'ttl_at')
 end
 
 -- Drops every index entry of `hex`.
@@ -101,17 +98,17 @@ local function write(hex, first, old)
   local expires_at = ARGV[v + 4]
   local expires = tonumber(expires_at)
   local user = ARGV[first] == '1' and ARGV[tail + 1]
-  local indexed = index_expiry(hex, expires_at, expires, old and old.indexed)
-  local ttl_at, expire = key_expiry(expires, old and old.ttl_at, ARGV[first + 1])
+  local indexed = index_expiry(hex, expires_at, expires, old and old[INDEXED])
+  local ttl_at, expire = key_expiry(expires, old and old[TTL_AT], ARGV[first + 1])
   if old then
-    if old.user or old.absolute or old.leased then
+    if old[USER] or old[ABSOLUTE] or old[LEASED] then
       -- HSET keeps fields it is not given: drop the optional ones the new record lacks.
       local given = {}
       for i = tail, #ARGV, 2 do given[ARGV[i]] = true end
       local gone = {}
-      if old.user and not given['user'] then table.insert(gone, 'user') end
-      if old.absolute and not given['absolute_deadline'] then table.insert(gone, 'absolute_deadline') end
-      if old.leased and not given['lease_token'] then
+      if old[USER] and not given['user'] then table.insert(gone, 'user') end
+      if old[ABSOLUTE] and not given['absolute_deadline'] then table.insert(gone, 'absolute_deadline') end
+      if old[LEASED] and not given['lease_token'] then
         table.insert(gone, 'lease_token')
         table.insert(gone, 'lease_until')
       end
@@ -125,7 +122,7 @@ local function write(hex, first, old)
     'idle_deadline', ARGV[v + 3], 'expires_at', ARGV[v + 4], 'data', ARGV[v + 5],
     unpack(ARGV, tail))
   if expire then redis.call('PEXPIREAT', skey, ttl_at) end
-  local old_user = old and old.user or false
+  local old_user = old and old[USER] or false
   if old_user == user then return end
   if old_user then redis.call('SREM', uprefix .. old_user, hex) end
   if user then
