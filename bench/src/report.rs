@@ -142,6 +142,18 @@ async fn drop_session_tables(url: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Deletes every session of session2's store at `url`, with its index
+/// entries: on Redis, where the SQL stores drop their tables, so that each
+/// run starts from empty indexes (the store-level runs alone leave about
+/// 100,000 sessions, which live for up to two hours).
+async fn purge_every_session(url: &str) -> anyhow::Result<()> {
+    let store = crate::store::open(url).await?;
+    store
+        .purge_expired(session2::Timestamp::from_millis(i64::MAX))
+        .await?;
+    Ok(())
+}
+
 const ALL_WORKLOADS: [Workload; 7] = [
     Workload::Rmw,
     Workload::RmwExclusive,
@@ -237,6 +249,11 @@ pub(crate) async fn all(args: AllArgs) -> anyhow::Result<()> {
             && let Err(err) = drop_session_tables(&urls.theirs).await
         {
             eprintln!("could not drop the session tables on {name}: {err:#}");
+        }
+        if name == "redis"
+            && let Err(err) = purge_every_session(&urls.ours).await
+        {
+            eprintln!("could not clear session2's bench prefix on redis: {err:#}");
         }
         // All three servers run side by side, so the libraries can take
         // turns on each row: drift of the machine hits both alike.
