@@ -39,14 +39,20 @@ const MAX_PAGE: usize = 100_000;
 /// [`key_expiry`].
 const KEY_EXPIRY_SLACK: Duration = Duration::from_secs(3600);
 
+/// A script: the prelude, the parts it uses (`["redis_index.lua",
+/// "redis_write.lua"]`, each in the order it needs them), then its body.
 macro_rules! script {
+    ([$($part:literal),*], $body:literal) => {
+        concat!(include_str!("redis_prelude.lua"), $(include_str!($part),)* $body)
+    };
     ($body:literal) => {
-        concat!(include_str!("redis_scripts.lua"), $body)
+        script!([], $body)
     };
 }
 
 /// ARGV[3] = hex, ARGV[4] = now, ARGV[5..] = the record to write.
 const CREATE: &str = script!(
+    ["redis_index.lua", "redis_write.lua"],
     r"
 local hex = ARGV[3]
 local cur, expires = current(sprefix .. hex)
@@ -59,6 +65,7 @@ return 1
 
 /// ARGV[3] = hex, ARGV[4] = now, ARGV[5] = expected version, ARGV[6..] = the record.
 const REPLACE: &str = script!(
+    ["redis_write.lua"],
     r"
 local hex = ARGV[3]
 local cur, expires = current(sprefix .. hex)
@@ -95,6 +102,7 @@ return { 2, record }
 
 /// ARGV[3] = hex, ARGV[4] = expected version or '' for any.
 const DELETE: &str = script!(
+    ["redis_index.lua"],
     r"
 local hex = ARGV[3]
 local cur = current(sprefix .. hex)
@@ -111,6 +119,7 @@ return 1
 /// ARGV[3] = hex, ARGV[4] = accessed_at, ARGV[5] = idle_deadline,
 /// ARGV[6] = when Redis should drop the key if it must be moved (see `key_expiry`).
 const TOUCH: &str = script!(
+    ["redis_write.lua"],
     r"
 local hex = ARGV[3]
 local skey = sprefix .. hex
@@ -176,6 +185,7 @@ return { deleted, #due }
 /// Drops index entries of sessions Redis expired by itself (their expiry is
 /// behind the server's clock and their key is gone), then counts.
 const COUNT: &str = script!(
+    ["redis_index.lua"],
     r"
 local time = redis.call('TIME')
 local server_now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
@@ -189,6 +199,7 @@ return redis.call('ZCARD', keys)
 /// ARGV[3] = first bound for ZRANGEBYLEX, ARGV[4] = entries wanted.
 /// Returns {hex, fields} pairs in key order, skipping vanished sessions.
 const LIST: &str = script!(
+    ["redis_index.lua"],
     r"
 local out = {}
 local start = ARGV[3]
@@ -208,6 +219,7 @@ return out
 
 /// KEYS[4] = the user's set. Returns {hex, fields} pairs of its sessions.
 const FIND_BY_USER: &str = script!(
+    ["redis_index.lua"],
     r"
 local out = {}
 for _, hex in ipairs(redis.call('SMEMBERS', KEYS[4])) do
@@ -1223,7 +1235,7 @@ mod tests {
             })
             .collect();
         let hset = named.join(", ");
-        let script: String = include_str!("redis_scripts.lua")
+        let script: String = include_str!("redis_write.lua")
             .split_whitespace()
             .collect::<Vec<_>>()
             .join(" ");
@@ -1272,7 +1284,7 @@ mod tests {
         let tail = format!("read_meta(skey, {})", quoted(&RECORD_FIELDS[3..]));
         for read in [head, tail] {
             assert!(
-                include_str!("redis_scripts.lua").contains(&read),
+                include_str!("redis_prelude.lua").contains(&read),
                 "the prelude must read `{read}`"
             );
         }

@@ -1,61 +1,4 @@
--- Shared prelude of every RedisStore script (see `store/redis.rs`).
---
--- KEYS[1] = expiry index (sorted set: score = expires_at millis or earlier, member = hex key)
--- KEYS[2] = key index    (sorted set: score 0, member = hex key; ZRANGEBYLEX pages in key order)
--- KEYS[3] = owners       (hash: hex key -> user, for sessions that have a user)
--- ARGV[1] = prefix of session keys, ARGV[2] = prefix of per-user sets.
--- Every key lives in the store's hash slot, so keys built from the prefixes are local.
-local exp, keys, owners = KEYS[1], KEYS[2], KEYS[3]
-local sprefix, uprefix = ARGV[1], ARGV[2]
-
--- The fields `version`, `expires_at`, `user` and then `...` of the record
--- under `skey` as HMGET gives them, and its expiry as a number: nil when
--- the record is missing (or expired by Redis), false when it cannot be read.
-local function read_meta(skey, ...)
-  local fields = redis.pcall('HMGET', skey, 'version', 'expires_at', 'user', ...)
-  if fields['err'] then return false end
-  if not fields[1] and not fields[2] then
-    if redis.call('EXISTS', skey) == 0 then return nil end
-    return false
-  end
-  local expires_at = tonumber(fields[2])
-  if not fields[1] or not string.match(fields[1], '^%d+$') or not expires_at then return false end
-  return fields, expires_at
-end
-
--- The whole record under `skey` for a reader (see `read_meta`): its fields
--- in the order `RECORD_FIELDS` in `store/redis.rs` decodes them.
-local function read_record(skey)
-  return read_meta(skey, 'created_at', 'accessed_at', 'idle_deadline', 'absolute_deadline', 'lease_token', 'lease_until', 'data')
-end
-
--- The metadata of the record under `skey`, as `read_meta` gives it (nil
--- when missing, false when it cannot be read): the fields at the positions
--- below, as stored (false when absent), and the expiry as a number. The
--- version, user and optional fields tell a rewrite what to drop; INDEXED
--- is the score of its expiry index entry, TTL_AT the time Redis drops its
--- key. Positions, not a table of names: building one costs about 0.6 µs.
-local VERSION, USER, ABSOLUTE, LEASED, INDEXED, TTL_AT = 1, 3, 4, 5, 6, 7
-local function current(skey)
-  return read_meta(skey, 'absolute_deadline', 'lease_token', 'indexed_expiry', 'ttl_at')
-end
-
--- Drops every index entry of `hex`.
-local function unindex(hex)
-  local user = redis.call('HGET', owners, hex)
-  if user then
-    redis.call('SREM', uprefix .. user, hex)
-    redis.call('HDEL', owners, hex)
-  end
-  redis.call('ZREM', exp, hex)
-  redis.call('ZREM', keys, hex)
-end
-
--- Deletes the record `hex` and its index entries.
-local function remove(hex)
-  redis.call('DEL', sprefix .. hex)
-  unindex(hex)
-end
+-- Record writes for RedisStore scripts, after `redis_prelude.lua`.
 
 -- Puts `hex` in the expiry index at `expires_at`, unless its entry is
 -- already due no later than that: an entry may run early (purge then finds
@@ -131,15 +74,4 @@ local function write(hex, first, old)
   else
     redis.call('HDEL', owners, hex)
   end
-end
-
--- The whole record `hex` for a reader (see `read_record`), an empty array
--- when unreadable, nil (and its index entries dropped) when gone.
-local function fetch(hex)
-  local record = read_record(sprefix .. hex)
-  if record == nil then
-    unindex(hex)
-    return nil
-  end
-  return record or {}
 end
