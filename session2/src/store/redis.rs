@@ -355,9 +355,9 @@ impl ConnectionLike for Connection {
 /// so dead sessions' data never piles up even when nobody purges: the key's
 /// `PEXPIREAT` lies past the session's expiry by its remaining lifetime at
 /// the write, at most an hour, and a save moves it only when the session's
-/// expiry passes it. A key may thus outlive its session that long in Redis
-/// (reads and purge go by the session's own expiry, so it is dead to them),
-/// never end before it. Every decision about expiry in the
+/// expiry passes it or falls more than an hour before it. A key may thus
+/// outlive its session by up to an hour in Redis (reads and purge go by the
+/// session's own expiry, so it is dead to them), never end before it. Every decision about expiry in the
 /// scripts uses the `now` the caller passes, never the server's clock;
 /// [`purge_expired`](SessionStore::purge_expired) walks the expiry index up
 /// to `now` and deletes exactly those sessions and their index entries.
@@ -669,9 +669,10 @@ impl RedisStore {
 /// When Redis should drop the key of a session that expires at `expires_at`,
 /// written at `now`: after its expiry by its remaining lifetime, at most
 /// [`KEY_EXPIRY_SLACK`]. The scripts move a key's `PEXPIREAT` only when the
-/// session's expiry passes it, so a session saved on every request costs one
-/// `PEXPIREAT` per such stretch instead of one per save, and its key
-/// outlives it in Redis by at most that much when nobody purges.
+/// session's expiry passes it or falls more than the slack before it, so a
+/// session saved on every request costs one `PEXPIREAT` per such stretch
+/// instead of one per save, and its key outlives it in Redis by at most the
+/// slack when nobody purges.
 fn key_expiry(expires_at: Timestamp, now: Timestamp) -> Timestamp {
     let expires = expires_at.as_millis();
     let cap = i64::try_from(KEY_EXPIRY_SLACK.as_millis()).unwrap_or(i64::MAX);
@@ -1240,6 +1241,13 @@ mod tests {
             .collect::<Vec<_>>()
             .join(" ");
         assert!(script.contains(&hset), "`write` must set `{hset}`");
+    }
+
+    #[test]
+    fn the_scripts_know_the_slack() {
+        let millis = KEY_EXPIRY_SLACK.as_millis();
+        let constant = format!("local KEY_EXPIRY_SLACK_MS = {millis}\n");
+        assert!(include_str!("redis_write.lua").contains(&constant));
     }
 
     #[test]

@@ -13,16 +13,21 @@ local function index_expiry(hex, expires_at, expires, indexed)
   return expires_at
 end
 
+-- How long at most a key outlives its session (`KEY_EXPIRY_SLACK` in
+-- `store/redis.rs`).
+local KEY_EXPIRY_SLACK_MS = 3600000
+
 -- When Redis should drop the key of a session that expires at `expires`,
 -- and whether that needs a `PEXPIREAT` (after the write: it is a no-op on a
 -- key not yet written). `ttl_at` is when Redis drops it now, `target` a
 -- time after `expires`. A key may outlive its session a while (reads
--- check `expires_at`, purge deletes it on time), never die before it, so a
--- session whose expiry only moves forward costs one `PEXPIREAT` per stretch
--- of slack, not one per save. The time goes in the hash's `ttl_at` field.
+-- check `expires_at`, purge deletes it on time), never by more than the
+-- slack and never die before it, so a session whose expiry only moves
+-- forward costs one `PEXPIREAT` per stretch of slack, not one per save.
+-- The time goes in the hash's `ttl_at` field.
 local function key_expiry(expires, ttl_at, target)
   local at = tonumber(ttl_at)
-  if at and at >= expires then return ttl_at, false end
+  if at and at >= expires and at <= expires + KEY_EXPIRY_SLACK_MS then return ttl_at, false end
   return target, true
 end
 
