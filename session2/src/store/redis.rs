@@ -684,8 +684,8 @@ fn key_expiry(expires_at: Timestamp, now: Timestamp) -> Timestamp {
 /// appends for `record`.
 fn record_size(record: &Record) -> (usize, usize) {
     let user = record.user.as_deref().map_or(0, str::len);
-    // has_user and the key's expiry, the fixed values, then up to four
-    // optional pairs. Names and numbers come to under 200 bytes.
+    // The optional fields present and the key's expiry, the fixed values,
+    // then up to four optional pairs. Names and numbers come to under 200 bytes.
     (2 + WRITTEN_FIELDS.len() + 8, 200 + user + record.data.len())
 }
 
@@ -701,13 +701,20 @@ const WRITTEN_FIELDS: [&str; 6] = [
 ];
 
 /// Appends a record, written at `now`, as the scripts' `write` reads it:
-/// has_user, when Redis should drop the key ([`key_expiry`]), the values of
-/// [`WRITTEN_FIELDS`], then the optional fields as name/value pairs, the
-/// user first. Names go only with the optional fields: every argument of a
-/// script costs Redis about 0.1 µs.
+/// which optional fields it has (`1` or `0` for the user, the absolute
+/// deadline and the lease), when Redis should drop the key
+/// ([`key_expiry`]), the values of [`WRITTEN_FIELDS`], then the optional
+/// fields as name/value pairs, the user first. Names go only with the
+/// optional fields: every argument of a script costs Redis about 0.1 µs.
 fn push_record(call: &mut Cmd, record: &Record, now: Timestamp) {
     let expires_at = record.expires_at();
-    call.arg(if record.user.is_some() { "1" } else { "0" })
+    let has = [
+        record.user.is_some(),
+        record.absolute_deadline.is_some(),
+        record.lease.is_some(),
+    ]
+    .map(|present| if present { b'1' } else { b'0' });
+    call.arg(&has[..])
         .arg(key_expiry(expires_at, now).as_millis())
         .arg(record.version)
         .arg(record.created_at.as_millis())
@@ -1197,8 +1204,9 @@ mod tests {
                 _ => unreachable!("a record is plain arguments"),
             })
             .collect();
-        // has_user, then when Redis drops the key: 2 s of slack past 3 s.
-        assert_eq!(args[..2], [b"1".as_slice(), b"5000"]);
+        // Which optional fields it has, then when Redis drops the key: 2 s
+        // of slack past 3 s.
+        assert_eq!(args[..2], [b"111".as_slice(), b"5000"]);
         // Every optional field is set: the most arguments a record takes.
         assert_eq!(args.len(), record_size(&record).0);
         let (values, pairs) = args[2..].split_at(WRITTEN_FIELDS.len());
