@@ -604,3 +604,38 @@ async fn a_key_outlives_its_session_and_moves_only_when_outgrown() {
     assert_eq!(store.purge_expired(at(minutes(31))).await.unwrap(), 1);
     assert!(!raw.exists::<_, bool>(&name).await.unwrap());
 }
+
+/// A touch whose idle deadline lies past the absolute deadline leaves the
+/// key to Redis no later than an hour after the absolute deadline, where
+/// the session ends, and a later touch leaves it there.
+#[tokio::test]
+async fn a_touch_cut_short_by_the_absolute_deadline_keeps_the_key_in_bounds() {
+    let Some(store) = fresh_store().await else {
+        return;
+    };
+    let mut raw = raw().await;
+    let now = SystemClock.now();
+    let at = |minutes: u64| now.saturating_add(Duration::from_secs(60 * minutes));
+    let key = new_key();
+    let name = store.session_key_name(&key);
+    let mut first = record(now, Duration::from_secs(120), None);
+    first.absolute_deadline = Some(at(20));
+    store.create(&key, &first, now).await.unwrap();
+
+    assert!(store.touch(&key, at(1), at(300)).await.unwrap());
+    let dropped = dropped_at(&mut raw, &name).await;
+    let absolute = at(20).as_millis();
+    assert!(
+        (absolute - 5_000..=absolute + 3_600_000).contains(&dropped),
+        "Redis drops the key {} s after the absolute deadline",
+        (dropped - absolute) / 1000
+    );
+    assert!(store.touch(&key, at(1), at(301)).await.unwrap());
+    let again = dropped_at(&mut raw, &name).await;
+    assert!(
+        (again - dropped).abs() < 2_000,
+        "moved by {} ms",
+        again - dropped
+    );
+    assert_eq!(store.load(&key, at(20)).await.unwrap(), None);
+}

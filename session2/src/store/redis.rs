@@ -117,7 +117,8 @@ return 1
 );
 
 /// ARGV[3] = hex, ARGV[4] = accessed_at, ARGV[5] = idle_deadline,
-/// ARGV[6] = when Redis should drop the key if it must be moved (see `key_expiry`).
+/// ARGV[6] = when Redis should drop the key if it must be moved, chosen from
+/// the idle deadline (see `key_expiry`).
 const TOUCH: &str = script!(
     ["redis_write.lua"],
     r"
@@ -128,7 +129,7 @@ if not cur or current_expiry <= tonumber(ARGV[4]) then return 0 end
 local expires_at, expires = ARGV[5], tonumber(ARGV[5])
 local absolute = tonumber(cur[ABSOLUTE])
 if absolute and absolute < expires then expires_at, expires = cur[ABSOLUTE], absolute end
-local ttl_at, expire = key_expiry(expires, cur[TTL_AT], ARGV[6])
+local ttl_at, expire = key_expiry(expires_at, expires, cur[TTL_AT], ARGV[6])
 redis.call('HSET', skey, 'accessed_at', ARGV[4], 'idle_deadline', ARGV[5], 'expires_at', expires_at,
   'indexed_expiry', index_expiry(hex, expires_at, expires, cur[INDEXED]), 'ttl_at', ttl_at)
 if expire then redis.call('PEXPIREAT', skey, ttl_at) end

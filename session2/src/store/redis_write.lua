@@ -17,17 +17,21 @@ end
 -- `store/redis.rs`).
 local KEY_EXPIRY_SLACK_MS = 3600000
 
--- When Redis should drop the key of a session that expires at `expires`,
--- and whether that needs a `PEXPIREAT` (after the write: it is a no-op on a
--- key not yet written). `ttl_at` is when Redis drops it now, `target` a
--- time after `expires`. A key may outlive its session a while (reads
--- check `expires_at`, purge deletes it on time), never by more than the
--- slack and never die before it, so a session whose expiry only moves
--- forward costs one `PEXPIREAT` per stretch of slack, not one per save.
--- The time goes in the hash's `ttl_at` field.
-local function key_expiry(expires, ttl_at, target)
+-- When Redis should drop the key of a session that expires at `expires_at`
+-- (`expires` as a number), and whether that needs a `PEXPIREAT` (after the
+-- write: it is a no-op on a key not yet written). `ttl_at` is when Redis
+-- drops it now, `target` the caller's choice after `expires_at` (a touch
+-- chooses from the idle deadline, which an absolute deadline may cut
+-- short: then the key goes at `expires_at` itself). A key may outlive its
+-- session a while (reads check `expires_at`, purge deletes it on time),
+-- never by more than the slack and never die before it, so a session
+-- whose expiry only moves forward costs one `PEXPIREAT` per stretch of
+-- slack, not one per save. The time goes in the hash's `ttl_at` field.
+local function key_expiry(expires_at, expires, ttl_at, target)
   local at = tonumber(ttl_at)
-  if at and at >= expires and at <= expires + KEY_EXPIRY_SLACK_MS then return ttl_at, false end
+  local limit = expires + KEY_EXPIRY_SLACK_MS
+  if at and at >= expires and at <= limit then return ttl_at, false end
+  if tonumber(target) > limit then return expires_at, true end
   return target, true
 end
 
@@ -48,7 +52,7 @@ local function write(hex, first, old)
   local expires = tonumber(expires_at)
   local user = string.byte(has, 1) == 49 and ARGV[tail + 1]
   local indexed = index_expiry(hex, expires_at, expires, old and old[INDEXED])
-  local ttl_at, expire = key_expiry(expires, old and old[TTL_AT], ARGV[first + 1])
+  local ttl_at, expire = key_expiry(expires_at, expires, old and old[TTL_AT], ARGV[first + 1])
   if old then
     -- HSET keeps fields it is not given: drop the optional ones the new record lacks.
     local gone
