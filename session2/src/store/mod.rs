@@ -25,6 +25,8 @@
 
 #[cfg(feature = "directory")]
 mod directory;
+#[cfg(feature = "sqlite")]
+mod group_commit;
 #[cfg(feature = "memory")]
 mod memory;
 #[cfg(feature = "mysql")]

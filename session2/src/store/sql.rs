@@ -30,11 +30,7 @@
 
 use std::fmt;
 
-use sqlx::pool::PoolOptions;
-use sqlx::{
-    ColumnIndex, ConnectOptions, Connection, Database, Decode, Encode, Executor, IntoArguments,
-    Pool, Row, Type,
-};
+use sqlx::{ColumnIndex, Database, Decode, Encode, Executor, IntoArguments, Pool, Row, Type};
 
 use crate::store::{CreateOutcome, LeaseOutcome, Page};
 use crate::{Error, Lease, Record, Result, SessionKey, Timestamp};
@@ -274,6 +270,7 @@ pub(crate) struct Statements {
 enum Purge {
     /// now, now: one statement (PostgreSQL: its row locks live in the rows,
     /// and nobody waits for an expired row).
+    #[cfg(feature = "postgres")]
     Whole(String),
     /// now, now: a batch, repeated until one falls short: SQLite, where a
     /// batch holds the one write lock and so stops every save meanwhile,
@@ -539,10 +536,12 @@ pub(crate) fn backend_error(store: &'static str, context: &str, err: sqlx::Error
 /// retries a refused connection until its timeout and then reports only
 /// that it timed out, so on a timeout one more direct attempt names the
 /// cause ("connection refused").
+#[cfg(any(feature = "postgres", feature = "mysql"))]
 pub(crate) async fn connect_pool<DB: Backend>(
-    pool: PoolOptions<DB>,
-    options: <DB::Connection as Connection>::Options,
+    pool: sqlx::pool::PoolOptions<DB>,
+    options: <DB::Connection as sqlx::Connection>::Options,
 ) -> Result<Pool<DB>> {
+    use sqlx::ConnectOptions as _;
     let context = "connect to the server";
     match pool.connect_with(options.clone()).await {
         Ok(pool) => Ok(pool),
@@ -555,6 +554,14 @@ pub(crate) async fn connect_pool<DB: Backend>(
         }
         Err(err) => Err(backend_error(DB::STORE, context, err)),
     }
+}
+
+/// The arguments of a compare-and-swap, for each statement that tries it.
+struct Replacement<'a> {
+    key: &'a SessionKey,
+    expected_version: u64,
+    record: &'a Record,
+    now: Timestamp,
 }
 
 /// A u64 stored in a signed 64-bit column, bits unchanged.
@@ -582,19 +589,54 @@ where
     for<'r> String: Decode<'r, DB> + Type<DB>,
     usize: ColumnIndex<DB::Row>,
 {
+    /// A connection from the pool, for the primitives below that run on one.
+    pub(crate) async fn acquire(&self, context: &str) -> Result<sqlx::pool::PoolConnection<DB>> {
+        self.pool
+            .acquire()
+            .await
+            .map_err(|err| self.error(context, err))
+    }
+
     pub(crate) async fn load(&self, key: &SessionKey, now: Timestamp) -> Result<Option<Record>> {
+        let context = "load session";
+        self.load_on(&mut *self.acquire(context).await?, key, now)
+            .await
+    }
+
+    /// [`load`](Self::load) on `connection`, which may be in a transaction.
+    async fn load_on(
+        &self,
+        connection: &mut DB::Connection,
+        key: &SessionKey,
+        now: Timestamp,
+    ) -> Result<Option<Record>> {
         let row = sqlx::query(&self.statements.load)
             .bind(key.as_bytes().as_slice())
             .bind(now.as_millis())
-            .fetch_optional(&self.pool)
+            .fetch_optional(&mut *connection)
             .await
             .map_err(|err| self.error("load session", err))?;
         row.map(|row| decode_row(&row).map(|(_, record)| record))
             .transpose()
     }
 
+    /// On a connection of the pool (SQLite group-commits instead: see
+    /// `store/group_commit.rs`).
+    #[cfg(any(feature = "postgres", feature = "mysql"))]
     pub(crate) async fn create(
         &self,
+        key: &SessionKey,
+        record: &Record,
+        now: Timestamp,
+    ) -> Result<CreateOutcome> {
+        let mut connection = self.acquire("create session").await?;
+        self.create_on(&mut connection, key, record, now).await
+    }
+
+    /// [`create`](Self::create) on `connection`, which may be in a transaction.
+    pub(crate) async fn create_on(
+        &self,
+        connection: &mut DB::Connection,
         key: &SessionKey,
         record: &Record,
         now: Timestamp,
@@ -607,7 +649,7 @@ where
             // One statement: insert, or overwrite a row that is expired at `now`.
             let result = query
                 .bind(now.as_millis())
-                .execute(&self.pool)
+                .execute(&mut *connection)
                 .await
                 .map_err(|err| self.error("create session", err))?;
             return Ok(if DB::rows_affected(&result) == 1 {
@@ -620,7 +662,7 @@ where
         // update, so insert, and on a duplicate key delete the row only if it
         // is expired and insert again. Keys are random: the first insert
         // almost always succeeds, in one round trip.
-        match query.execute(&self.pool).await {
+        match query.execute(&mut *connection).await {
             Ok(_) => return Ok(CreateOutcome::Created),
             Err(sqlx::Error::Database(err)) if err.is_unique_violation() => {}
             Err(err) => return Err(self.error("create session", err)),
@@ -628,7 +670,7 @@ where
         let deleted = sqlx::query(&self.statements.delete_expired_key)
             .bind(key.as_bytes().as_slice())
             .bind(now.as_millis())
-            .execute(&self.pool)
+            .execute(&mut *connection)
             .await
             .map_err(|err| self.error("create session", err))?;
         if DB::rows_affected(&deleted) == 0 {
@@ -638,7 +680,7 @@ where
             sqlx::query(&self.statements.create).bind(key.as_bytes().as_slice()),
             record,
         );
-        match retry.execute(&self.pool).await {
+        match retry.execute(&mut *connection).await {
             Ok(_) => Ok(CreateOutcome::Created),
             // Another create took the key between our delete and insert.
             Err(sqlx::Error::Database(err)) if err.is_unique_violation() => {
@@ -657,6 +699,9 @@ where
         }
     }
 
+    /// On a connection of the pool (SQLite group-commits instead: see
+    /// `store/group_commit.rs`).
+    #[cfg(any(feature = "postgres", feature = "mysql"))]
     pub(crate) async fn replace(
         &self,
         key: &SessionKey,
@@ -664,29 +709,72 @@ where
         record: &Record,
         now: Timestamp,
     ) -> Result<bool> {
-        let replace = |statement| async move {
-            let result = bind_record(sqlx::query(statement), record)
-                .bind(key.as_bytes().as_slice())
-                .bind(to_i64(expected_version))
-                .bind(now.as_millis())
-                .execute(&self.pool)
-                .await
-                .map_err(|err| self.error("replace session", err))?;
-            Ok::<_, Error>(DB::rows_affected(&result) == 1)
+        let mut connection = self.acquire("replace session").await?;
+        self.replace_on(&mut connection, key, expected_version, record, now)
+            .await
+    }
+
+    /// [`replace`](Self::replace) on `connection`, which may be in a transaction.
+    pub(crate) async fn replace_on(
+        &self,
+        connection: &mut DB::Connection,
+        key: &SessionKey,
+        expected_version: u64,
+        record: &Record,
+        now: Timestamp,
+    ) -> Result<bool> {
+        let write = Replacement {
+            key,
+            expected_version,
+            record,
+            now,
         };
         if let Some(in_place) = &self.statements.replace_in_place
-            && replace(in_place).await?
+            && self.run_replace(connection, in_place, &write).await?
         {
             return Ok(true);
         }
-        replace(&self.statements.replace).await
+        self.run_replace(connection, &self.statements.replace, &write)
+            .await
+    }
+
+    /// Runs one of the replace statements; whether it changed the row.
+    async fn run_replace(
+        &self,
+        connection: &mut DB::Connection,
+        statement: &str,
+        write: &Replacement<'_>,
+    ) -> Result<bool> {
+        let result = bind_record(sqlx::query(statement), write.record)
+            .bind(write.key.as_bytes().as_slice())
+            .bind(to_i64(write.expected_version))
+            .bind(write.now.as_millis())
+            .execute(&mut *connection)
+            .await
+            .map_err(|err| self.error("replace session", err))?;
+        Ok(DB::rows_affected(&result) == 1)
+    }
+
+    /// On a connection of the pool (SQLite group-commits instead: see
+    /// `store/group_commit.rs`).
+    #[cfg(any(feature = "postgres", feature = "mysql"))]
+    pub(crate) async fn lease(
+        &self,
+        key: &SessionKey,
+        lease: Lease,
+        now: Timestamp,
+    ) -> Result<LeaseOutcome> {
+        let mut connection = self.acquire("lock session").await?;
+        self.lease_on(&mut connection, key, lease, now).await
     }
 
     /// Takes the lease with one `UPDATE` that matches only a live record
     /// with no binding lease, returning the row where the dialect can;
-    /// reads the row to tell a held lease from a missing record.
-    pub(crate) async fn lease(
+    /// reads the row to tell a held lease from a missing record. On
+    /// `connection`, which may be in a transaction.
+    pub(crate) async fn lease_on(
         &self,
+        connection: &mut DB::Connection,
         key: &SessionKey,
         lease: Lease,
         now: Timestamp,
@@ -701,7 +789,7 @@ where
                 .bind(now.as_millis());
             if DB::DIALECT.returns_from_update() {
                 let row = update
-                    .fetch_optional(&self.pool)
+                    .fetch_optional(&mut *connection)
                     .await
                     .map_err(|err| self.error(context, err))?;
                 if let Some(row) = row {
@@ -709,18 +797,18 @@ where
                 }
             } else {
                 let result = update
-                    .execute(&self.pool)
+                    .execute(&mut *connection)
                     .await
                     .map_err(|err| self.error(context, err))?;
                 if DB::rows_affected(&result) == 1 {
                     // Ours until it runs out, whatever else a plain save changed meanwhile.
-                    return Ok(match self.load(key, now).await? {
+                    return Ok(match self.load_on(connection, key, now).await? {
                         Some(record) => LeaseOutcome::Taken(record),
                         None => LeaseOutcome::Missing,
                     });
                 }
             }
-            match self.load(key, now).await? {
+            match self.load_on(connection, key, now).await? {
                 None => return Ok(LeaseOutcome::Missing),
                 Some(record) if record.is_leased_at(now) => {
                     return Ok(LeaseOutcome::Held(record));
@@ -731,8 +819,22 @@ where
         }
     }
 
+    /// On a connection of the pool (SQLite group-commits instead: see
+    /// `store/group_commit.rs`).
+    #[cfg(any(feature = "postgres", feature = "mysql"))]
     pub(crate) async fn delete(
         &self,
+        key: &SessionKey,
+        expected_version: Option<u64>,
+    ) -> Result<bool> {
+        let mut connection = self.acquire("delete session").await?;
+        self.delete_on(&mut connection, key, expected_version).await
+    }
+
+    /// [`delete`](Self::delete) on `connection`, which may be in a transaction.
+    pub(crate) async fn delete_on(
+        &self,
+        connection: &mut DB::Connection,
         key: &SessionKey,
         expected_version: Option<u64>,
     ) -> Result<bool> {
@@ -740,14 +842,14 @@ where
             None => {
                 sqlx::query(&self.statements.delete)
                     .bind(key.as_bytes().as_slice())
-                    .execute(&self.pool)
+                    .execute(&mut *connection)
                     .await
             }
             Some(version) => {
                 sqlx::query(&self.statements.delete_at_version)
                     .bind(key.as_bytes().as_slice())
                     .bind(to_i64(version))
-                    .execute(&self.pool)
+                    .execute(&mut *connection)
                     .await
             }
         }
@@ -755,8 +857,24 @@ where
         Ok(DB::rows_affected(&result) == 1)
     }
 
+    /// On a connection of the pool (SQLite group-commits instead: see
+    /// `store/group_commit.rs`).
+    #[cfg(any(feature = "postgres", feature = "mysql"))]
     pub(crate) async fn touch(
         &self,
+        key: &SessionKey,
+        accessed_at: Timestamp,
+        idle_deadline: Timestamp,
+    ) -> Result<bool> {
+        let mut connection = self.acquire("touch session").await?;
+        self.touch_on(&mut connection, key, accessed_at, idle_deadline)
+            .await
+    }
+
+    /// [`touch`](Self::touch) on `connection`, which may be in a transaction.
+    pub(crate) async fn touch_on(
+        &self,
+        connection: &mut DB::Connection,
         key: &SessionKey,
         accessed_at: Timestamp,
         idle_deadline: Timestamp,
@@ -768,7 +886,7 @@ where
             .bind(idle_deadline.as_millis())
             .bind(key.as_bytes().as_slice())
             .bind(accessed_at.as_millis())
-            .execute(&self.pool)
+            .execute(&mut *connection)
             .await
             .map_err(|err| self.error("touch session", err))?;
         Ok(DB::rows_affected(&result) == 1)
@@ -777,6 +895,7 @@ where
     pub(crate) async fn purge_expired(&self, now: Timestamp) -> Result<u64> {
         let statements = &self.statements;
         let purged = match &statements.purge {
+            #[cfg(feature = "postgres")]
             Purge::Whole(statement) => self.run_purge_statement(statement, now).await?,
             Purge::Batches(statement) => self.each_batch(statement, now).await?,
         };

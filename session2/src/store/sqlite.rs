@@ -18,6 +18,14 @@
 //! SQLite rewrites the index entries of every column an `UPDATE` names, so
 //! a save first tries the statement that names no indexed column, which
 //! matches whenever neither moves, and falls back to the full one.
+//!
+//! Writes (create, save, lease, delete, touch) are group-committed: one
+//! writer task per table applies the writes that queued while its last
+//! transaction ran in one transaction, and answers each caller once that
+//! transaction is committed. Concurrent saves then share one sync of the
+//! write-ahead log instead of queueing for SQLite's single write lock, one
+//! commit each; each write's outcome is the one it would have had alone.
+//! See `store/group_commit.rs`.
 //! [`setup`](crate::SessionStore::setup) creates the table (default
 //! `session2_sessions`, see [`SqliteStore::with_table_name`]), its indexes
 //! and a `<table>_schema` table idempotently; it never drops anything.
@@ -43,6 +51,7 @@ use sqlx::sqlite::{
 };
 use sqlx::{Executor, Row};
 
+use super::group_commit::GroupCommitTable;
 use super::sql::{self, Backend, Dialect, SqlTable, impl_sql_session_store};
 use crate::Result;
 
@@ -59,7 +68,7 @@ impl Backend for sqlx::Sqlite {
 #[derive(Clone, Debug)]
 #[cfg_attr(docsrs, doc(cfg(feature = "sqlite")))]
 pub struct SqliteStore {
-    table: SqlTable<sqlx::Sqlite>,
+    pub(super) table: GroupCommitTable,
 }
 
 impl SqliteStore {
@@ -72,7 +81,9 @@ impl SqliteStore {
     pub fn from_pool(pool: SqlitePool) -> Self {
         let table =
             SqlTable::new(pool, sql::DEFAULT_TABLE).expect("the default table name is valid");
-        Self { table }
+        Self {
+            table: GroupCommitTable::new(table),
+        }
     }
 
     /// Opens the database at `url` (`sqlite:PATH`, created if missing) in
