@@ -58,6 +58,7 @@ macro_rules! conformance_tests {
             list_pages_in_key_order,
             find_by_user_follows_rotation_and_delete,
             concurrent_compare_and_swap_loses_nothing,
+            concurrent_saves_of_many_sessions_keep_every_field,
             large_record_round_trips,
             corrupt_data_reads_as_a_fresh_session,
             oversized_session_is_refused_at_insert,
@@ -710,6 +711,77 @@ pub mod cases {
         let last = store.load(&key, now).await.unwrap().unwrap();
         assert_eq!(last.data, br#"{"n":64}"#);
         assert_eq!(last.version, 65);
+    }
+
+    /// 64 sessions saved at once (stores may write them together) each
+    /// end as their own save left them, field by field, or untouched when
+    /// the save was stale; and purge follows each one's new expiry.
+    pub async fn concurrent_saves_of_many_sessions_keep_every_field(store: Arc<dyn SessionStore>) {
+        let now = real_now();
+        let sessions: Vec<_> = (0..64u64)
+            .map(|i| {
+                let mut record = with_data(record_at(now), &format!(r#"{{"i":{i}}}"#));
+                record.user = (i % 2 == 1).then(|| format!("before-{i}"));
+                (new_key(), record)
+            })
+            .collect();
+        for (key, record) in &sessions {
+            create(&*store, key, record, now).await;
+        }
+        // Every sixth save is stale; every fourth brings the expiry earlier
+        // (10 minutes instead of 30), the rest push it later (an hour).
+        let saves: Vec<_> = sessions
+            .iter()
+            .zip(0u64..)
+            .map(|((key, before), i)| {
+                let mut after = with_data(before.clone(), &format!(r#"{{"i":{i},"saved":true}}"#));
+                after.version = 2;
+                after.accessed_at = now.saturating_add(Duration::from_millis(i));
+                after.idle_deadline = now.saturating_add(if i % 4 == 0 { 10 } else { 60 } * MINUTE);
+                after.absolute_deadline = (i % 3 != 0).then(|| now.saturating_add(600 * MINUTE));
+                after.user = (i % 5 != 0).then(|| format!("after-{i}"));
+                after.lease = (i % 7 == 0).then(|| Lease {
+                    token: i,
+                    until: now.saturating_add(MINUTE),
+                });
+                let expected_version = if i % 6 == 0 { 9 } else { 1 };
+                (*key, expected_version, before.clone(), after)
+            })
+            .collect();
+        let tasks: Vec<_> = saves
+            .iter()
+            .map(|(key, expected_version, _, after)| {
+                let (store, key, expected_version, after) =
+                    (Arc::clone(&store), *key, *expected_version, after.clone());
+                tokio::spawn(async move {
+                    store
+                        .replace(&key, expected_version, &after, now)
+                        .await
+                        .unwrap()
+                })
+            })
+            .collect();
+        for (task, (key, expected_version, before, after)) in tasks.into_iter().zip(&saves) {
+            let swapped = task.await.unwrap();
+            let stored = store.load(key, now).await.unwrap().unwrap();
+            if *expected_version == 1 {
+                assert!(swapped, "a save at the right version wins");
+                assert_eq!(&stored, after);
+            } else {
+                assert!(!swapped, "a stale save loses");
+                assert_eq!(&stored, before);
+            }
+        }
+        // At 20 minutes exactly the sessions whose save brought the expiry to 10 are gone.
+        let expired = saves
+            .iter()
+            .filter(|(_, expected_version, _, after)| {
+                *expected_version == 1 && after.expires_at() < now.saturating_add(20 * MINUTE)
+            })
+            .count();
+        let later = now.saturating_add(20 * MINUTE);
+        assert_eq!(store.purge_expired(later).await.unwrap(), expired as u64);
+        assert_eq!(store.count().await.unwrap(), (64 - expired) as u64);
     }
 
     /// A 1 MiB data blob round-trips unchanged.

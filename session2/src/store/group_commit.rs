@@ -17,24 +17,22 @@
 //!   rolled back and every write of the batch runs again on its own, so a
 //!   failure reaches only the callers whose writes fail alone.
 //!
-//! A lone write runs on its own, as it would without the writer. The writer
-//! starts on the caller's tokio runtime at the first write, and again if
-//! that runtime has shut down since; it holds a pool connection only while
-//! a batch runs. Reads never go through it.
+//! A lone write runs on its own, as it would without the writer. There is
+//! one writer per runtime that writes (see `store/writer.rs`); it holds a
+//! pool connection only while a batch runs. Reads never go through it.
 
 use std::ops::Deref;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 
 use tokio::sync::{mpsc, oneshot};
 
 use super::sql::SqlTable;
+use super::writer::{Writers, answer};
 use crate::store::{CreateOutcome, LeaseOutcome};
 use crate::{Error, Lease, Record, Result, SessionKey, Timestamp};
 
 /// The most writes one transaction applies.
 const MAX_BATCH: usize = 256;
-/// How many writes may wait for the writer before callers wait to queue theirs.
-const QUEUE: usize = 1024;
 
 /// A write primitive and its arguments.
 enum Write {
@@ -78,19 +76,13 @@ struct Job {
     reply: oneshot::Sender<Result<Outcome>>,
 }
 
-/// The runtime a writer runs on, and its queue.
-type RuntimeWriter = (tokio::runtime::Id, mpsc::Sender<Job>);
-
 /// A session table whose writes are group-committed by one writer task;
 /// everything else goes to the [`SqlTable`] it derefs to.
 #[derive(Clone)]
 pub(crate) struct GroupCommitTable {
     table: SqlTable<sqlx::Sqlite>,
-    /// The queue of the writer on each tokio runtime that writes (usually
-    /// one), shared by the clones. A writer lives on the runtime of its
-    /// callers: one on another runtime might never run, as a current-thread
-    /// runtime runs tasks only while something blocks on it.
-    writers: Arc<Mutex<Vec<RuntimeWriter>>>,
+    /// The writers, shared by the clones.
+    writers: Arc<Writers<Job>>,
     /// Batches committed in one transaction, for tests.
     #[cfg(test)]
     together: Arc<std::sync::atomic::AtomicUsize>,
@@ -217,44 +209,19 @@ impl GroupCommitTable {
     /// Queues `write` for the writer and waits for its committed outcome.
     async fn submit(&self, write: Write) -> Result<Outcome> {
         let (reply, outcome) = oneshot::channel();
-        let mut job = Job { write, reply };
-        // A writer whose runtime has shut down refuses the job: start another.
-        for _ in 0..2 {
-            let Some(queue) = self.queue() else { break };
-            match queue.send(job).await {
-                Ok(()) => {
-                    return outcome.await.unwrap_or_else(|_| {
-                        Err(Error::backend(
-                            "sqlite",
-                            "the session writer stopped (its runtime shut down) before answering",
-                        ))
-                    });
-                }
-                Err(mpsc::error::SendError(refused)) => job = refused,
-            }
-        }
-        // No tokio runtime to run a writer on: this write goes alone.
-        apply_alone(&self.table, &job.write).await
-    }
-
-    /// The queue of the writer on the caller's runtime, starting one if
-    /// there is none (or it stopped); `None` outside a tokio runtime.
-    fn queue(&self) -> Option<mpsc::Sender<Job>> {
-        let runtime = tokio::runtime::Handle::try_current().ok()?;
-        let mut writers = self.writers.lock().unwrap_or_else(PoisonError::into_inner);
-        writers.retain(|(_, queue)| !queue.is_closed());
-        if let Some((_, queue)) = writers.iter().find(|(id, _)| *id == runtime.id()) {
-            return Some(queue.clone());
-        }
-        let (queue, jobs) = mpsc::channel(QUEUE);
-        let writer = Writer {
-            table: self.table.clone(),
-            #[cfg(test)]
-            together: self.together.clone(),
+        let start = |jobs| {
+            let writer = Writer {
+                table: self.table.clone(),
+                #[cfg(test)]
+                together: self.together.clone(),
+            };
+            writer.run(jobs)
         };
-        runtime.spawn(writer.run(jobs));
-        writers.push((runtime.id(), queue.clone()));
-        Some(queue)
+        match self.writers.send(Job { write, reply }, start).await {
+            Ok(()) => answer("sqlite", outcome).await,
+            // No tokio runtime to run a writer on: this write goes alone.
+            Err(job) => apply_alone(&self.table, &job.write).await,
+        }
     }
 }
 
@@ -658,7 +625,6 @@ mod tests {
             assert!(store.replace(&keys[1], 1, &write, NOW).await.unwrap());
             assert_eq!(data_on_disk(&dir, &keys[1]).await.unwrap(), b"second");
         });
-        let writers = store.table.writers.lock().unwrap();
-        assert!(writers.iter().all(|(id, _)| *id != first_id));
+        assert!(!store.table.writers.runs_on(first_id));
     }
 }

@@ -42,6 +42,8 @@ mod sql;
 #[cfg(feature = "sqlite")]
 mod sqlite;
 mod url;
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
+mod writer;
 
 use std::fmt;
 

@@ -241,6 +241,10 @@ pub(crate) struct Statements {
     /// indexed column, because SQLite rewrites the index entries of every
     /// column named in `SET`, even to its own value
     replace_in_place: Option<String>,
+    /// (PostgreSQL only) the arrays of [`replace_many`](SqlTable::replace_many):
+    /// the compare-and-swap of many rows, `RETURNING` the keys it changed
+    #[cfg(feature = "postgres")]
+    replace_many: Option<String>,
     /// lease token, lease until, key, now, now: takes a free lease; with
     /// `RETURNING` the row, where the dialect has it for `UPDATE`
     lease: String,
@@ -355,6 +359,30 @@ impl Statements {
             #[allow(unreachable_patterns)]
             _ => None,
         };
+        #[cfg(feature = "postgres")]
+        let replace_many = match dialect {
+            #[cfg(feature = "postgres")]
+            Dialect::Postgres => Some(format!(
+                "UPDATE {t} SET {} FROM UNNEST($1::bytea[], $2::int8[], $3::int8[], $4::int8[], \
+                 $5::text[], $6::int8[], $7::int8[], $8::int8[], $9::int8[], $10::int8[], \
+                 $11::int8[], $12::int8[], $13::bytea[]) AS v({key}, expected, now, {}) \
+                 WHERE {t}.{key} = v.{key} AND {t}.version = v.expected AND {} > v.now \
+                 RETURNING {t}.{key}",
+                RECORD_COLUMNS
+                    .iter()
+                    .map(|column| match *column {
+                        "expires_at" =>
+                            format!("expires_at = {least}({t}.expires_at, v.expires_at)"),
+                        _ => format!("{column} = v.{column}"),
+                    })
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                RECORD_COLUMNS.join(", "),
+                dialect.expiry(&format!("{t}.")),
+            )),
+            #[allow(unreachable_patterns)]
+            _ => None,
+        };
         // A batch of the rows whose `expires_at` has come (first
         // placeholder) and whose real expiry compares to the second
         // placeholder as `compare` says. Batches address rows by their
@@ -390,6 +418,8 @@ impl Statements {
             ),
             replace,
             replace_in_place,
+            #[cfg(feature = "postgres")]
+            replace_many,
             lease: format!(
                 "UPDATE {t} SET version = version + 1, lease_token = {}, lease_until = {} \
                  WHERE {key} = {} AND {expiry} > {} AND (lease_until IS NULL OR lease_until <= {}){}",
@@ -993,6 +1023,84 @@ where
             // MySQL compares text ignoring trailing spaces: keep exact matches only.
             .filter(|(_, record)| record.user.as_deref() == Some(user))
             .collect())
+    }
+}
+
+/// One compare-and-swap of [`SqlTable::replace_many`].
+#[cfg(feature = "postgres")]
+pub(crate) struct Swap<'a> {
+    pub(crate) key: &'a SessionKey,
+    pub(crate) expected_version: u64,
+    pub(crate) record: &'a Record,
+    pub(crate) now: Timestamp,
+}
+
+#[cfg(feature = "postgres")]
+impl SqlTable<sqlx::Postgres> {
+    /// Many compare-and-swaps in one statement (so in one transaction, at
+    /// the cost of about one), each with the outcome it would have alone:
+    /// the keys whose swap won. The keys must differ: an `UPDATE … FROM`
+    /// changes a row once, whichever of its source rows it picks. A failed
+    /// statement changes nothing.
+    pub(crate) async fn replace_many(
+        &self,
+        swaps: &[Swap<'_>],
+    ) -> Result<std::collections::HashSet<SessionKey>> {
+        let context = "replace sessions";
+        let statement = self
+            .statements
+            .replace_many
+            .as_deref()
+            .ok_or_else(|| Error::backend("postgres", "no statement for many swaps"))?;
+        let column = |value: fn(&Swap<'_>) -> i64| swaps.iter().map(value).collect::<Vec<_>>();
+        let optional =
+            |value: fn(&Swap<'_>) -> Option<i64>| swaps.iter().map(value).collect::<Vec<_>>();
+        let rows = sqlx::query(statement)
+            .bind(
+                swaps
+                    .iter()
+                    .map(|swap| swap.key.as_bytes().as_slice())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(column(|swap| to_i64(swap.expected_version)))
+            .bind(column(|swap| swap.now.as_millis()))
+            .bind(column(|swap| to_i64(swap.record.version)))
+            .bind(
+                swaps
+                    .iter()
+                    .map(|swap| swap.record.user.as_deref())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(column(|swap| swap.record.created_at.as_millis()))
+            .bind(column(|swap| swap.record.accessed_at.as_millis()))
+            .bind(column(|swap| swap.record.idle_deadline.as_millis()))
+            .bind(optional(|swap| {
+                swap.record.absolute_deadline.map(Timestamp::as_millis)
+            }))
+            .bind(column(|swap| swap.record.expires_at().as_millis()))
+            .bind(optional(|swap| {
+                swap.record.lease.map(|lease| to_i64(lease.token))
+            }))
+            .bind(optional(|swap| {
+                swap.record.lease.map(|lease| lease.until.as_millis())
+            }))
+            .bind(
+                swaps
+                    .iter()
+                    .map(|swap| swap.record.data.as_slice())
+                    .collect::<Vec<_>>(),
+            )
+            .fetch_all(&self.pool)
+            .await
+            .map_err(|err| self.error(context, err))?;
+        rows.iter()
+            .map(|row| {
+                let key: Vec<u8> = row.try_get(0).map_err(|err| self.error(context, err))?;
+                <[u8; 32]>::try_from(key.as_slice())
+                    .map(SessionKey::from_bytes)
+                    .map_err(|_| Error::decode("a swapped row's key is not 32 bytes"))
+            })
+            .collect()
     }
 }
 

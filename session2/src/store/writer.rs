@@ -1,0 +1,107 @@
+//! One writer task per tokio runtime, fed by a queue: the plumbing shared
+//! by SQLite's group commit (`store/group_commit.rs`) and PostgreSQL's
+//! batched compare-and-swap (`store/postgres.rs`).
+//!
+//! A writer lives on the runtime of the callers that queue jobs for it: a
+//! writer on another runtime might never run, as a current-thread runtime
+//! runs tasks only while something blocks on it. So each runtime that
+//! writes gets its own writer (usually there is one), started at its first
+//! job and started again if that runtime has shut down since. A writer
+//! ends when every handle to its queue is gone.
+
+use std::future::Future;
+use std::sync::{Mutex, PoisonError};
+
+use tokio::sync::{mpsc, oneshot};
+
+use crate::{Error, Result};
+
+/// How many jobs may wait for a writer before callers wait to queue theirs.
+const QUEUE: usize = 1024;
+
+/// The runtime a writer runs on, and its queue.
+type RuntimeWriter<J> = (tokio::runtime::Id, mpsc::Sender<J>);
+
+/// The queues of the writers of one table, one per runtime.
+pub(crate) struct Writers<J> {
+    queues: Mutex<Vec<RuntimeWriter<J>>>,
+}
+
+impl<J> std::fmt::Debug for Writers<J> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Writers").finish_non_exhaustive()
+    }
+}
+
+impl<J> Default for Writers<J> {
+    fn default() -> Self {
+        Self {
+            queues: Mutex::default(),
+        }
+    }
+}
+
+impl<J: Send + 'static> Writers<J> {
+    /// Queues `job` for the writer on the caller's runtime, first starting
+    /// one as `start(queue)` if there is none or it has stopped. Gives the
+    /// job back outside a tokio runtime.
+    pub(crate) async fn send<F>(
+        &self,
+        mut job: J,
+        start: impl Fn(mpsc::Receiver<J>) -> F,
+    ) -> std::result::Result<(), J>
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        // A writer whose runtime is shutting down refuses the job: start another.
+        for _ in 0..2 {
+            let Some(queue) = self.queue(&start) else {
+                break;
+            };
+            match queue.send(job).await {
+                Ok(()) => return Ok(()),
+                Err(mpsc::error::SendError(refused)) => job = refused,
+            }
+        }
+        Err(job)
+    }
+
+    fn queue<F>(&self, start: impl Fn(mpsc::Receiver<J>) -> F) -> Option<mpsc::Sender<J>>
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        let runtime = tokio::runtime::Handle::try_current().ok()?;
+        let mut queues = self.queues.lock().unwrap_or_else(PoisonError::into_inner);
+        queues.retain(|(_, queue)| !queue.is_closed());
+        if let Some((_, queue)) = queues.iter().find(|(id, _)| *id == runtime.id()) {
+            return Some(queue.clone());
+        }
+        let (queue, jobs) = mpsc::channel(QUEUE);
+        runtime.spawn(start(jobs));
+        queues.push((runtime.id(), queue.clone()));
+        Some(queue)
+    }
+
+    /// Whether a writer runs on the runtime `id`, for tests.
+    #[cfg(test)]
+    pub(crate) fn runs_on(&self, id: tokio::runtime::Id) -> bool {
+        let queues = self.queues.lock().unwrap_or_else(PoisonError::into_inner);
+        queues
+            .iter()
+            .any(|(runtime, queue)| *runtime == id && !queue.is_closed())
+    }
+}
+
+/// The outcome a writer sends back for a job; a backend error of `store`
+/// if the writer stopped (its runtime shut down) before answering.
+pub(crate) async fn answer<T>(
+    store: &'static str,
+    outcome: oneshot::Receiver<Result<T>>,
+) -> Result<T> {
+    outcome.await.unwrap_or_else(|_| {
+        Err(Error::backend(
+            store,
+            "the session writer stopped (its runtime shut down) before answering",
+        ))
+    })
+}
