@@ -23,6 +23,8 @@
 //! Third-party stores prove they meet the contract by running the public
 //! conformance suite (`session2::testing`, cargo feature `testing`).
 
+#[cfg(any(feature = "postgres", feature = "mysql"))]
+mod batched_swap;
 #[cfg(feature = "directory")]
 mod directory;
 #[cfg(feature = "sqlite")]
@@ -42,7 +44,7 @@ mod sql;
 #[cfg(feature = "sqlite")]
 mod sqlite;
 mod url;
-#[cfg(any(feature = "sqlite", feature = "postgres"))]
+#[cfg(any(feature = "sqlite", feature = "postgres", feature = "mysql"))]
 mod writer;
 
 use std::fmt;

@@ -8,7 +8,13 @@
 //! (10.3 or later): build it from the application's own pool with
 //! [`MySqlStore::from_pool`], or from a URL with [`MySqlStore::connect`].
 //! Every primitive is one statement, so one round trip; compare-and-swap is
-//! an `UPDATE … WHERE version = ?`. [`setup`](crate::SessionStore::setup)
+//! an `UPDATE … WHERE version = ?`. Concurrent compare-and-swaps are
+//! batched: the saves that queue while one batch runs go together in the
+//! next, one transaction that locks their rows (`SELECT … FOR UPDATE`),
+//! decides each swap from its row's version and deadlines, and writes the
+//! winners in one `INSERT … ON DUPLICATE KEY UPDATE`. Each save still has
+//! the outcome it would have alone, and its caller hears back once the
+//! transaction has committed. [`setup`](crate::SessionStore::setup)
 //! creates the InnoDB table (default `session2_sessions`, see
 //! [`MySqlStore::with_table_name`]) with its indexes, and a `<table>_schema`
 //! table, idempotently; it never drops anything.
@@ -38,6 +44,7 @@ use std::time::Duration;
 
 use sqlx::mysql::{MySqlConnectOptions, MySqlPool, MySqlPoolOptions, MySqlQueryResult};
 
+use super::batched_swap::BatchedTable;
 use super::sql::{self, Backend, Dialect, SqlTable, impl_sql_session_store};
 use crate::Result;
 
@@ -54,7 +61,7 @@ impl Backend for sqlx::MySql {
 #[derive(Clone, Debug)]
 #[cfg_attr(docsrs, doc(cfg(feature = "mysql")))]
 pub struct MySqlStore {
-    table: SqlTable<sqlx::MySql>,
+    pub(super) table: BatchedTable<sqlx::MySql>,
 }
 
 impl MySqlStore {
@@ -63,7 +70,9 @@ impl MySqlStore {
     pub fn from_pool(pool: MySqlPool) -> Self {
         let table =
             SqlTable::new(pool, sql::DEFAULT_TABLE).expect("the default table name is valid");
-        Self { table }
+        Self {
+            table: BatchedTable::new(table),
+        }
     }
 
     /// Connects to the server at `url` (`mysql://user:password@host:port/database`)

@@ -32,6 +32,11 @@ use std::fmt;
 
 use sqlx::{ColumnIndex, Database, Decode, Encode, Executor, IntoArguments, Pool, Row, Type};
 
+#[cfg(any(feature = "postgres", feature = "mysql"))]
+use std::collections::HashSet;
+
+#[cfg(any(feature = "postgres", feature = "mysql"))]
+use super::batched_swap::{Swap, SwapMany};
 use crate::store::{CreateOutcome, LeaseOutcome, Page};
 use crate::{Error, Lease, Record, Result, SessionKey, Timestamp};
 
@@ -1026,32 +1031,19 @@ where
     }
 }
 
-/// One compare-and-swap of [`SqlTable::replace_many`].
 #[cfg(feature = "postgres")]
-pub(crate) struct Swap<'a> {
-    pub(crate) key: &'a SessionKey,
-    pub(crate) expected_version: u64,
-    pub(crate) record: &'a Record,
-    pub(crate) now: Timestamp,
-}
+impl SwapMany for SqlTable<sqlx::Postgres> {
+    const STORE: &'static str = "postgres";
 
-#[cfg(feature = "postgres")]
-impl SqlTable<sqlx::Postgres> {
-    /// Many compare-and-swaps in one statement (so in one transaction, at
-    /// the cost of about one), each with the outcome it would have alone:
-    /// the keys whose swap won. The keys must differ: an `UPDATE … FROM`
-    /// changes a row once, whichever of its source rows it picks. A failed
-    /// statement changes nothing.
-    pub(crate) async fn replace_many(
-        &self,
-        swaps: &[Swap<'_>],
-    ) -> Result<std::collections::HashSet<SessionKey>> {
+    /// One `UPDATE … FROM UNNEST(…)`, which swaps each row at its own
+    /// expected version and returns the keys it changed.
+    async fn swap_many(&self, swaps: &[Swap<'_>]) -> Result<HashSet<SessionKey>> {
         let context = "replace sessions";
         let statement = self
             .statements
             .replace_many
             .as_deref()
-            .ok_or_else(|| Error::backend("postgres", "no statement for many swaps"))?;
+            .ok_or_else(|| Error::backend(Self::STORE, "no statement for many swaps"))?;
         let column = |value: fn(&Swap<'_>) -> i64| swaps.iter().map(value).collect::<Vec<_>>();
         let optional =
             |value: fn(&Swap<'_>) -> Option<i64>| swaps.iter().map(value).collect::<Vec<_>>();
@@ -1096,12 +1088,96 @@ impl SqlTable<sqlx::Postgres> {
         rows.iter()
             .map(|row| {
                 let key: Vec<u8> = row.try_get(0).map_err(|err| self.error(context, err))?;
-                <[u8; 32]>::try_from(key.as_slice())
-                    .map(SessionKey::from_bytes)
-                    .map_err(|_| Error::decode("a swapped row's key is not 32 bytes"))
+                session_key(&key)
             })
             .collect()
     }
+
+    async fn swap_one(&self, swap: Swap<'_>) -> Result<bool> {
+        self.replace(swap.key, swap.expected_version, swap.record, swap.now)
+            .await
+    }
+}
+
+#[cfg(feature = "mysql")]
+impl SwapMany for SqlTable<sqlx::MySql> {
+    const STORE: &'static str = "mysql";
+
+    /// In one transaction: lock the rows and read their versions and
+    /// deadlines (`SELECT … FOR UPDATE`), decide each swap from them, and
+    /// write the winners in one `INSERT … ON DUPLICATE KEY UPDATE`, which
+    /// updates every one of them, as they exist and are locked. MySQL has
+    /// no `UPDATE … RETURNING` to tell the winners of one `UPDATE`.
+    async fn swap_many(&self, swaps: &[Swap<'_>]) -> Result<HashSet<SessionKey>> {
+        let context = "replace sessions";
+        let fail = |err| self.error(context, err);
+        let t = Dialect::MySql.quote(&self.table);
+        let places = |count: usize, each: &str| vec![each; count].join(", ");
+        let mut transaction = self.pool.begin().await.map_err(fail)?;
+        let lock = format!(
+            "SELECT `key`, version, idle_deadline, absolute_deadline FROM {t} \
+             WHERE `key` IN ({}) FOR UPDATE",
+            places(swaps.len(), "?")
+        );
+        let mut query = sqlx::query(&lock);
+        for swap in swaps {
+            query = query.bind(swap.key.as_bytes().as_slice());
+        }
+        let mut current = std::collections::HashMap::with_capacity(swaps.len());
+        for row in query.fetch_all(&mut *transaction).await.map_err(fail)? {
+            let key: Vec<u8> = row.try_get(0).map_err(fail)?;
+            let version: i64 = row.try_get(1).map_err(fail)?;
+            let idle: i64 = row.try_get(2).map_err(fail)?;
+            let absolute: Option<i64> = row.try_get(3).map_err(fail)?;
+            let expiry = absolute.map_or(idle, |absolute| absolute.min(idle));
+            current.insert(session_key(&key)?, (to_u64(version), expiry));
+        }
+        let winners: Vec<_> = swaps
+            .iter()
+            .filter(|swap| {
+                current.get(swap.key).is_some_and(|&(version, expiry)| {
+                    version == swap.expected_version && expiry > swap.now.as_millis()
+                })
+            })
+            .collect();
+        if !winners.is_empty() {
+            let row = format!("({})", places(RECORD_COLUMNS.len() + 1, "?"));
+            let write = format!(
+                "INSERT INTO {t} (`key`, {}) VALUES {} ON DUPLICATE KEY UPDATE {}",
+                RECORD_COLUMNS.join(", "),
+                places(winners.len(), &row),
+                RECORD_COLUMNS
+                    .iter()
+                    .map(|column| match *column {
+                        "expires_at" =>
+                            "expires_at = LEAST(expires_at, VALUES(expires_at))".to_owned(),
+                        _ => format!("{column} = VALUES({column})"),
+                    })
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+            let mut query = sqlx::query(&write);
+            for swap in &winners {
+                query = bind_record(query.bind(swap.key.as_bytes().as_slice()), swap.record);
+            }
+            query.execute(&mut *transaction).await.map_err(fail)?;
+        }
+        transaction.commit().await.map_err(fail)?;
+        Ok(winners.iter().map(|swap| *swap.key).collect())
+    }
+
+    async fn swap_one(&self, swap: Swap<'_>) -> Result<bool> {
+        self.replace(swap.key, swap.expected_version, swap.record, swap.now)
+            .await
+    }
+}
+
+/// A key read back from a row.
+#[cfg(any(feature = "postgres", feature = "mysql"))]
+fn session_key(bytes: &[u8]) -> Result<SessionKey> {
+    <[u8; 32]>::try_from(bytes)
+        .map(SessionKey::from_bytes)
+        .map_err(|_| Error::decode("a session row's key is not 32 bytes"))
 }
 
 /// Binds a record's columns (all but the key) in [`RECORD_COLUMNS`] order.

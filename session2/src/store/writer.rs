@@ -1,6 +1,6 @@
 //! One writer task per tokio runtime, fed by a queue: the plumbing shared
-//! by SQLite's group commit (`store/group_commit.rs`) and PostgreSQL's
-//! batched compare-and-swap (`store/postgres.rs`).
+//! by SQLite's group commit (`store/group_commit.rs`) and the batched
+//! compare-and-swap of PostgreSQL and MySQL (`store/batched_swap.rs`).
 //!
 //! A writer lives on the runtime of the callers that queue jobs for it: a
 //! writer on another runtime might never run, as a current-thread runtime

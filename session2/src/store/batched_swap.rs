@@ -1,0 +1,362 @@
+//! Batched compare-and-swap for [`PostgresStore`](super::PostgresStore)
+//! and [`MySqlStore`](super::MySqlStore): the saves of concurrent requests
+//! cost the server about one statement and one commit together, instead of
+//! one each.
+//!
+//! Every save of a table goes to one writer task (per runtime, see
+//! `store/writer.rs`). It takes the saves that queued while its last batch
+//! ran and makes them together ([`SwapMany::swap_many`]: one `UPDATE …
+//! FROM UNNEST(…)` on PostgreSQL; a `SELECT … FOR UPDATE` and one
+//! multi-row write in a transaction on MySQL), then answers each caller
+//! once that has committed. So:
+//!
+//! - each save has the outcome it would have alone, after the saves queued
+//!   before it: a batch holds each key at most once, and a later save of a
+//!   key waits for the next batch, in order;
+//! - a lone save runs alone, with the store's one-row statement;
+//! - when a batch fails, nothing of it is committed, and its saves run
+//!   again one by one, so a failure reaches only the saves that fail alone.
+//!
+//! The other primitives (create, lease, delete, touch) go straight to the
+//! pool, as they are rarer than saves.
+
+use std::collections::HashSet;
+use std::future::Future;
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, oneshot};
+
+use super::sql::{Backend, SqlTable};
+use super::writer::{Writers, answer};
+use crate::{Record, Result, SessionKey, Timestamp};
+
+/// The most saves one batch makes.
+const MAX_SWAPS: usize = 256;
+
+/// One compare-and-swap of a batch.
+pub(crate) struct Swap<'a> {
+    pub(crate) key: &'a SessionKey,
+    pub(crate) expected_version: u64,
+    pub(crate) record: &'a Record,
+    pub(crate) now: Timestamp,
+}
+
+/// A table that can make many compare-and-swaps at once.
+pub(crate) trait SwapMany {
+    /// The store name for errors.
+    const STORE: &'static str;
+
+    /// Makes `swaps` (of distinct keys) at once, committed together or not
+    /// at all, each with the outcome it would have alone; returns the keys
+    /// whose swap won.
+    fn swap_many(
+        &self,
+        swaps: &[Swap<'_>],
+    ) -> impl Future<Output = Result<HashSet<SessionKey>>> + Send;
+
+    /// One compare-and-swap, alone.
+    fn swap_one(&self, swap: Swap<'_>) -> impl Future<Output = Result<bool>> + Send;
+}
+
+/// A save queued for the writer, and where its outcome goes.
+struct SwapJob {
+    key: SessionKey,
+    expected_version: u64,
+    record: Record,
+    now: Timestamp,
+    reply: oneshot::Sender<Result<bool>>,
+}
+
+impl SwapJob {
+    fn swap(&self) -> Swap<'_> {
+        Swap {
+            key: &self.key,
+            expected_version: self.expected_version,
+            record: &self.record,
+            now: self.now,
+        }
+    }
+}
+
+/// A session table whose saves are batched; everything else goes to the
+/// [`SqlTable`] it derefs to.
+#[derive(Debug)]
+pub(crate) struct BatchedTable<DB: sqlx::Database> {
+    sql: SqlTable<DB>,
+    writers: Arc<Writers<SwapJob>>,
+}
+
+impl<DB: sqlx::Database> Clone for BatchedTable<DB> {
+    fn clone(&self) -> Self {
+        Self {
+            sql: self.sql.clone(),
+            writers: Arc::clone(&self.writers),
+        }
+    }
+}
+
+impl<DB: sqlx::Database> std::ops::Deref for BatchedTable<DB> {
+    type Target = SqlTable<DB>;
+
+    fn deref(&self) -> &Self::Target {
+        &self.sql
+    }
+}
+
+impl<DB> BatchedTable<DB>
+where
+    DB: Backend,
+    SqlTable<DB>: SwapMany + Send + Sync + 'static,
+{
+    pub(crate) fn new(table: SqlTable<DB>) -> Self {
+        Self {
+            sql: table,
+            writers: Arc::default(),
+        }
+    }
+
+    /// The same pool on another table, with its own writer.
+    pub(crate) fn with_table_name(&self, table: &str) -> Result<Self> {
+        Ok(Self::new(self.sql.with_table_name(table)?))
+    }
+
+    /// The same table, purged in batches of `rows`.
+    #[cfg(test)]
+    pub(crate) fn with_purge_batch(self, rows: i64) -> Self {
+        Self::new(self.sql.with_purge_batch(rows))
+    }
+
+    pub(crate) async fn replace(
+        &self,
+        key: &SessionKey,
+        expected_version: u64,
+        record: &Record,
+        now: Timestamp,
+    ) -> Result<bool> {
+        let (reply, outcome) = oneshot::channel();
+        let job = SwapJob {
+            key: *key,
+            expected_version,
+            record: record.clone(),
+            now,
+            reply,
+        };
+        let table = &self.sql;
+        match self
+            .writers
+            .send(job, |jobs| swap_batches(table.clone(), jobs))
+            .await
+        {
+            Ok(()) => answer(<SqlTable<DB>>::STORE, outcome).await,
+            // No tokio runtime to run a writer on: this save goes alone.
+            Err(job) => table.swap_one(job.swap()).await,
+        }
+    }
+}
+
+/// The writer: makes the queued saves in batches until every queue handle is gone.
+async fn swap_batches<T: SwapMany>(table: T, mut jobs: mpsc::Receiver<SwapJob>) {
+    let mut queued = Vec::with_capacity(MAX_SWAPS);
+    while jobs.recv_many(&mut queued, MAX_SWAPS).await > 0 {
+        while !queued.is_empty() {
+            swap_together(&table, take_distinct_keys(&mut queued)).await;
+        }
+    }
+}
+
+/// Takes from `queued` the first job of each key, in order; the later
+/// jobs of a key stay, in order, for the next batch.
+fn take_distinct_keys(queued: &mut Vec<SwapJob>) -> Vec<SwapJob> {
+    let mut keys = HashSet::with_capacity(queued.len());
+    let (distinct, later) = queued.drain(..).partition(|job| keys.insert(job.key));
+    *queued = later;
+    distinct
+}
+
+/// Makes `jobs` (of distinct keys) together and answers each; alone when
+/// there is one, or when the batch fails.
+async fn swap_together<T: SwapMany>(table: &T, jobs: Vec<SwapJob>) {
+    if jobs.len() > 1 {
+        let swaps: Vec<_> = jobs.iter().map(SwapJob::swap).collect();
+        match table.swap_many(&swaps).await {
+            Ok(swapped) => {
+                for job in jobs {
+                    // A caller that gave up no longer listens; its save stands.
+                    let _ = job.reply.send(Ok(swapped.contains(&job.key)));
+                }
+                return;
+            }
+            Err(err) => tracing::debug!(
+                error = %err,
+                saves = jobs.len(),
+                "a batch of session saves failed; running each on its own"
+            ),
+        }
+    }
+    for job in jobs {
+        let swapped = table.swap_one(job.swap()).await;
+        let _ = job.reply.send(swapped);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use sqlx::Executor;
+
+    use super::*;
+    use crate::{SessionId, SessionStore};
+
+    const NOW: Timestamp = Timestamp::from_millis(1_000_000);
+
+    fn record(data: &[u8]) -> Record {
+        Record {
+            data: data.to_vec(),
+            ..Record::new(NOW, NOW.saturating_add(Duration::from_secs(3600)), None)
+        }
+    }
+
+    /// A save of `key` from version 1 to one holding `data`, and where its outcome comes.
+    fn save(key: SessionKey, data: &[u8]) -> (SwapJob, oneshot::Receiver<Result<bool>>) {
+        let (reply, outcome) = oneshot::channel();
+        let record = Record {
+            version: 2,
+            ..record(data)
+        };
+        let job = SwapJob {
+            key,
+            expected_version: 1,
+            record,
+            now: NOW,
+            reply,
+        };
+        (job, outcome)
+    }
+
+    #[test]
+    fn each_batch_takes_the_first_save_of_each_key_in_order() {
+        let [a, b, c] = [(); 3].map(|()| SessionId::generate().key());
+        let mut queued: Vec<_> = [a, b, a, c, a, b]
+            .into_iter()
+            .map(|key| save(key, b"x").0)
+            .collect();
+        let mut batches = Vec::new();
+        while !queued.is_empty() {
+            let jobs = take_distinct_keys(&mut queued);
+            batches.push(jobs.iter().map(|job| job.key).collect::<Vec<_>>());
+        }
+        assert_eq!(batches, [vec![a, b, c], vec![a, b], vec![a]]);
+    }
+
+    fn test_table() -> String {
+        format!("s2unit_{}", &SessionId::generate().key().to_hex()[..16])
+    }
+
+    /// With the table refusing saves of the data `poison`: a batch holding
+    /// one fails whole and changes nothing, and through the writer only
+    /// that save fails.
+    async fn a_poisoned_save_fails_alone<T: SwapMany>(table: &T, store: &dyn SessionStore) {
+        let keys = [(); 3].map(|()| SessionId::generate().key());
+        for key in &keys {
+            store.create(key, &record(b"before"), NOW).await.unwrap();
+        }
+        let (jobs, outcomes): (Vec<_>, Vec<_>) = [
+            save(keys[0], b"first"),
+            save(keys[1], b"poison"),
+            save(keys[2], b"third"),
+        ]
+        .into_iter()
+        .unzip();
+        let swaps: Vec<_> = jobs.iter().map(SwapJob::swap).collect();
+        assert!(table.swap_many(&swaps).await.is_err());
+        let data = async |key| store.load(key, NOW).await.unwrap().unwrap().data;
+        assert_eq!(data(&keys[0]).await, b"before");
+        swap_together(table, jobs).await;
+        let mut swapped = Vec::new();
+        for outcome in outcomes {
+            swapped.push(outcome.await.unwrap().ok());
+        }
+        assert_eq!(swapped, [Some(true), None, Some(true)]);
+        assert_eq!(data(&keys[0]).await, b"first");
+        assert_eq!(data(&keys[1]).await, b"before");
+        assert_eq!(data(&keys[2]).await, b"third");
+    }
+
+    #[cfg(feature = "postgres")]
+    #[test]
+    fn postgres_a_poisoned_save_fails_alone() {
+        use crate::store::PostgresStore;
+        use crate::store::sql::Dialect;
+        crate::testing::run(async {
+            let url = std::env::var("SESSION2_TEST_POSTGRES_URL")
+                .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned());
+            let connected = PostgresStore::connect(&url).await;
+            let Some(store) = crate::testing::require_server("postgres", connected) else {
+                return;
+            };
+            let table = test_table();
+            let store = store.with_table_name(&table).unwrap();
+            store.setup().await.unwrap();
+            let t = Dialect::Postgres.quote(&table);
+            let trigger = Dialect::Postgres.quote(&format!("{table}_poison"));
+            let run = async |statement: String| {
+                store.pool().execute(statement.as_str()).await.unwrap();
+            };
+            run(format!(
+                "CREATE FUNCTION {trigger}() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+                 IF NEW.data = 'poison'::bytea THEN RAISE EXCEPTION 'poisoned save'; END IF; \
+                 RETURN NEW; END $$"
+            ))
+            .await;
+            run(format!(
+                "CREATE TRIGGER poison BEFORE UPDATE ON {t} FOR EACH ROW EXECUTE FUNCTION {trigger}()"
+            ))
+            .await;
+            a_poisoned_save_fails_alone(&*store.table, &store).await;
+            run(format!("DROP TABLE {t}")).await;
+            run(format!(
+                "DROP TABLE {}",
+                Dialect::Postgres.quote(&format!("{table}_schema"))
+            ))
+            .await;
+            run(format!("DROP FUNCTION {trigger}")).await;
+        });
+    }
+
+    #[cfg(feature = "mysql")]
+    #[test]
+    fn mysql_a_poisoned_save_fails_alone() {
+        use crate::store::MySqlStore;
+        use crate::store::sql::Dialect;
+        crate::testing::run(async {
+            let url = std::env::var("SESSION2_TEST_MYSQL_URL")
+                .unwrap_or_else(|_| "mysql://root@127.0.0.1:3306/test".to_owned());
+            let connected = MySqlStore::connect(&url).await;
+            let Some(store) = crate::testing::require_server("mysql", connected) else {
+                return;
+            };
+            let table = test_table();
+            let store = store.with_table_name(&table).unwrap();
+            store.setup().await.unwrap();
+            let t = Dialect::MySql.quote(&table);
+            let run = async |statement: String| {
+                store.pool().execute(statement.as_str()).await.unwrap();
+            };
+            run(format!(
+                "CREATE TRIGGER {} BEFORE UPDATE ON {t} FOR EACH ROW BEGIN \
+                 IF NEW.data = 'poison' THEN SIGNAL SQLSTATE '45000' \
+                 SET MESSAGE_TEXT = 'poisoned save'; END IF; END",
+                Dialect::MySql.quote(&format!("{table}_poison"))
+            ))
+            .await;
+            a_poisoned_save_fails_alone(&*store.table, &store).await;
+            run(format!("DROP TABLE {t}")).await;
+            run(format!(
+                "DROP TABLE {}",
+                Dialect::MySql.quote(&format!("{table}_schema"))
+            ))
+            .await;
+        });
+    }
+}
