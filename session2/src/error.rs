@@ -50,6 +50,12 @@ impl Error {
         )
     }
 
+    /// The same kind and message, without the source: for each of several
+    /// callers one failure reaches.
+    pub(crate) fn duplicate(&self) -> Self {
+        Self::new(self.kind, self.message.clone())
+    }
+
     /// Like [`Error::backend`], keeping the underlying error as the source.
     pub fn backend_source(
         store: &str,

@@ -59,6 +59,7 @@ macro_rules! conformance_tests {
             find_by_user_follows_rotation_and_delete,
             concurrent_compare_and_swap_loses_nothing,
             concurrent_saves_of_many_sessions_keep_every_field,
+            concurrent_loads_each_get_their_own_record,
             large_record_round_trips,
             corrupt_data_reads_as_a_fresh_session,
             oversized_session_is_refused_at_insert,
@@ -782,6 +783,44 @@ pub mod cases {
         let later = now.saturating_add(20 * MINUTE);
         assert_eq!(store.purge_expired(later).await.unwrap(), expired as u64);
         assert_eq!(store.count().await.unwrap(), (64 - expired) as u64);
+    }
+
+    /// 64 loads at once (stores may read them together), of live, missing
+    /// and expired sessions and some of the same session, each get what a
+    /// load of their own gives, as of their own `now`.
+    pub async fn concurrent_loads_each_get_their_own_record(store: Arc<dyn SessionStore>) {
+        let now = real_now();
+        let mut sessions = Vec::new();
+        for i in 0..48u64 {
+            let key = new_key();
+            let mut record = with_data(record_at(now), &format!(r#"{{"i":{i}}}"#));
+            // Every third session ends after 10 minutes instead of 30.
+            if i % 3 == 0 {
+                record.idle_deadline = now.saturating_add(10 * MINUTE);
+            }
+            create(&*store, &key, &record, now).await;
+            sessions.push((key, Some(record)));
+        }
+        sessions.extend((0..8).map(|_| (new_key(), None)));
+        // Eight more loads of sessions already in the list.
+        let repeats: Vec<_> = sessions.iter().step_by(6).take(8).cloned().collect();
+        sessions.extend(repeats);
+        let later = now.saturating_add(20 * MINUTE);
+        let loads: Vec<_> = sessions
+            .iter()
+            .zip(0u64..)
+            .map(|((key, record), i)| {
+                // Every other load comes from a request 20 minutes later.
+                let at = if i % 2 == 0 { now } else { later };
+                let expected = record.clone().filter(|record| !record.is_expired_at(at));
+                let (store, key) = (Arc::clone(&store), *key);
+                let task = tokio::spawn(async move { store.load(&key, at).await.unwrap() });
+                (task, expected)
+            })
+            .collect();
+        for (task, expected) in loads {
+            assert_eq!(task.await.unwrap(), expected);
+        }
     }
 
     /// A 1 MiB data blob round-trips unchanged.

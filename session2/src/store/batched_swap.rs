@@ -14,20 +14,26 @@
 //!   before it: a batch holds each key at most once, and a later save of a
 //!   key waits for the next batch, in order;
 //! - a lone save runs alone, with the store's one-row statement;
-//! - when a batch fails, nothing of it is committed, and its saves run
-//!   again one by one, so a failure reaches only the saves that fail alone.
+//! - when a batch fails, nothing of it is committed, and each of its saves
+//!   gets the error; unless the database refused the statement (a
+//!   constraint or trigger, which one save might cause): then each save
+//!   runs again on its own, all at once, so the refusal reaches only the
+//!   saves refused alone.
 //!
-//! The other primitives (create, lease, delete, touch) go straight to the
-//! pool, as they are rarer than saves.
+//! Loads are batched too (`store/batched_load.rs`); the other primitives
+//! (create, lease, delete, touch) go straight to the pool, as they are
+//! rarer than saves.
 
 use std::collections::HashSet;
 use std::future::Future;
 use std::sync::Arc;
 
 use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinSet;
 
+use super::batched_load::{BatchedLoads, LoadMany};
 use super::sql::{Backend, SqlTable};
-use super::writer::{Writers, answer};
+use super::writer::{Writers, answer, answer_all, is_refused_statement};
 use crate::{Record, Result, SessionKey, Timestamp};
 
 /// The most saves one batch makes.
@@ -42,10 +48,7 @@ pub(crate) struct Swap<'a> {
 }
 
 /// A table that can make many compare-and-swaps at once.
-pub(crate) trait SwapMany {
-    /// The store name for errors.
-    const STORE: &'static str;
-
+pub(crate) trait SwapMany: Clone + Send + Sync + 'static {
     /// Makes `swaps` (of distinct keys) at once, committed together or not
     /// at all, each with the outcome it would have alone; returns the keys
     /// whose swap won.
@@ -84,6 +87,7 @@ impl SwapJob {
 pub(crate) struct BatchedTable<DB: sqlx::Database> {
     sql: SqlTable<DB>,
     writers: Arc<Writers<SwapJob>>,
+    loads: Arc<BatchedLoads>,
 }
 
 impl<DB: sqlx::Database> Clone for BatchedTable<DB> {
@@ -91,6 +95,7 @@ impl<DB: sqlx::Database> Clone for BatchedTable<DB> {
         Self {
             sql: self.sql.clone(),
             writers: Arc::clone(&self.writers),
+            loads: Arc::clone(&self.loads),
         }
     }
 }
@@ -106,12 +111,13 @@ impl<DB: sqlx::Database> std::ops::Deref for BatchedTable<DB> {
 impl<DB> BatchedTable<DB>
 where
     DB: Backend,
-    SqlTable<DB>: SwapMany + Send + Sync + 'static,
+    SqlTable<DB>: SwapMany + LoadMany,
 {
     pub(crate) fn new(table: SqlTable<DB>) -> Self {
         Self {
             sql: table,
             writers: Arc::default(),
+            loads: Arc::default(),
         }
     }
 
@@ -124,6 +130,11 @@ where
     #[cfg(test)]
     pub(crate) fn with_purge_batch(self, rows: i64) -> Self {
         Self::new(self.sql.with_purge_batch(rows))
+    }
+
+    /// A load, read together with the loads that queue meanwhile (see `store/batched_load.rs`).
+    pub(crate) async fn load(&self, key: &SessionKey, now: Timestamp) -> Result<Option<Record>> {
+        self.loads.load(&self.sql, key, now).await
     }
 
     pub(crate) async fn replace(
@@ -147,7 +158,7 @@ where
             .send(job, |jobs| swap_batches(table.clone(), jobs))
             .await
         {
-            Ok(()) => answer(<SqlTable<DB>>::STORE, outcome).await,
+            Ok(()) => answer(DB::STORE, outcome).await,
             // No tokio runtime to run a writer on: this save goes alone.
             Err(job) => table.swap_one(job.swap()).await,
         }
@@ -173,30 +184,41 @@ fn take_distinct_keys(queued: &mut Vec<SwapJob>) -> Vec<SwapJob> {
     distinct
 }
 
-/// Makes `jobs` (of distinct keys) together and answers each; alone when
-/// there is one, or when the batch fails.
-async fn swap_together<T: SwapMany>(table: &T, jobs: Vec<SwapJob>) {
-    if jobs.len() > 1 {
-        let swaps: Vec<_> = jobs.iter().map(SwapJob::swap).collect();
-        match table.swap_many(&swaps).await {
-            Ok(swapped) => {
-                for job in jobs {
-                    // A caller that gave up no longer listens; its save stands.
-                    let _ = job.reply.send(Ok(swapped.contains(&job.key)));
-                }
-                return;
-            }
-            Err(err) => tracing::debug!(
-                error = %err,
-                saves = jobs.len(),
-                "a batch of session saves failed; running each on its own"
-            ),
-        }
-    }
-    for job in jobs {
+/// Makes `jobs` (of distinct keys) together and answers each. A lone save
+/// runs alone. When the batch fails, every save gets its error, unless the
+/// database refused it (see [`is_refused_statement`]): then each save runs
+/// alone, all at once (their keys differ).
+async fn swap_together<T: SwapMany>(table: &T, mut jobs: Vec<SwapJob>) {
+    if let [_] = jobs.as_slice() {
+        let job = jobs.remove(0);
         let swapped = table.swap_one(job.swap()).await;
         let _ = job.reply.send(swapped);
+        return;
     }
+    let swaps: Vec<_> = jobs.iter().map(SwapJob::swap).collect();
+    let err = match table.swap_many(&swaps).await {
+        Ok(swapped) => {
+            for job in jobs {
+                // A caller that gave up no longer listens; its save stands.
+                let _ = job.reply.send(Ok(swapped.contains(&job.key)));
+            }
+            return;
+        }
+        Err(err) => err,
+    };
+    if !is_refused_statement(&err) {
+        return answer_all(jobs.into_iter().map(|job| job.reply), err);
+    }
+    tracing::debug!(error = %err, saves = jobs.len(), "a batch of session saves was refused; running each on its own");
+    let mut alone = JoinSet::new();
+    for job in jobs {
+        let table = table.clone();
+        alone.spawn(async move {
+            let swapped = table.swap_one(job.swap()).await;
+            let _ = job.reply.send(swapped);
+        });
+    }
+    while alone.join_next().await.is_some() {}
 }
 
 #[cfg(test)]
@@ -247,6 +269,39 @@ mod tests {
             batches.push(jobs.iter().map(|job| job.key).collect::<Vec<_>>());
         }
         assert_eq!(batches, [vec![a, b, c], vec![a, b], vec![a]]);
+    }
+
+    /// A table whose server cannot be reached; counts the saves run alone.
+    #[derive(Clone, Default)]
+    struct Unreachable {
+        alone: Arc<std::sync::atomic::AtomicUsize>,
+    }
+
+    impl SwapMany for Unreachable {
+        async fn swap_many(&self, _: &[Swap<'_>]) -> Result<HashSet<SessionKey>> {
+            Err(crate::Error::backend("test", "connection refused"))
+        }
+
+        async fn swap_one(&self, _: Swap<'_>) -> Result<bool> {
+            self.alone
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            Err(crate::Error::backend("test", "connection refused"))
+        }
+    }
+
+    #[test]
+    fn a_batch_that_cannot_reach_the_server_fails_each_save_without_trying_it_again() {
+        crate::testing::run(async {
+            let table = Unreachable::default();
+            let (jobs, outcomes): (Vec<_>, Vec<_>) = (0..5)
+                .map(|_| save(SessionId::generate().key(), b"x"))
+                .unzip();
+            swap_together(&table, jobs).await;
+            for outcome in outcomes {
+                assert!(outcome.await.unwrap().unwrap_err().is_backend());
+            }
+            assert_eq!(table.alone.load(std::sync::atomic::Ordering::Relaxed), 0);
+        });
     }
 
     fn test_table() -> String {

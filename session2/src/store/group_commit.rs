@@ -13,21 +13,25 @@
 //!   taken or held) is the one it would have had alone, after the writes
 //!   queued before it;
 //! - a caller hears `Ok` only once its write is committed;
-//! - if a write of a batch fails, or the commit does, the transaction is
-//!   rolled back and every write of the batch runs again on its own, so a
-//!   failure reaches only the callers whose writes fail alone.
+//! - if a write of a batch fails, the transaction is rolled back, that
+//!   write's caller gets the error, and the other writes go again together;
+//!   if beginning or committing the transaction fails (the write lock stays
+//!   busy, the disk fails), every write of the batch gets the error, as each
+//!   would alone.
 //!
 //! A lone write runs on its own, as it would without the writer. There is
 //! one writer per runtime that writes (see `store/writer.rs`); it holds a
-//! pool connection only while a batch runs. Reads never go through it.
+//! pool connection only while a batch runs. Loads never go through it:
+//! they are batched apart (`store/batched_load.rs`).
 
 use std::ops::Deref;
 use std::sync::Arc;
 
 use tokio::sync::{mpsc, oneshot};
 
+use super::batched_load::BatchedLoads;
 use super::sql::SqlTable;
-use super::writer::{Writers, answer};
+use super::writer::{Writers, answer, answer_all};
 use crate::store::{CreateOutcome, LeaseOutcome};
 use crate::{Error, Lease, Record, Result, SessionKey, Timestamp};
 
@@ -83,6 +87,8 @@ pub(crate) struct GroupCommitTable {
     table: SqlTable<sqlx::Sqlite>,
     /// The writers, shared by the clones.
     writers: Arc<Writers<Job>>,
+    /// The loaders, shared by the clones.
+    loads: Arc<BatchedLoads>,
     /// Batches committed in one transaction, for tests.
     #[cfg(test)]
     together: Arc<std::sync::atomic::AtomicUsize>,
@@ -107,6 +113,7 @@ impl GroupCommitTable {
         Self {
             table,
             writers: Arc::default(),
+            loads: Arc::default(),
             #[cfg(test)]
             together: Arc::default(),
         }
@@ -121,6 +128,12 @@ impl GroupCommitTable {
     #[cfg(test)]
     pub(crate) fn with_purge_batch(self, rows: i64) -> Self {
         Self::new(self.table.with_purge_batch(rows))
+    }
+
+    /// A load, read together with the loads that queue meanwhile (see
+    /// `store/batched_load.rs`); it does not wait for the writer.
+    pub(crate) async fn load(&self, key: &SessionKey, now: Timestamp) -> Result<Option<Record>> {
+        self.loads.load(&self.table, key, now).await
     }
 
     pub(crate) async fn create(
@@ -251,7 +264,7 @@ impl Writer {
     /// Applies and commits `batch` (emptying it), then answers each job.
     async fn commit(&self, batch: &mut Vec<Job>) {
         let table = &self.table;
-        if batch.len() > 1 {
+        while batch.len() > 1 {
             match apply_together(table, batch).await {
                 Ok(outcomes) => {
                     #[cfg(test)]
@@ -263,44 +276,56 @@ impl Writer {
                     }
                     return;
                 }
-                Err(err) => tracing::debug!(
-                    error = %err,
-                    writes = batch.len(),
-                    "a batch of session writes failed; running each on its own"
-                ),
+                Err(BatchFailure::Write(index, err)) => {
+                    tracing::debug!(error = %err, writes = batch.len(), "a write of a batch failed; the others go again");
+                    let failed = batch.remove(index);
+                    let _ = failed.reply.send(Err(err));
+                }
+                Err(BatchFailure::Transaction(err)) => {
+                    return answer_all(batch.drain(..).map(|job| job.reply), err);
+                }
             }
         }
-        for job in batch.drain(..) {
+        if let Some(job) = batch.pop() {
             let outcome = apply_alone(table, &job.write).await;
             let _ = job.reply.send(outcome);
         }
     }
 }
 
+/// Why a batch committed nothing.
+enum BatchFailure {
+    /// The write at this index of the batch failed: it fails alone.
+    Write(usize, Error),
+    /// Beginning or committing the transaction failed: every write fails.
+    Transaction(Error),
+}
+
 /// Applies every write of `batch` in one transaction and commits it; on any
 /// error nothing is committed.
-async fn apply_together(table: &SqlTable<sqlx::Sqlite>, batch: &[Job]) -> Result<Vec<Outcome>> {
+async fn apply_together(
+    table: &SqlTable<sqlx::Sqlite>,
+    batch: &[Job],
+) -> std::result::Result<Vec<Outcome>, BatchFailure> {
     let context = "commit a batch of session writes";
+    let failed = |err| BatchFailure::Transaction(table.error(context, err));
     let mut transaction = table
         .pool
         .begin_with("BEGIN IMMEDIATE")
         .await
-        .map_err(|err| table.error(context, err))?;
+        .map_err(failed)?;
     let mut outcomes = Vec::with_capacity(batch.len());
-    for job in batch {
+    for (index, job) in batch.iter().enumerate() {
         match apply(table, &mut transaction, &job.write).await {
             Ok(outcome) => outcomes.push(outcome),
             Err(err) => {
                 // Dropped unfinished, the transaction would roll back too, but later.
                 let _ = transaction.rollback().await;
-                return Err(err);
+                return Err(BatchFailure::Write(index, err));
             }
         }
     }
-    transaction
-        .commit()
-        .await
-        .map_err(|err| table.error(context, err))?;
+    transaction.commit().await.map_err(failed)?;
     Ok(outcomes)
 }
 
@@ -353,8 +378,11 @@ async fn apply(
 
 #[cfg(test)]
 mod tests {
+    use std::str::FromStr;
     use std::sync::atomic::Ordering;
     use std::time::Duration;
+
+    use sqlx::{Connection, Executor};
 
     use super::*;
     use crate::store::SqliteStore;
@@ -531,15 +559,20 @@ mod tests {
                     replace(keys[2], 1, b"third"),
                 ]
             };
-            // Together, the batch fails and leaves nothing behind.
+            // Together, the batch fails at the poisoned write and leaves nothing behind.
             let (batch, _): (Vec<_>, Vec<_>) = writes().into_iter().map(job).unzip();
-            assert!(apply_together(&store.table.table, &batch).await.is_err());
+            let failure = apply_together(&store.table.table, &batch).await;
+            assert!(matches!(failure, Err(BatchFailure::Write(1, _))));
             assert_eq!(data_on_disk(&dir, &keys[0]).await.unwrap(), b"0");
             // Committed through the writer, only the poisoned write fails.
             let (mut batch, outcomes): (Vec<_>, Vec<_>) = writes().into_iter().map(job).unzip();
             let writer = writer(&store);
             writer.commit(&mut batch).await;
-            assert_eq!(writer.together.load(Ordering::Relaxed), 0);
+            assert_eq!(
+                writer.together.load(Ordering::Relaxed),
+                1,
+                "the others commit together"
+            );
             let mut answers = Vec::new();
             for outcome in outcomes {
                 answers.push(outcome.await);
@@ -557,6 +590,37 @@ mod tests {
             assert_eq!(data_on_disk(&dir, &keys[0]).await.unwrap(), b"first");
             assert_eq!(data_on_disk(&dir, &keys[1]).await.unwrap(), b"1");
             assert_eq!(data_on_disk(&dir, &keys[2]).await.unwrap(), b"third");
+        });
+    }
+
+    #[test]
+    fn a_batch_that_cannot_take_the_write_lock_fails_every_write_and_writes_nothing() {
+        crate::testing::run(async {
+            let dir = tempfile::tempdir().unwrap();
+            let keys = sessions(&store_in(&dir).await, 3).await;
+            // Another process holds the write lock past the busy timeout.
+            let url = format!("sqlite:{}", dir.path().join("sessions.db").display());
+            let options = sqlx::sqlite::SqliteConnectOptions::from_str(&url)
+                .unwrap()
+                .busy_timeout(Duration::from_millis(100));
+            let pool = sqlx::SqlitePool::connect_with(options).await.unwrap();
+            let store = SqliteStore::from_pool(pool);
+            let mut other = sqlx::SqliteConnection::connect(&url).await.unwrap();
+            other.execute("BEGIN IMMEDIATE").await.unwrap();
+            let (mut batch, outcomes): (Vec<_>, Vec<_>) = keys
+                .iter()
+                .map(|key| job(replace(*key, 1, b"blocked")))
+                .unzip();
+            let writer = writer(&store);
+            writer.commit(&mut batch).await;
+            for outcome in outcomes {
+                assert!(outcome.await.unwrap().is_err());
+            }
+            assert_eq!(writer.together.load(Ordering::Relaxed), 0);
+            other.execute("ROLLBACK").await.unwrap();
+            for key in &keys {
+                assert_ne!(data_on_disk(&dir, key).await.unwrap(), b"blocked");
+            }
         });
     }
 

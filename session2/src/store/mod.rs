@@ -23,6 +23,8 @@
 //! Third-party stores prove they meet the contract by running the public
 //! conformance suite (`session2::testing`, cargo feature `testing`).
 
+#[cfg(any(feature = "sqlite", feature = "postgres", feature = "mysql"))]
+mod batched_load;
 #[cfg(any(feature = "postgres", feature = "mysql"))]
 mod batched_swap;
 #[cfg(feature = "directory")]

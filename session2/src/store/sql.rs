@@ -35,6 +35,7 @@ use sqlx::{ColumnIndex, Database, Decode, Encode, Executor, IntoArguments, Pool,
 #[cfg(any(feature = "postgres", feature = "mysql"))]
 use std::collections::HashSet;
 
+use super::batched_load::LoadMany;
 #[cfg(any(feature = "postgres", feature = "mysql"))]
 use super::batched_swap::{Swap, SwapMany};
 use crate::store::{CreateOutcome, LeaseOutcome, Page};
@@ -59,6 +60,9 @@ const MAX_TABLE_NAME: usize = 56;
 /// How many rows one purge statement changes where purge goes in batches
 /// (see [`Purge`]); moving live rows' early `expires_at` always does.
 const PURGE_BATCH: i64 = 100_000;
+
+/// The most keys one [`SqlTable::read_many`] reads.
+pub(crate) const MAX_LOADS: usize = 256;
 
 /// The columns `SELECT`ed for a record after its key, in the order
 /// [`decode_row`] reads them.
@@ -234,6 +238,8 @@ impl Dialect {
 pub(crate) struct Statements {
     /// key, now
     load: String,
+    /// `load_many[i]`: 2^(i+1) keys, then now (see [`SqlTable::read_many`])
+    load_many: Vec<String>,
     /// key, record; then (upsert dialects) now
     create: String,
     /// (MySQL only) key, now
@@ -415,6 +421,16 @@ impl Statements {
                 p(1),
                 p(2)
             ),
+            load_many: (1..=MAX_LOADS.ilog2())
+                .map(|power| {
+                    let keys = 1usize << power;
+                    format!(
+                        "SELECT {key}, {columns} FROM {t} WHERE {key} IN ({}) AND {expiry} > {}",
+                        (1..=keys).map(p).collect::<Vec<_>>().join(", "),
+                        p(keys + 1)
+                    )
+                })
+                .collect(),
             create,
             delete_expired_key: format!(
                 "DELETE FROM {t} WHERE {key} = {} AND {expiry} <= {}",
@@ -653,6 +669,49 @@ where
             .map_err(|err| self.error("load session", err))?;
         row.map(|row| decode_row(&row).map(|(_, record)| record))
             .transpose()
+    }
+
+    /// The records of `keys` (at most [`MAX_LOADS`], repeats allowed)
+    /// that are live at `now`, in one statement: each with its record, or
+    /// the error decoding its row; keys with no live record are left out.
+    /// The keys are padded (by repeating one) to a power of two, so that a
+    /// few prepared statements serve every batch.
+    pub(crate) async fn read_many(
+        &self,
+        keys: &[SessionKey],
+        now: Timestamp,
+    ) -> Result<Vec<(SessionKey, Result<Record>)>> {
+        let context = "load sessions";
+        let Some(last) = keys.last() else {
+            return Ok(Vec::new());
+        };
+        let padded = keys.len().next_power_of_two().max(2);
+        let statement = usize::try_from(padded.ilog2() - 1)
+            .ok()
+            .and_then(|index| self.statements.load_many.get(index))
+            .ok_or_else(|| Error::backend(DB::STORE, "too many keys for one load"))?;
+        let mut query = sqlx::query(statement);
+        for index in 0..padded {
+            query = query.bind(keys.get(index).unwrap_or(last).as_bytes().as_slice());
+        }
+        let rows = query
+            .bind(now.as_millis())
+            .fetch_all(&self.pool)
+            .await
+            .map_err(|err| self.error(context, err))?;
+        let mut records = Vec::with_capacity(rows.len());
+        for row in &rows {
+            // A key that does not decode cannot be one asked for.
+            let Ok(key) = row.try_get::<Vec<u8>, _>(0) else {
+                continue;
+            };
+            let Ok(key) = <[u8; 32]>::try_from(key.as_slice()) else {
+                continue;
+            };
+            let record = decode_row(row).map(|(_, record)| record);
+            records.push((SessionKey::from_bytes(key), record));
+        }
+        Ok(records)
     }
 
     /// On a connection of the pool (SQLite group-commits instead: see
@@ -1033,8 +1092,6 @@ where
 
 #[cfg(feature = "postgres")]
 impl SwapMany for SqlTable<sqlx::Postgres> {
-    const STORE: &'static str = "postgres";
-
     /// One `UPDATE … FROM UNNEST(…)`, which swaps each row at its own
     /// expected version and returns the keys it changed.
     async fn swap_many(&self, swaps: &[Swap<'_>]) -> Result<HashSet<SessionKey>> {
@@ -1043,7 +1100,7 @@ impl SwapMany for SqlTable<sqlx::Postgres> {
             .statements
             .replace_many
             .as_deref()
-            .ok_or_else(|| Error::backend(Self::STORE, "no statement for many swaps"))?;
+            .ok_or_else(|| Error::backend("postgres", "no statement for many swaps"))?;
         let column = |value: fn(&Swap<'_>) -> i64| swaps.iter().map(value).collect::<Vec<_>>();
         let optional =
             |value: fn(&Swap<'_>) -> Option<i64>| swaps.iter().map(value).collect::<Vec<_>>();
@@ -1101,8 +1158,6 @@ impl SwapMany for SqlTable<sqlx::Postgres> {
 
 #[cfg(feature = "mysql")]
 impl SwapMany for SqlTable<sqlx::MySql> {
-    const STORE: &'static str = "mysql";
-
     /// In one transaction: lock the rows and read their versions and
     /// deadlines (`SELECT … FOR UPDATE`), decide each swap from them, and
     /// write the winners in one `INSERT … ON DUPLICATE KEY UPDATE`, which
@@ -1171,6 +1226,32 @@ impl SwapMany for SqlTable<sqlx::MySql> {
             .await
     }
 }
+
+/// [`LoadMany`] for each SQL store's table.
+macro_rules! impl_load_many {
+    ($db:ty, $feature:literal) => {
+        #[cfg(feature = $feature)]
+        impl LoadMany for SqlTable<$db> {
+            const STORE: &'static str = $feature;
+
+            async fn load_many(
+                &self,
+                keys: &[SessionKey],
+                now: Timestamp,
+            ) -> Result<Vec<(SessionKey, Result<Record>)>> {
+                self.read_many(keys, now).await
+            }
+
+            async fn load_one(&self, key: &SessionKey, now: Timestamp) -> Result<Option<Record>> {
+                self.load(key, now).await
+            }
+        }
+    };
+}
+
+impl_load_many!(sqlx::Sqlite, "sqlite");
+impl_load_many!(sqlx::Postgres, "postgres");
+impl_load_many!(sqlx::MySql, "mysql");
 
 /// A key read back from a row.
 #[cfg(any(feature = "postgres", feature = "mysql"))]

@@ -105,3 +105,30 @@ pub(crate) async fn answer<T>(
         ))
     })
 }
+
+/// Sends `err` to every caller of `replies`: the first gets it whole, the
+/// others a copy without its source.
+pub(crate) fn answer_all<T>(
+    replies: impl IntoIterator<Item = oneshot::Sender<Result<T>>>,
+    err: Error,
+) {
+    let mut replies = replies.into_iter();
+    let Some(first) = replies.next() else {
+        return;
+    };
+    for reply in replies {
+        // A caller that gave up no longer listens.
+        let _ = reply.send(Err(err.duplicate()));
+    }
+    let _ = first.send(Err(err));
+}
+
+/// Whether `err` is a statement the database refused (a constraint, a
+/// trigger, a value out of range), which may be the fault of one item of a
+/// batch, rather than a failure to reach the server or a timeout, which each
+/// item would meet again on its own.
+pub(crate) fn is_refused_statement(err: &Error) -> bool {
+    std::error::Error::source(err)
+        .and_then(|source| source.downcast_ref::<sqlx::Error>())
+        .is_some_and(|source| matches!(source, sqlx::Error::Database(_)))
+}
