@@ -32,20 +32,12 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
 
 use super::batched_load::{BatchedLoads, LoadMany};
-use super::sql::{Backend, SqlTable};
-use super::writer::{Writers, answer, answer_all, is_refused_statement};
+use super::sql::{Backend, SqlTable, Swap};
+use super::writer::{SwapJob, Writers, answer, answer_all, is_refused_statement};
 use crate::{Record, Result, SessionKey, Timestamp};
 
 /// The most saves one batch makes.
 const MAX_SWAPS: usize = 256;
-
-/// One compare-and-swap of a batch.
-pub(crate) struct Swap<'a> {
-    pub(crate) key: &'a SessionKey,
-    pub(crate) expected_version: u64,
-    pub(crate) record: &'a Record,
-    pub(crate) now: Timestamp,
-}
 
 /// A table that can make many compare-and-swaps at once.
 pub(crate) trait SwapMany: Clone + Send + Sync + 'static {
@@ -59,15 +51,6 @@ pub(crate) trait SwapMany: Clone + Send + Sync + 'static {
 
     /// One compare-and-swap, alone.
     fn swap_one(&self, swap: Swap<'_>) -> impl Future<Output = Result<bool>> + Send;
-}
-
-/// A save queued for the writer, and where its outcome goes.
-struct SwapJob {
-    key: SessionKey,
-    expected_version: u64,
-    record: Record,
-    now: Timestamp,
-    reply: oneshot::Sender<Result<bool>>,
 }
 
 impl SwapJob {

@@ -46,7 +46,12 @@ mod sql;
 #[cfg(feature = "sqlite")]
 mod sqlite;
 mod url;
-#[cfg(any(feature = "sqlite", feature = "postgres", feature = "mysql"))]
+#[cfg(any(
+    feature = "sqlite",
+    feature = "postgres",
+    feature = "mysql",
+    feature = "redis"
+))]
 mod writer;
 
 use std::fmt;

@@ -26,6 +26,7 @@ use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster_async::ClusterConnection;
 use redis::{Cmd, Pipeline, RedisFuture, RedisResult, Script, Value};
 
+use crate::store::writer::{SwapJob, Writers, answer, answer_all};
 use crate::store::{Capabilities, CreateOutcome, LeaseOutcome, Page, SessionStore};
 use crate::{Error, Lease, Record, Result, SessionKey, Timestamp};
 
@@ -35,6 +36,8 @@ const DEFAULT_PREFIX: &str = "session2";
 const PURGE_BATCH: usize = 1_000;
 /// The most records one [`SessionStore::list`] page returns.
 const MAX_PAGE: usize = 100_000;
+/// The most saves one batch script makes.
+const MAX_SWAPS: usize = 256;
 /// How long at most a session's key outlives the session in Redis: see
 /// [`key_expiry`].
 const KEY_EXPIRY_SLACK: Duration = Duration::from_secs(3600);
@@ -58,7 +61,7 @@ local hex = ARGV[3]
 local cur, expires = current(sprefix .. hex)
 if cur and expires > tonumber(ARGV[4]) then return 0 end
 if cur ~= nil then remove(hex) end
-write(hex, 5, nil)
+write(hex, 5, nil, #ARGV)
 return 1
 "
 );
@@ -70,8 +73,33 @@ const REPLACE: &str = script!(
 local hex = ARGV[3]
 local cur, expires = current(sprefix .. hex)
 if not cur or expires <= tonumber(ARGV[4]) or cur[VERSION] ~= ARGV[5] then return 0 end
-write(hex, 6, cur)
+write(hex, 6, cur, #ARGV)
 return 1
+"
+);
+
+/// ARGV[3..]: for each save, the count n of its arguments that follow,
+/// then hex, now, expected version and the record (n - 3 arguments).
+/// Returns 1 or 0 per save, in order: each is the `REPLACE` above, run
+/// after the ones before it (a later save of the same session sees the
+/// earlier one's write).
+const REPLACE_MANY: &str = script!(
+    ["redis_write.lua"],
+    r"
+local swapped, i = {}, 3
+while i <= #ARGV do
+  local last = i + tonumber(ARGV[i])
+  local hex = ARGV[i + 1]
+  local cur, expires = current(sprefix .. hex)
+  if not cur or expires <= tonumber(ARGV[i + 2]) or cur[VERSION] ~= ARGV[i + 3] then
+    swapped[#swapped + 1] = 0
+  else
+    write(hex, i + 4, cur, last)
+    swapped[#swapped + 1] = 1
+  end
+  i = last + 1
+end
+return swapped
 "
 );
 
@@ -253,6 +281,7 @@ return 1
 struct Scripts {
     create: Script,
     replace: Script,
+    replace_many: Script,
     lease: Script,
     delete: Script,
     touch: Script,
@@ -268,6 +297,7 @@ impl Scripts {
         Self {
             create: Script::new(CREATE),
             replace: Script::new(REPLACE),
+            replace_many: Script::new(REPLACE_MANY),
             lease: Script::new(LEASE),
             delete: Script::new(DELETE),
             touch: Script::new(TOUCH),
@@ -376,6 +406,16 @@ impl ConnectionLike for Connection {
 /// [`count`](SessionStore::count) is exact: `ZCARD` of the key index after
 /// dropping the entries whose session Redis already expired.
 ///
+/// Concurrent saves are batched: a writer task (per runtime) sends the
+/// saves that queued while its last script ran as one script, which makes
+/// each compare-and-swap in order, as its own script would (a later save of
+/// the same session sees the earlier one's write). The script's fixed cost,
+/// several times that of a `SET`, is then paid once per batch. If the batch
+/// script fails (the server goes away), every save of it gets the error; a
+/// script that fails midway keeps the saves before the failure, as Redis
+/// keeps a script's writes, so a caller told of an error may find its save
+/// made, as after a reply lost on the network.
+///
 /// [`load`](SessionStore::load) is one `HMGET` of the record's fields. A
 /// session whose hash cannot be decoded (or a foreign value under its
 /// key) fails it with a decode error and is put in the expiry index as
@@ -387,6 +427,8 @@ pub struct RedisStore {
     connection: Connection,
     keys: KeyNames,
     scripts: std::sync::Arc<Scripts>,
+    /// The writers that batch saves, shared by the clones.
+    writers: std::sync::Arc<Writers<SwapJob>>,
     /// Sessions one purge script looks at: [`PURGE_BATCH`] (tests make it small).
     purge_batch: usize,
 }
@@ -470,6 +512,7 @@ impl RedisStore {
             keys: KeyNames::new(DEFAULT_PREFIX),
             scripts: std::sync::Arc::new(Scripts::new()),
             purge_batch: PURGE_BATCH,
+            writers: std::sync::Arc::default(),
         }
     }
 
@@ -640,6 +683,77 @@ impl RedisStore {
         .map(drop)
     }
 
+    /// The store a writer runs on: a clone without the queues, so that the
+    /// writer ends once the last handle to the store is gone.
+    fn writer(&self) -> Self {
+        Self {
+            writers: std::sync::Arc::default(),
+            ..self.clone()
+        }
+    }
+
+    /// The writer: makes the queued saves in batches until every queue handle is gone.
+    async fn swap_batches(self, mut jobs: tokio::sync::mpsc::Receiver<SwapJob>) {
+        let mut batch = Vec::with_capacity(MAX_SWAPS);
+        while jobs.recv_many(&mut batch, MAX_SWAPS).await > 0 {
+            if let [job] = batch.as_slice() {
+                let swapped = self.replace_alone(job).await;
+                if let Some(job) = batch.pop() {
+                    let _ = job.reply.send(swapped);
+                }
+                continue;
+            }
+            match self.replace_many(&batch).await {
+                Ok(swapped) => {
+                    for (job, swapped) in batch.drain(..).zip(swapped) {
+                        // A caller that gave up no longer listens; its save stands.
+                        let _ = job.reply.send(Ok(swapped));
+                    }
+                }
+                Err(err) => answer_all(batch.drain(..).map(|job| job.reply), err),
+            }
+        }
+    }
+
+    /// One save, with the one-save script.
+    async fn replace_alone(&self, job: &SwapJob) -> Result<bool> {
+        let expected = job.expected_version.to_string();
+        self.write(
+            &self.scripts.replace,
+            "replace session",
+            &job.key,
+            &[millis_arg(job.now).as_bytes(), expected.as_bytes()],
+            &job.record,
+            job.now,
+        )
+        .await
+    }
+
+    /// The saves of `jobs` in one script, in order; whether each won.
+    async fn replace_many(&self, jobs: &[SwapJob]) -> Result<Vec<bool>> {
+        let script = &self.scripts.replace_many;
+        let (args, bytes) = jobs.iter().fold((0, 0), |(args, bytes), job| {
+            let (record_args, record_bytes) = record_size(&job.record);
+            (args + 4 + record_args, bytes + 128 + record_bytes)
+        });
+        let mut call = self.script_call(script, None, args, bytes);
+        for job in jobs {
+            call.arg(3 + record_arg_count(&job.record))
+                .arg(job.key.to_hex())
+                .arg(job.now.as_millis())
+                .arg(job.expected_version);
+            push_record(&mut call, &job.record, job.now);
+        }
+        let swapped: Vec<i64> = self.call(script, &call, "replace sessions").await?;
+        if swapped.len() != jobs.len() {
+            return Err(Error::backend(
+                STORE,
+                "unexpected reply from the batch save script",
+            ));
+        }
+        Ok(swapped.into_iter().map(|swapped| swapped == 1).collect())
+    }
+
     async fn write(
         &self,
         script: &Script,
@@ -679,6 +793,15 @@ fn key_expiry(expires_at: Timestamp, now: Timestamp) -> Timestamp {
     let cap = i64::try_from(KEY_EXPIRY_SLACK.as_millis()).unwrap_or(i64::MAX);
     let slack = expires.saturating_sub(now.as_millis()).clamp(0, cap);
     Timestamp::from_millis(expires.saturating_add(slack))
+}
+
+/// How many arguments [`push_record`] appends for `record`: the flags, the
+/// key's expiry, the fixed values, then a name and a value per optional field.
+fn record_arg_count(record: &Record) -> usize {
+    let optional = usize::from(record.user.is_some())
+        + usize::from(record.absolute_deadline.is_some())
+        + 2 * usize::from(record.lease.is_some());
+    2 + WRITTEN_FIELDS.len() + 2 * optional
 }
 
 /// At most how many arguments, and about how many bytes, [`push_record`]
@@ -962,16 +1085,20 @@ impl SessionStore for RedisStore {
         record: &Record,
         now: Timestamp,
     ) -> Result<bool> {
-        let expected = expected_version.to_string();
-        self.write(
-            &self.scripts.replace,
-            "replace session",
-            key,
-            &[millis_arg(now).as_bytes(), expected.as_bytes()],
-            record,
+        let (reply, outcome) = tokio::sync::oneshot::channel();
+        let job = SwapJob {
+            key: *key,
+            expected_version,
+            record: record.clone(),
             now,
-        )
-        .await
+            reply,
+        };
+        let start = |jobs| self.writer().swap_batches(jobs);
+        match self.writers.send(job, start).await {
+            Ok(()) => answer(STORE, outcome).await,
+            // No tokio runtime to run a writer on: this save goes alone.
+            Err(job) => self.replace_alone(&job).await,
+        }
     }
 
     async fn lease(&self, key: &SessionKey, lease: Lease, now: Timestamp) -> Result<LeaseOutcome> {
@@ -1154,6 +1281,123 @@ mod tests {
             );
             let store = store.with_prefix(prefix).with_purge_batch(3);
             crate::store::test_support::purge_in_small_batches(store).await;
+        });
+    }
+
+    #[test]
+    fn a_record_takes_as_many_arguments_as_counted() {
+        let now = Timestamp::from_millis(1_000_000);
+        let plain = Record::new(now, now.saturating_add(Duration::from_secs(60)), None);
+        let user = Some("user".to_owned());
+        let absolute_deadline = Some(now.saturating_add(Duration::from_secs(600)));
+        let lease = Some(Lease {
+            token: 7,
+            until: now,
+        });
+        let records = [
+            plain.clone(),
+            Record {
+                user: user.clone(),
+                ..plain.clone()
+            },
+            Record {
+                absolute_deadline,
+                ..plain.clone()
+            },
+            Record {
+                lease,
+                ..plain.clone()
+            },
+            Record {
+                user,
+                absolute_deadline,
+                lease,
+                ..plain
+            },
+        ];
+        for record in records {
+            let mut call = Cmd::new();
+            push_record(&mut call, &record, now);
+            assert_eq!(
+                call.args_iter().count(),
+                record_arg_count(&record),
+                "{record:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_batch_saves_in_order_each_as_it_would_alone() {
+        crate::testing::run(async {
+            let url = std::env::var("SESSION2_TEST_REDIS_URL")
+                .unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned());
+            let connected = RedisStore::connect(&url).await;
+            let Some(store) = crate::testing::require_server("redis", connected) else {
+                return;
+            };
+            let prefix = format!(
+                "s2unit-{}",
+                crate::SessionId::generate().key().fingerprint()
+            );
+            let store = store.with_prefix(prefix);
+            let now = crate::Clock::now(&crate::SystemClock);
+            let record = |version, data: &[u8]| Record {
+                version,
+                data: data.to_vec(),
+                ..Record::new(now, now.saturating_add(Duration::from_secs(600)), None)
+            };
+            let [a, b, missing] = [(); 3].map(|()| crate::SessionId::generate().key());
+            for key in [a, b] {
+                store
+                    .create(&key, &record(1, b"created"), now)
+                    .await
+                    .unwrap();
+            }
+            let mut jobs = Vec::new();
+            for (key, expected_version, data) in [
+                (a, 1, b"a2".as_slice()),
+                // The second save of `a` sees the first one's write.
+                (a, 2, b"a3"),
+                (a, 2, b"stale"),
+                (b, 7, b"stale"),
+                (missing, 1, b"missing"),
+                (b, 1, b"b2"),
+            ] {
+                let (reply, _) = tokio::sync::oneshot::channel();
+                jobs.push(SwapJob {
+                    key,
+                    expected_version,
+                    record: record(expected_version + 1, data),
+                    now,
+                    reply,
+                });
+            }
+            let swapped = store.replace_many(&jobs).await.unwrap();
+            assert_eq!(swapped, [true, true, false, false, false, true]);
+            let data = async |key| {
+                store
+                    .load(&key, now)
+                    .await
+                    .unwrap()
+                    .map(|record| record.data)
+            };
+            assert_eq!(data(a).await.unwrap(), b"a3");
+            assert_eq!(data(b).await.unwrap(), b"b2");
+            assert_eq!(data(missing).await, None);
+            // Each save wrote its own fields only, not the arguments of the next.
+            let mut connection = store.connection.clone();
+            let mut fields: Vec<String> = redis::cmd("HKEYS")
+                .arg(store.session_key_name(&a))
+                .query_async(&mut connection)
+                .await
+                .unwrap();
+            fields.sort_unstable();
+            let mut expected = WRITTEN_FIELDS.to_vec();
+            expected.extend(["indexed_expiry", "ttl_at"]);
+            expected.sort_unstable();
+            assert_eq!(fields, expected);
+            store.delete(&a, None).await.unwrap();
+            store.delete(&b, None).await.unwrap();
         });
     }
 

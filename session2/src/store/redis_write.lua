@@ -35,7 +35,7 @@ local function key_expiry(expires_at, expires, ttl_at, target)
   return target, true
 end
 
--- Writes record `hex` from ARGV[first..]: which optional fields it has
+-- Writes record `hex` from ARGV[first..last]: which optional fields it has
 -- (one '1' or '0' each for user, absolute_deadline and the lease), the
 -- time Redis should drop the key, then the values of version, created_at,
 -- accessed_at, idle_deadline, expires_at and data, then the optional
@@ -45,7 +45,7 @@ end
 -- costs about 0.1 µs and every `redis.call` about 1 µs (measured under
 -- `redis-benchmark`), so the fixed fields' names live here, not in ARGV,
 -- and the values go to one HSET straight from ARGV, without a loop.
-local function write(hex, first, old)
+local function write(hex, first, old, last)
   local skey = sprefix .. hex
   local has, v, tail = ARGV[first], first + 2, first + 8
   local expires_at = ARGV[v + 4]
@@ -73,7 +73,7 @@ local function write(hex, first, old)
   redis.call('HSET', skey, 'indexed_expiry', indexed, 'ttl_at', ttl_at,
     'version', ARGV[v], 'created_at', ARGV[v + 1], 'accessed_at', ARGV[v + 2],
     'idle_deadline', ARGV[v + 3], 'expires_at', ARGV[v + 4], 'data', ARGV[v + 5],
-    unpack(ARGV, tail))
+    unpack(ARGV, tail, last))
   if expire then redis.call('PEXPIREAT', skey, ttl_at) end
   local old_user = old and old[USER] or false
   if old_user == user then return end

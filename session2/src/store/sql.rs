@@ -37,7 +37,7 @@ use std::collections::HashSet;
 
 use super::batched_load::LoadMany;
 #[cfg(any(feature = "postgres", feature = "mysql"))]
-use super::batched_swap::{Swap, SwapMany};
+use super::batched_swap::SwapMany;
 use crate::store::{CreateOutcome, LeaseOutcome, Page};
 use crate::{Error, Lease, Record, Result, SessionKey, Timestamp};
 
@@ -252,8 +252,9 @@ pub(crate) struct Statements {
     /// indexed column, because SQLite rewrites the index entries of every
     /// column named in `SET`, even to its own value
     replace_in_place: Option<String>,
-    /// (PostgreSQL only) the arrays of [`replace_many`](SqlTable::replace_many):
-    /// the compare-and-swap of many rows, `RETURNING` the keys it changed
+    /// (PostgreSQL only) keys, expected versions, nows, then the record
+    /// columns, each an array: the compare-and-swap of many rows
+    /// ([`SwapMany::swap_many`]), `RETURNING` the keys it changed
     #[cfg(feature = "postgres")]
     replace_many: Option<String>,
     /// lease token, lease until, key, now, now: takes a free lease; with
@@ -607,12 +608,12 @@ pub(crate) async fn connect_pool<DB: Backend>(
     }
 }
 
-/// The arguments of a compare-and-swap, for each statement that tries it.
-struct Replacement<'a> {
-    key: &'a SessionKey,
-    expected_version: u64,
-    record: &'a Record,
-    now: Timestamp,
+/// The arguments of one compare-and-swap.
+pub(crate) struct Swap<'a> {
+    pub(crate) key: &'a SessionKey,
+    pub(crate) expected_version: u64,
+    pub(crate) record: &'a Record,
+    pub(crate) now: Timestamp,
 }
 
 /// A u64 stored in a signed 64-bit column, bits unchanged.
@@ -817,7 +818,7 @@ where
         record: &Record,
         now: Timestamp,
     ) -> Result<bool> {
-        let write = Replacement {
+        let write = Swap {
             key,
             expected_version,
             record,
@@ -837,7 +838,7 @@ where
         &self,
         connection: &mut DB::Connection,
         statement: &str,
-        write: &Replacement<'_>,
+        write: &Swap<'_>,
     ) -> Result<bool> {
         let result = bind_record(sqlx::query(statement), write.record)
             .bind(write.key.as_bytes().as_slice())

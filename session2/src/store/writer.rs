@@ -1,6 +1,7 @@
 //! One writer task per tokio runtime, fed by a queue: the plumbing shared
-//! by SQLite's group commit (`store/group_commit.rs`) and the batched
-//! compare-and-swap of PostgreSQL and MySQL (`store/batched_swap.rs`).
+//! by SQLite's group commit (`store/group_commit.rs`), the batched loads
+//! and compare-and-swaps of PostgreSQL and MySQL (`store/batched_load.rs`,
+//! `store/batched_swap.rs`) and Redis's batched saves.
 //!
 //! A writer lives on the runtime of the callers that queue jobs for it: a
 //! writer on another runtime might never run, as a current-thread runtime
@@ -15,6 +16,16 @@ use std::sync::{Mutex, PoisonError};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::{Error, Result};
+
+/// A compare-and-swap queued for a writer, and where its outcome goes.
+#[cfg(any(feature = "postgres", feature = "mysql", feature = "redis"))]
+pub(crate) struct SwapJob {
+    pub(crate) key: crate::SessionKey,
+    pub(crate) expected_version: u64,
+    pub(crate) record: crate::Record,
+    pub(crate) now: crate::Timestamp,
+    pub(crate) reply: oneshot::Sender<Result<bool>>,
+}
 
 /// How many jobs may wait for a writer before callers wait to queue theirs.
 const QUEUE: usize = 1024;
@@ -127,6 +138,7 @@ pub(crate) fn answer_all<T>(
 /// trigger, a value out of range), which may be the fault of one item of a
 /// batch, rather than a failure to reach the server or a timeout, which each
 /// item would meet again on its own.
+#[cfg(any(feature = "sqlite", feature = "postgres", feature = "mysql"))]
 pub(crate) fn is_refused_statement(err: &Error) -> bool {
     std::error::Error::source(err)
         .and_then(|source| source.downcast_ref::<sqlx::Error>())
