@@ -1266,20 +1266,27 @@ impl SessionStore for RedisStore {
 mod tests {
     use super::*;
 
+    /// A store on the test server under a fresh prefix; `None` when the
+    /// server is unreachable outside CI (see `require_server`).
+    async fn test_store() -> Option<RedisStore> {
+        let url = std::env::var("SESSION2_TEST_REDIS_URL")
+            .unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned());
+        let connected = RedisStore::connect(&url).await;
+        let store = crate::testing::require_server("redis", connected)?;
+        let prefix = format!(
+            "s2unit-{}",
+            crate::SessionId::generate().key().fingerprint()
+        );
+        Some(store.with_prefix(prefix))
+    }
+
     #[test]
     fn purges_in_small_batches() {
         crate::testing::run(async {
-            let url = std::env::var("SESSION2_TEST_REDIS_URL")
-                .unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned());
-            let connected = RedisStore::connect(&url).await;
-            let Some(store) = crate::testing::require_server("redis", connected) else {
+            let Some(store) = test_store().await else {
                 return;
             };
-            let prefix = format!(
-                "s2unit-{}",
-                crate::SessionId::generate().key().fingerprint()
-            );
-            let store = store.with_prefix(prefix).with_purge_batch(3);
+            let store = store.with_purge_batch(3);
             crate::store::test_support::purge_in_small_batches(store).await;
         });
     }
@@ -1329,17 +1336,9 @@ mod tests {
     #[test]
     fn a_batch_saves_in_order_each_as_it_would_alone() {
         crate::testing::run(async {
-            let url = std::env::var("SESSION2_TEST_REDIS_URL")
-                .unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned());
-            let connected = RedisStore::connect(&url).await;
-            let Some(store) = crate::testing::require_server("redis", connected) else {
+            let Some(store) = test_store().await else {
                 return;
             };
-            let prefix = format!(
-                "s2unit-{}",
-                crate::SessionId::generate().key().fingerprint()
-            );
-            let store = store.with_prefix(prefix);
             let now = crate::Clock::now(&crate::SystemClock);
             let record = |version, data: &[u8]| Record {
                 version,
