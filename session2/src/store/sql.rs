@@ -1164,19 +1164,28 @@ impl SwapMany for SqlTable<sqlx::MySql> {
     /// write the winners in one `INSERT … ON DUPLICATE KEY UPDATE`, which
     /// updates every one of them, as they exist and are locked. MySQL has
     /// no `UPDATE … RETURNING` to tell the winners of one `UPDATE`.
+    /// Both statements repeat their last key or row up to a power of two
+    /// (a key locked twice, a row written twice with the same values), so
+    /// that a few prepared statements serve every batch instead of one per
+    /// batch size, more than sqlx's cache of 100 per connection keeps.
     async fn swap_many(&self, swaps: &[Swap<'_>]) -> Result<HashSet<SessionKey>> {
         let context = "replace sessions";
         let fail = |err| self.error(context, err);
+        let Some(last) = swaps.last() else {
+            return Ok(HashSet::new());
+        };
         let t = Dialect::MySql.quote(&self.table);
         let places = |count: usize, each: &str| vec![each; count].join(", ");
         let mut transaction = self.pool.begin().await.map_err(fail)?;
+        let keys = swaps.len().next_power_of_two();
         let lock = format!(
             "SELECT `key`, version, idle_deadline, absolute_deadline FROM {t} \
              WHERE `key` IN ({}) FOR UPDATE",
-            places(swaps.len(), "?")
+            places(keys, "?")
         );
         let mut query = sqlx::query(&lock);
-        for swap in swaps {
+        for index in 0..keys {
+            let swap = swaps.get(index).unwrap_or(last);
             query = query.bind(swap.key.as_bytes().as_slice());
         }
         let mut current = std::collections::HashMap::with_capacity(swaps.len());
@@ -1196,12 +1205,13 @@ impl SwapMany for SqlTable<sqlx::MySql> {
                 })
             })
             .collect();
-        if !winners.is_empty() {
+        if let Some(last) = winners.last() {
+            let rows = winners.len().next_power_of_two();
             let row = format!("({})", places(RECORD_COLUMNS.len() + 1, "?"));
             let write = format!(
                 "INSERT INTO {t} (`key`, {}) VALUES {} ON DUPLICATE KEY UPDATE {}",
                 RECORD_COLUMNS.join(", "),
-                places(winners.len(), &row),
+                places(rows, &row),
                 RECORD_COLUMNS
                     .iter()
                     .map(|column| match *column {
@@ -1213,7 +1223,8 @@ impl SwapMany for SqlTable<sqlx::MySql> {
                     .join(", ")
             );
             let mut query = sqlx::query(&write);
-            for swap in &winners {
+            for index in 0..rows {
+                let swap = winners.get(index).unwrap_or(last);
                 query = bind_record(query.bind(swap.key.as_bytes().as_slice()), swap.record);
             }
             query.execute(&mut *transaction).await.map_err(fail)?;
