@@ -696,11 +696,10 @@ impl RedisStore {
     async fn swap_batches(self, mut jobs: tokio::sync::mpsc::Receiver<SwapJob>) {
         let mut batch = Vec::with_capacity(MAX_SWAPS);
         while jobs.recv_many(&mut batch, MAX_SWAPS).await > 0 {
-            if let [job] = batch.as_slice() {
-                let swapped = self.replace_alone(job).await;
-                if let Some(job) = batch.pop() {
-                    let _ = job.reply.send(swapped);
-                }
+            if batch.len() == 1 {
+                let job = batch.remove(0);
+                let swapped = self.replace_alone(&job).await;
+                let _ = job.reply.send(swapped);
                 continue;
             }
             match self.replace_many(&batch).await {
@@ -732,6 +731,7 @@ impl RedisStore {
     /// The saves of `jobs` in one script, in order; whether each won.
     async fn replace_many(&self, jobs: &[SwapJob]) -> Result<Vec<bool>> {
         let script = &self.scripts.replace_many;
+        // Per save: its count, hex key, now and expected version, then the record.
         let (args, bytes) = jobs.iter().fold((0, 0), |(args, bytes), job| {
             let (record_args, record_bytes) = record_size(&job.record);
             (args + 4 + record_args, bytes + 128 + record_bytes)
@@ -804,13 +804,12 @@ fn record_arg_count(record: &Record) -> usize {
     2 + WRITTEN_FIELDS.len() + 2 * optional
 }
 
-/// At most how many arguments, and about how many bytes, [`push_record`]
-/// appends for `record`.
+/// How many arguments, and about how many bytes, [`push_record`] appends
+/// for `record`.
 fn record_size(record: &Record) -> (usize, usize) {
     let user = record.user.as_deref().map_or(0, str::len);
-    // The optional fields present and the key's expiry, the fixed values,
-    // then up to four optional pairs. Names and numbers come to under 200 bytes.
-    (2 + WRITTEN_FIELDS.len() + 8, 200 + user + record.data.len())
+    // Names and numbers come to under 200 bytes.
+    (record_arg_count(record), 200 + user + record.data.len())
 }
 
 /// The fields every record has, in the order [`push_record`] passes their

@@ -702,15 +702,20 @@ where
             .map_err(|err| self.error(context, err))?;
         let mut records = Vec::with_capacity(rows.len());
         for row in &rows {
-            // A key that does not decode cannot be one asked for.
-            let Ok(key) = row.try_get::<Vec<u8>, _>(0) else {
-                continue;
-            };
-            let Ok(key) = <[u8; 32]>::try_from(key.as_slice()) else {
-                continue;
-            };
-            let record = decode_row(row).map(|(_, record)| record);
-            records.push((SessionKey::from_bytes(key), record));
+            match decode_row(row) {
+                Ok((key, record)) => records.push((key, Ok(record))),
+                // The error belongs to the row's key; a key that does not
+                // decode cannot be one asked for.
+                Err(err) => {
+                    let key = row.try_get::<Vec<u8>, _>(0).ok();
+                    if let Some(key) = key
+                        .as_deref()
+                        .and_then(|key| <[u8; 32]>::try_from(key).ok())
+                    {
+                        records.push((SessionKey::from_bytes(key), Err(err)));
+                    }
+                }
+            }
         }
         Ok(records)
     }
@@ -1465,6 +1470,45 @@ mod tests {
             "s2unit_{}",
             &crate::SessionId::generate().key().to_hex()[..16]
         )
+    }
+
+    #[cfg(feature = "sqlite")]
+    #[test]
+    fn read_many_gives_each_row_its_own_outcome() {
+        crate::testing::run(async {
+            use crate::SessionStore;
+            let store = crate::store::SqliteStore::connect("sqlite::memory:")
+                .await
+                .unwrap();
+            store.setup().await.unwrap();
+            let now = Timestamp::from_millis(1_000_000);
+            let record = Record::new(
+                now,
+                now.saturating_add(std::time::Duration::from_secs(60)),
+                None,
+            );
+            let [good, corrupt, missing] = [(); 3].map(|()| crate::SessionId::generate().key());
+            for key in [good, corrupt] {
+                store.create(&key, &record, now).await.unwrap();
+            }
+            // SQLite keeps whatever type it is given: a version that is text.
+            sqlx::query("UPDATE session2_sessions SET version = 'garbled' WHERE key = ?1")
+                .bind(corrupt.as_bytes().as_slice())
+                .execute(store.pool())
+                .await
+                .unwrap();
+            let table = &store.table;
+            let mut read = table
+                .read_many(&[good, corrupt, missing], now)
+                .await
+                .unwrap();
+            read.sort_by_key(|(key, _)| *key != good);
+            let [(first, first_record), (second, second_record)] =
+                <[_; 2]>::try_from(read).unwrap_or_else(|_| panic!("one entry per row found"));
+            assert_eq!((first, first_record.unwrap()), (good, record));
+            assert_eq!(second, corrupt);
+            assert!(second_record.unwrap_err().is_decode());
+        });
     }
 
     #[cfg(feature = "sqlite")]
