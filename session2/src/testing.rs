@@ -60,6 +60,7 @@ macro_rules! conformance_tests {
             concurrent_compare_and_swap_loses_nothing,
             concurrent_saves_of_many_sessions_keep_every_field,
             concurrent_loads_each_get_their_own_record,
+            concurrent_leases_and_saves_each_get_their_own_outcome,
             large_record_round_trips,
             corrupt_data_reads_as_a_fresh_session,
             oversized_session_is_refused_at_insert,
@@ -820,6 +821,135 @@ pub mod cases {
             .collect();
         for (task, expected) in loads {
             assert_eq!(task.await.unwrap(), expected);
+        }
+    }
+
+    /// 64 leases and 16 saves at once (stores may make them together), of
+    /// live, missing, expired and already leased sessions, and pairs of
+    /// leases of one session: each gets what it would get alone, as of its
+    /// own `now`, and of each pair exactly one takes the lease.
+    pub async fn concurrent_leases_and_saves_each_get_their_own_outcome(
+        store: Arc<dyn SessionStore>,
+    ) {
+        let now = real_now();
+        let later = now.saturating_add(20 * MINUTE);
+        let held = Lease {
+            token: 999,
+            until: now.saturating_add(60 * MINUTE),
+        };
+        let mut sessions = Vec::new();
+        for i in 0..56u64 {
+            let key = new_key();
+            let mut record = with_data(record_at(now), &format!(r#"{{"i":{i}}}"#));
+            record.user = (i % 2 == 1).then(|| format!("user-{i}"));
+            // Every fourth session ends after 10 minutes instead of 30.
+            if i % 4 == 0 {
+                record.idle_deadline = now.saturating_add(10 * MINUTE);
+            }
+            // Sessions 32 to 39 are leased by someone else already.
+            if (32..40).contains(&i) {
+                record.lease = Some(held);
+            }
+            create(&*store, &key, &record, now).await;
+            sessions.push((key, Some(record)));
+        }
+        sessions.extend((0..8).map(|_| (new_key(), None)));
+        let lease_of = |i: u64, at: Timestamp| Lease {
+            token: 1 + i,
+            until: at.saturating_add(MINUTE),
+        };
+        // Lone leases (0..32 and 32..40 and the missing ones), then a
+        // second lease of each of 40..48 for pairs, then saves of 48..56.
+        let mut leases = Vec::new();
+        for (i, (key, record)) in (0u64..).zip(&sessions) {
+            if (48..56).contains(&i) {
+                continue;
+            }
+            // Every other lease comes from a request 20 minutes later.
+            let at = if i % 2 == 0 { now } else { later };
+            leases.push((i, *key, record.clone(), lease_of(i, at), at));
+        }
+        for i in 40..48u64 {
+            // At the first lease's `now`: a lease that ran out by a later
+            // request's clock is rightly taken again.
+            let (key, record) = &sessions[i as usize];
+            let at = if i % 2 == 0 { now } else { later };
+            leases.push((i, *key, record.clone(), lease_of(100 + i, at), at));
+        }
+        let lease_tasks: Vec<_> = leases
+            .iter()
+            .map(|(_, key, _, lease, at)| {
+                let (store, key, lease, at) = (Arc::clone(&store), *key, *lease, *at);
+                tokio::spawn(async move { store.lease(&key, lease, at).await.unwrap() })
+            })
+            .collect();
+        let save_tasks: Vec<_> = sessions[48..56]
+            .iter()
+            .map(|(key, record)| {
+                let mut after = record.clone().expect("a live session");
+                after.version = 2;
+                after.data = br#"{"saved":true}"#.to_vec();
+                after.user = Some("saver".into());
+                let (store, key) = (Arc::clone(&store), *key);
+                let task = tokio::spawn({
+                    let after = after.clone();
+                    async move { store.replace(&key, 1, &after, now).await.unwrap() }
+                });
+                (key, after, task)
+            })
+            .collect();
+        let mut outcomes = Vec::new();
+        for (task, lease) in lease_tasks.into_iter().zip(&leases) {
+            outcomes.push((task.await.unwrap(), lease));
+        }
+        for (outcome, (i, key, record, lease, at)) in &outcomes {
+            if (40..48).contains(i) {
+                continue;
+            }
+            let expected = match record {
+                Some(record) if record.is_expired_at(*at) => LeaseOutcome::Missing,
+                Some(record) if record.lease.is_some() => LeaseOutcome::Held(record.clone()),
+                Some(record) => LeaseOutcome::Taken(Record {
+                    version: record.version + 1,
+                    lease: Some(*lease),
+                    ..record.clone()
+                }),
+                None => LeaseOutcome::Missing,
+            };
+            assert_eq!(outcome, &expected, "lease {i}");
+            if let LeaseOutcome::Taken(taken) = outcome {
+                assert_eq!(store.load(key, *at).await.unwrap().as_ref(), Some(taken));
+            }
+        }
+        for pair in 40..48u64 {
+            let of_pair: Vec<_> = outcomes
+                .iter()
+                .filter(|(_, (i, ..))| *i == pair)
+                .map(|(outcome, (_, key, ..))| (outcome, key))
+                .collect();
+            let taken: Vec<_> = of_pair
+                .iter()
+                .filter_map(|(outcome, _)| match outcome {
+                    LeaseOutcome::Taken(record) => Some(record),
+                    _ => None,
+                })
+                .collect();
+            assert_eq!(taken.len(), 1, "one lease of pair {pair} is taken");
+            let taken = taken[0];
+            assert_eq!(taken.version, 2);
+            for (outcome, key) in of_pair {
+                if let LeaseOutcome::Held(record) = outcome {
+                    assert_eq!(
+                        record, taken,
+                        "the other lease of pair {pair} sees the first"
+                    );
+                }
+                assert_eq!(store.load(key, now).await.unwrap().as_ref(), Some(taken));
+            }
+        }
+        for (key, after, task) in save_tasks {
+            assert!(task.await.unwrap(), "a save at the right version wins");
+            assert_eq!(store.load(&key, now).await.unwrap(), Some(after));
         }
     }
 
