@@ -20,9 +20,11 @@
 //!   runs again on its own, all at once, so the refusal reaches only the
 //!   saves refused alone.
 //!
-//! Loads are batched too (`store/batched_load.rs`); the other primitives
-//! (create, lease, delete, touch) go straight to the pool, as they are
-//! rarer than saves.
+//! Loads are batched too (`store/batched_load.rs`), and a lease is a
+//! batched load and a batched compare-and-swap (taking the lease is a save
+//! of the record at the version just read, one higher and with the lease),
+//! repeated if another writer wins the swap. The other primitives (create,
+//! delete, touch) go straight to the pool, as they are rarer than saves.
 
 use std::collections::HashSet;
 use std::future::Future;
@@ -34,7 +36,8 @@ use tokio::task::JoinSet;
 use super::batched_load::{BatchedLoads, LoadMany};
 use super::sql::{Backend, SqlTable, Swap};
 use super::writer::{SwapJob, Writers, answer, answer_all, is_refused_statement};
-use crate::{Record, Result, SessionKey, Timestamp};
+use super::{LeaseOutcome, LoadAndSwap, lease_by_compare_and_swap};
+use crate::{Lease, Record, Result, SessionKey, Timestamp};
 
 /// The most saves one batch makes.
 const MAX_SWAPS: usize = 256;
@@ -120,6 +123,17 @@ where
         self.loads.load(&self.sql, key, now).await
     }
 
+    /// A lease by a batched load and a batched compare-and-swap, so that
+    /// the leases of concurrent requests share statements too.
+    pub(crate) async fn lease(
+        &self,
+        key: &SessionKey,
+        lease: Lease,
+        now: Timestamp,
+    ) -> Result<LeaseOutcome> {
+        lease_by_compare_and_swap(self, key, lease, now).await
+    }
+
     pub(crate) async fn replace(
         &self,
         key: &SessionKey,
@@ -145,6 +159,26 @@ where
             // No tokio runtime to run a writer on: this save goes alone.
             Err(job) => table.swap_one(job.swap()).await,
         }
+    }
+}
+
+impl<DB> LoadAndSwap for BatchedTable<DB>
+where
+    DB: Backend,
+    SqlTable<DB>: SwapMany + LoadMany,
+{
+    async fn load_record(&self, key: &SessionKey, now: Timestamp) -> Result<Option<Record>> {
+        self.load(key, now).await
+    }
+
+    async fn swap_record(
+        &self,
+        key: &SessionKey,
+        expected_version: u64,
+        record: &Record,
+        now: Timestamp,
+    ) -> Result<bool> {
+        self.replace(key, expected_version, record, now).await
     }
 }
 

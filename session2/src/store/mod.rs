@@ -55,6 +55,7 @@ mod url;
 mod writer;
 
 use std::fmt;
+use std::future::Future;
 
 use async_trait::async_trait;
 
@@ -111,6 +112,65 @@ pub enum LeaseOutcome {
     /// The lease is taken: the record as now stored, one version higher
     /// and carrying the new lease.
     Taken(Record),
+}
+
+/// What a lease by compare-and-swap is made of: the record of a key, and a
+/// compare-and-swap of it ([`SessionStore::load`] and
+/// [`SessionStore::replace`], for a store).
+pub(crate) trait LoadAndSwap: Sync {
+    fn load_record(
+        &self,
+        key: &SessionKey,
+        now: Timestamp,
+    ) -> impl Future<Output = Result<Option<Record>>> + Send;
+
+    fn swap_record(
+        &self,
+        key: &SessionKey,
+        expected_version: u64,
+        record: &Record,
+        now: Timestamp,
+    ) -> impl Future<Output = Result<bool>> + Send;
+}
+
+impl<S: SessionStore + ?Sized> LoadAndSwap for S {
+    async fn load_record(&self, key: &SessionKey, now: Timestamp) -> Result<Option<Record>> {
+        self.load(key, now).await
+    }
+
+    async fn swap_record(
+        &self,
+        key: &SessionKey,
+        expected_version: u64,
+        record: &Record,
+        now: Timestamp,
+    ) -> Result<bool> {
+        self.replace(key, expected_version, record, now).await
+    }
+}
+
+/// A lease by a load and a compare-and-swap, repeated while another writer
+/// wins the swap: the default [`SessionStore::lease`], and the batched one
+/// of PostgreSQL and MySQL.
+pub(crate) async fn lease_by_compare_and_swap(
+    table: &(impl LoadAndSwap + ?Sized),
+    key: &SessionKey,
+    lease: Lease,
+    now: Timestamp,
+) -> Result<LeaseOutcome> {
+    loop {
+        let Some(record) = table.load_record(key, now).await? else {
+            return Ok(LeaseOutcome::Missing);
+        };
+        if record.is_leased_at(now) {
+            return Ok(LeaseOutcome::Held(record));
+        }
+        let version = record.version;
+        let leased = record.with_lease(lease);
+        if table.swap_record(key, version, &leased, now).await? {
+            return Ok(LeaseOutcome::Taken(leased));
+        }
+    }
 }
 
 /// One page of [`SessionStore::list`].
@@ -185,19 +245,7 @@ pub trait SessionStore: Send + Sync + fmt::Debug + 'static {
     /// wins the compare-and-swap; stores that can do both in one round trip
     /// override it. A decode error is returned as [`load`](SessionStore::load) returns it.
     async fn lease(&self, key: &SessionKey, lease: Lease, now: Timestamp) -> Result<LeaseOutcome> {
-        loop {
-            let Some(record) = self.load(key, now).await? else {
-                return Ok(LeaseOutcome::Missing);
-            };
-            if record.is_leased_at(now) {
-                return Ok(LeaseOutcome::Held(record));
-            }
-            let version = record.version;
-            let leased = record.with_lease(lease);
-            if self.replace(key, version, &leased, now).await? {
-                return Ok(LeaseOutcome::Taken(leased));
-            }
-        }
+        lease_by_compare_and_swap(self, key, lease, now).await
     }
 
     /// Deletes the record under `key`; with `expected_version`, only if the

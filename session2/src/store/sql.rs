@@ -38,7 +38,9 @@ use std::collections::HashSet;
 use super::batched_load::LoadMany;
 #[cfg(any(feature = "postgres", feature = "mysql"))]
 use super::batched_swap::SwapMany;
-use crate::store::{CreateOutcome, LeaseOutcome, Page};
+#[cfg(feature = "sqlite")]
+use crate::store::LeaseOutcome;
+use crate::store::{CreateOutcome, Page};
 use crate::{Error, Lease, Record, Result, SessionKey, Timestamp};
 
 /// The table the SQL stores use unless told otherwise.
@@ -185,16 +187,6 @@ impl Dialect {
         }
     }
 
-    /// Whether `UPDATE … RETURNING` exists (MariaDB and MySQL lack it).
-    fn returns_from_update(self) -> bool {
-        match self {
-            #[cfg(feature = "mysql")]
-            Self::MySql => false,
-            #[allow(unreachable_patterns)]
-            _ => true,
-        }
-    }
-
     /// The function that returns the smaller of its arguments.
     fn least(self) -> &'static str {
         match self {
@@ -257,8 +249,10 @@ pub(crate) struct Statements {
     /// ([`SwapMany::swap_many`]), `RETURNING` the keys it changed
     #[cfg(feature = "postgres")]
     replace_many: Option<String>,
-    /// lease token, lease until, key, now, now: takes a free lease; with
-    /// `RETURNING` the row, where the dialect has it for `UPDATE`
+    /// (SQLite only) lease token, lease until, key, now, now: takes a
+    /// free lease, `RETURNING` the row (PostgreSQL and MySQL lease by
+    /// their batched load and compare-and-swap instead)
+    #[cfg(feature = "sqlite")]
     lease: String,
     /// key
     delete: String,
@@ -442,19 +436,16 @@ impl Statements {
             replace_in_place,
             #[cfg(feature = "postgres")]
             replace_many,
+            #[cfg(feature = "sqlite")]
             lease: format!(
                 "UPDATE {t} SET version = version + 1, lease_token = {}, lease_until = {} \
-                 WHERE {key} = {} AND {expiry} > {} AND (lease_until IS NULL OR lease_until <= {}){}",
+                 WHERE {key} = {} AND {expiry} > {} AND (lease_until IS NULL OR lease_until <= {}) \
+                 RETURNING {key}, {columns}",
                 p(1),
                 p(2),
                 p(3),
                 p(4),
                 p(5),
-                if dialect.returns_from_update() {
-                    format!(" RETURNING {key}, {columns}")
-                } else {
-                    String::new()
-                }
             ),
             delete: format!("DELETE FROM {t} WHERE {key} = {}", p(1)),
             delete_at_version: format!(
@@ -855,23 +846,12 @@ where
         Ok(DB::rows_affected(&result) == 1)
     }
 
-    /// On a connection of the pool (SQLite group-commits instead: see
-    /// `store/group_commit.rs`).
-    #[cfg(any(feature = "postgres", feature = "mysql"))]
-    pub(crate) async fn lease(
-        &self,
-        key: &SessionKey,
-        lease: Lease,
-        now: Timestamp,
-    ) -> Result<LeaseOutcome> {
-        let mut connection = self.acquire("lock session").await?;
-        self.lease_on(&mut connection, key, lease, now).await
-    }
-
-    /// Takes the lease with one `UPDATE` that matches only a live record
-    /// with no binding lease, returning the row where the dialect can;
-    /// reads the row to tell a held lease from a missing record. On
-    /// `connection`, which may be in a transaction.
+    /// Takes the lease with one `UPDATE … RETURNING` that matches only a
+    /// live record with no binding lease; reads the row to tell a held
+    /// lease from a missing record. On `connection`, which may be in a
+    /// transaction (SQLite's group commit: PostgreSQL and MySQL lease by
+    /// their batched load and compare-and-swap).
+    #[cfg(feature = "sqlite")]
     pub(crate) async fn lease_on(
         &self,
         connection: &mut DB::Connection,
@@ -881,32 +861,17 @@ where
     ) -> Result<LeaseOutcome> {
         let context = "lock session";
         loop {
-            let update = sqlx::query(&self.statements.lease)
+            let row = sqlx::query(&self.statements.lease)
                 .bind(to_i64(lease.token))
                 .bind(lease.until.as_millis())
                 .bind(key.as_bytes().as_slice())
                 .bind(now.as_millis())
-                .bind(now.as_millis());
-            if DB::DIALECT.returns_from_update() {
-                let row = update
-                    .fetch_optional(&mut *connection)
-                    .await
-                    .map_err(|err| self.error(context, err))?;
-                if let Some(row) = row {
-                    return decode_row(&row).map(|(_, record)| LeaseOutcome::Taken(record));
-                }
-            } else {
-                let result = update
-                    .execute(&mut *connection)
-                    .await
-                    .map_err(|err| self.error(context, err))?;
-                if DB::rows_affected(&result) == 1 {
-                    // Ours until it runs out, whatever else a plain save changed meanwhile.
-                    return Ok(match self.load_on(connection, key, now).await? {
-                        Some(record) => LeaseOutcome::Taken(record),
-                        None => LeaseOutcome::Missing,
-                    });
-                }
+                .bind(now.as_millis())
+                .fetch_optional(&mut *connection)
+                .await
+                .map_err(|err| self.error(context, err))?;
+            if let Some(row) = row {
+                return decode_row(&row).map(|(_, record)| LeaseOutcome::Taken(record));
             }
             match self.load_on(connection, key, now).await? {
                 None => return Ok(LeaseOutcome::Missing),
