@@ -212,6 +212,11 @@ async fn swap_together<T: SwapMany>(table: &T, mut jobs: Vec<SwapJob>) {
         let _ = job.reply.send(swapped);
         return;
     }
+    // In key order, so that the batches of two processes (PostgreSQL locks
+    // the rows of an `UPDATE … FROM UNNEST` in the array's order) take their
+    // row locks in the same order and cannot deadlock. Their keys differ, so
+    // the order changes no outcome.
+    jobs.sort_unstable_by_key(|job| job.key);
     let swaps: Vec<_> = jobs.iter().map(SwapJob::swap).collect();
     let err = match table.swap_many(&swaps).await {
         Ok(swapped) => {
@@ -286,6 +291,44 @@ mod tests {
             batches.push(jobs.iter().map(|job| job.key).collect::<Vec<_>>());
         }
         assert_eq!(batches, [vec![a, b, c], vec![a, b], vec![a]]);
+    }
+
+    /// A table that keeps the keys of each batch in the order given, and
+    /// lets every save win.
+    #[derive(Clone, Default)]
+    struct Recording {
+        batches: Arc<std::sync::Mutex<Vec<Vec<SessionKey>>>>,
+    }
+
+    impl SwapMany for Recording {
+        async fn swap_many(&self, swaps: &[Swap<'_>]) -> Result<HashSet<SessionKey>> {
+            let keys: Vec<_> = swaps.iter().map(|swap| *swap.key).collect();
+            self.batches.lock().unwrap().push(keys.clone());
+            Ok(keys.into_iter().collect())
+        }
+
+        async fn swap_one(&self, _: Swap<'_>) -> Result<bool> {
+            Ok(true)
+        }
+    }
+
+    #[test]
+    fn a_batch_swaps_its_rows_in_key_order() {
+        crate::testing::run(async {
+            let table = Recording::default();
+            let mut keys: Vec<_> = (0..16).map(|_| SessionId::generate().key()).collect();
+            let (jobs, outcomes): (Vec<_>, Vec<_>) =
+                keys.iter().map(|key| save(*key, b"x")).unzip();
+            swap_together(&table, jobs).await;
+            for outcome in outcomes {
+                assert!(
+                    outcome.await.unwrap().unwrap(),
+                    "each save hears its own outcome"
+                );
+            }
+            keys.sort_unstable();
+            assert_eq!(*table.batches.lock().unwrap(), [keys]);
+        });
     }
 
     /// A table whose server cannot be reached; counts the saves run alone.
