@@ -12,8 +12,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use session2::SessionStore;
 use session2::store::PostgresStore;
+use session2::{Lease, LeaseOutcome, SessionStore};
 use sqlx::postgres::PgPoolOptions;
 
 fn url() -> String {
@@ -239,6 +239,10 @@ fn server_restart_gives_backend_errors_then_recovers() {
     let now = sql_cases::NOW;
     let mut record = sql_cases::record_at(now, Duration::from_secs(3600));
     record.data = br#"{"n":1}"#.to_vec();
+    let lease = Lease {
+        token: 7,
+        until: now.saturating_add(Duration::from_secs(60)),
+    };
     let store = runtime.block_on(async {
         let pool = PgPoolOptions::new()
             .max_connections(4)
@@ -262,6 +266,8 @@ fn server_restart_gives_backend_errors_then_recovers() {
             let err = store.replace(&key, 1, &record, now).await.unwrap_err();
             assert!(err.is_backend(), "{err}");
         }
+        let err = store.lease(&key, lease, now).await.unwrap_err();
+        assert!(err.is_backend(), "{err}");
         let err = store.count().await.unwrap_err();
         assert!(err.is_backend() && err.is_transient(), "{err}");
     });
@@ -284,7 +290,11 @@ fn server_restart_gives_backend_errors_then_recovers() {
         let mut next = record.clone();
         next.version = 2;
         assert!(store.replace(&key, 1, &next, now).await.unwrap());
-        assert_eq!(store.load(&key, now).await.unwrap(), Some(next));
+        assert_eq!(store.load(&key, now).await.unwrap(), Some(next.clone()));
+        assert_eq!(
+            store.lease(&key, lease, now).await.unwrap(),
+            LeaseOutcome::Taken(next.with_lease(lease))
+        );
     });
     drop(store);
     drop(runtime);
