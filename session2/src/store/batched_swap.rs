@@ -23,8 +23,11 @@
 //! Loads are batched too (`store/batched_load.rs`), and a lease is a
 //! batched load and a batched compare-and-swap (taking the lease is a save
 //! of the record at the version just read, one higher and with the lease),
-//! repeated if another writer wins the swap. The other primitives (create,
-//! delete, touch) go straight to the pool, as they are rarer than saves.
+//! repeated if another writer wins the swap. So a lease sends and writes the
+//! session's data again, as the save that releases it does: cheap for the
+//! small sessions this is built for, twice the writes of an exclusive
+//! request for a large one. The other primitives (create, delete, touch)
+//! go straight to the pool, as they are rarer than saves.
 
 use std::collections::HashSet;
 use std::future::Future;
