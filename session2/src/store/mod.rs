@@ -107,7 +107,9 @@ pub enum CreateOutcome {
 pub enum LeaseOutcome {
     /// No live record has the key; nothing was written.
     Missing,
-    /// Another holder's lease binds at `now`: the record as stored; nothing was written.
+    /// Another holder's lease binds at `now` (or, for a store that leases
+    /// by compare-and-swap, other writers kept changing the record): the
+    /// record as stored; nothing was written. Try again later.
     Held(Record),
     /// The lease is taken: the record as now stored, one version higher
     /// and carrying the new lease.
@@ -149,20 +151,29 @@ impl<S: SessionStore + ?Sized> LoadAndSwap for S {
     }
 }
 
+/// How many times [`lease_by_compare_and_swap`] loads and swaps before it
+/// reports the record as held.
+const MAX_LEASE_ATTEMPTS: usize = 64;
+
 /// A lease by a load and a compare-and-swap, repeated while another writer
 /// wins the swap: the default [`SessionStore::lease`], and the batched one
-/// of PostgreSQL and MySQL.
+/// of PostgreSQL and MySQL. A record that other writers change on every
+/// attempt, [`MAX_LEASE_ATTEMPTS`] times over, is reported
+/// [`Held`](LeaseOutcome::Held): the caller then waits and tries again, as
+/// for a held lease, instead of spinning here.
 pub(crate) async fn lease_by_compare_and_swap(
     table: &(impl LoadAndSwap + ?Sized),
     key: &SessionKey,
     lease: Lease,
     now: Timestamp,
 ) -> Result<LeaseOutcome> {
+    let mut attempts = 0;
     loop {
         let Some(record) = table.load_record(key, now).await? else {
             return Ok(LeaseOutcome::Missing);
         };
-        if record.is_leased_at(now) {
+        attempts += 1;
+        if record.is_leased_at(now) || attempts > MAX_LEASE_ATTEMPTS {
             return Ok(LeaseOutcome::Held(record));
         }
         let version = record.version;
@@ -328,5 +339,71 @@ pub(crate) mod test_support {
         assert_eq!(store.purge_expired(at(3_600)).await.unwrap(), 4);
         let users_sessions = store.find_by_user("batch-user", at(3_600)).await.unwrap();
         assert!(users_sessions.is_empty());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Duration;
+
+    use super::*;
+
+    /// A record that another writer changes before every swap: each load
+    /// finds a new version, and every swap loses.
+    #[derive(Default)]
+    struct AlwaysChanged {
+        loads: AtomicUsize,
+    }
+
+    impl LoadAndSwap for AlwaysChanged {
+        async fn load_record(&self, _: &SessionKey, now: Timestamp) -> Result<Option<Record>> {
+            // Like a real round trip, give the runtime a turn (and the test's timeout).
+            tokio::task::yield_now().await;
+            let loads = self.loads.fetch_add(1, Ordering::Relaxed) as u64;
+            let record = Record::new(now, now.saturating_add(Duration::from_secs(60)), None);
+            Ok(Some(Record {
+                version: 1 + loads,
+                ..record
+            }))
+        }
+
+        async fn swap_record(
+            &self,
+            _: &SessionKey,
+            _: u64,
+            _: &Record,
+            _: Timestamp,
+        ) -> Result<bool> {
+            Ok(false)
+        }
+    }
+
+    #[test]
+    fn a_lease_that_keeps_losing_its_swap_reports_the_record_held() {
+        crate::testing::run(async {
+            let table = AlwaysChanged::default();
+            let now = Timestamp::from_millis(1_000_000);
+            let lease = Lease {
+                token: 1,
+                until: now.saturating_add(Duration::from_secs(10)),
+            };
+            let key = crate::SessionId::generate().key();
+            let outcome = tokio::time::timeout(
+                Duration::from_secs(10),
+                lease_by_compare_and_swap(&table, &key, lease, now),
+            )
+            .await
+            .expect("the lease gives up rather than spin")
+            .unwrap();
+            let LeaseOutcome::Held(latest) = outcome else {
+                panic!("expected the record reported held, got {outcome:?}");
+            };
+            assert_eq!(
+                latest.lease, None,
+                "nobody holds it: other writers kept changing it"
+            );
+            assert_eq!(table.loads.load(Ordering::Relaxed), MAX_LEASE_ATTEMPTS + 1);
+        });
     }
 }
