@@ -51,7 +51,13 @@ impl Error {
     }
 
     /// The same kind and message, without the source: for each of several
-    /// callers one failure reaches.
+    /// callers one failure reaches (the batching stores' writers).
+    #[cfg(any(
+        feature = "sqlite",
+        feature = "postgres",
+        feature = "mysql",
+        feature = "redis"
+    ))]
     pub(crate) fn duplicate(&self) -> Self {
         Self::new(self.kind, self.message.clone())
     }
