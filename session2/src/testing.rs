@@ -824,7 +824,7 @@ pub mod cases {
         }
     }
 
-    /// 64 leases and 16 saves at once (stores may make them together), of
+    /// 64 leases and 8 saves at once (stores may make them together), of
     /// live, missing, expired and already leased sessions, and pairs of
     /// leases of one session: each gets what it would get alone, as of its
     /// own `now`, and of each pair exactly one takes the lease.
