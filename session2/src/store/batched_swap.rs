@@ -20,14 +20,21 @@
 //!   runs again on its own, all at once, so the refusal reaches only the
 //!   saves refused alone.
 //!
-//! Loads are batched too (`store/batched_load.rs`), and a lease is a
+//! Loads are batched too (`store/batched_load.rs`), and so are leases. On
+//! PostgreSQL a lease is a statement of its own that sets only the
+//! version and the lease (`store/batched_lease.rs`). On MySQL it is a
 //! batched load and a batched compare-and-swap (taking the lease is a save
 //! of the record at the version just read, one higher and with the lease),
-//! repeated if another writer wins the swap. So a lease sends and writes the
-//! session's data again, as the save that releases it does: cheap for the
-//! small sessions this is built for, twice the writes of an exclusive
-//! request for a large one. The other primitives (create, delete, touch)
-//! go straight to the pool, as they are rarer than saves.
+//! repeated if another writer wins the swap: MySQL's `UPDATE` cannot tell
+//! which rows it took, and taking them in a transaction of their own
+//! (`SELECT … FOR UPDATE`) locks a hot session's row against its holder's
+//! save every time another request asks for it. So a MySQL lease sends and
+//! writes the session's data again, as the save that releases it does:
+//! cheap for the small sessions this is built for, twice the writes of an
+//! exclusive request for a large one.
+//!
+//! The other primitives (create, delete, touch) go straight to the pool,
+//! as they are rarer than saves.
 
 use std::collections::HashSet;
 use std::future::Future;
@@ -36,10 +43,14 @@ use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
 
+use super::LeaseOutcome;
+#[cfg(feature = "postgres")]
+use super::batched_lease::BatchedLeases;
 use super::batched_load::{BatchedLoads, LoadMany};
 use super::sql::{Backend, SqlTable, Swap};
 use super::writer::{SwapJob, Writers, answer, answer_all, is_refused_statement};
-use super::{LeaseOutcome, LoadAndSwap, lease_by_compare_and_swap};
+#[cfg(feature = "mysql")]
+use super::{LoadAndSwap, lease_by_compare_and_swap};
 use crate::{Lease, Record, Result, SessionKey, Timestamp};
 
 /// The most saves one batch makes.
@@ -70,13 +81,16 @@ impl SwapJob {
     }
 }
 
-/// A session table whose saves are batched; everything else goes to the
-/// [`SqlTable`] it derefs to.
+/// A session table whose saves, loads and leases are batched; everything
+/// else goes to the [`SqlTable`] it derefs to.
 #[derive(Debug)]
 pub(crate) struct BatchedTable<DB: sqlx::Database> {
     sql: SqlTable<DB>,
     writers: Arc<Writers<SwapJob>>,
     loads: Arc<BatchedLoads>,
+    /// PostgreSQL's leases (unused on MySQL).
+    #[cfg(feature = "postgres")]
+    leases: Arc<BatchedLeases>,
 }
 
 impl<DB: sqlx::Database> Clone for BatchedTable<DB> {
@@ -85,6 +99,8 @@ impl<DB: sqlx::Database> Clone for BatchedTable<DB> {
             sql: self.sql.clone(),
             writers: Arc::clone(&self.writers),
             loads: Arc::clone(&self.loads),
+            #[cfg(feature = "postgres")]
+            leases: Arc::clone(&self.leases),
         }
     }
 }
@@ -107,6 +123,8 @@ where
             sql: table,
             writers: Arc::default(),
             loads: Arc::default(),
+            #[cfg(feature = "postgres")]
+            leases: Arc::default(),
         }
     }
 
@@ -124,17 +142,6 @@ where
     /// A load, read together with the loads that queue meanwhile (see `store/batched_load.rs`).
     pub(crate) async fn load(&self, key: &SessionKey, now: Timestamp) -> Result<Option<Record>> {
         self.loads.load(&self.sql, key, now).await
-    }
-
-    /// A lease by a batched load and a batched compare-and-swap, so that
-    /// the leases of concurrent requests share statements too.
-    pub(crate) async fn lease(
-        &self,
-        key: &SessionKey,
-        lease: Lease,
-        now: Timestamp,
-    ) -> Result<LeaseOutcome> {
-        lease_by_compare_and_swap(self, key, lease, now).await
     }
 
     pub(crate) async fn replace(
@@ -165,11 +172,38 @@ where
     }
 }
 
-impl<DB> LoadAndSwap for BatchedTable<DB>
-where
-    DB: Backend,
-    SqlTable<DB>: SwapMany + LoadMany,
-{
+#[cfg(feature = "postgres")]
+impl BatchedTable<sqlx::Postgres> {
+    /// A lease, tried together with the leases that queue meanwhile (see
+    /// `store/batched_lease.rs`).
+    pub(crate) async fn lease(
+        &self,
+        key: &SessionKey,
+        lease: Lease,
+        now: Timestamp,
+    ) -> Result<LeaseOutcome> {
+        self.leases
+            .lease(&self.sql, &self.loads, key, lease, now)
+            .await
+    }
+}
+
+#[cfg(feature = "mysql")]
+impl BatchedTable<sqlx::MySql> {
+    /// A lease by a batched load and a batched compare-and-swap, so that
+    /// the leases of concurrent requests share statements too.
+    pub(crate) async fn lease(
+        &self,
+        key: &SessionKey,
+        lease: Lease,
+        now: Timestamp,
+    ) -> Result<LeaseOutcome> {
+        lease_by_compare_and_swap(self, key, lease, now).await
+    }
+}
+
+#[cfg(feature = "mysql")]
+impl LoadAndSwap for BatchedTable<sqlx::MySql> {
     async fn load_record(&self, key: &SessionKey, now: Timestamp) -> Result<Option<Record>> {
         self.load(key, now).await
     }

@@ -23,6 +23,8 @@
 //! Third-party stores prove they meet the contract by running the public
 //! conformance suite (`session2::testing`, cargo feature `testing`).
 
+#[cfg(feature = "postgres")]
+mod batched_lease;
 #[cfg(any(feature = "sqlite", feature = "postgres", feature = "mysql"))]
 mod batched_load;
 #[cfg(any(feature = "postgres", feature = "mysql"))]
@@ -151,14 +153,14 @@ impl<S: SessionStore + ?Sized> LoadAndSwap for S {
     }
 }
 
-/// How many times [`lease_by_compare_and_swap`] loads and swaps before it
-/// reports the record as held.
-const MAX_LEASE_ATTEMPTS: usize = 64;
+/// How many times [`lease_by_compare_and_swap`] loads and swaps (and
+/// PostgreSQL's batched lease tries) before it reports the record as held.
+pub(crate) const MAX_LEASE_ATTEMPTS: usize = 64;
 
 /// A lease by a load and a compare-and-swap, repeated while another writer
-/// wins the swap: the default [`SessionStore::lease`], and the batched one
-/// of PostgreSQL and MySQL. A record that other writers change on every
-/// attempt, [`MAX_LEASE_ATTEMPTS`] times over, is reported
+/// wins the swap: the default [`SessionStore::lease`], and MySQL's batched
+/// one. A record that other writers change on every attempt,
+/// [`MAX_LEASE_ATTEMPTS`] times over, is reported
 /// [`Held`](LeaseOutcome::Held): the caller then waits and tries again, as
 /// for a held lease, instead of spinning here.
 pub(crate) async fn lease_by_compare_and_swap(

@@ -35,6 +35,8 @@ use sqlx::{ColumnIndex, Database, Decode, Encode, Executor, IntoArguments, Pool,
 #[cfg(any(feature = "postgres", feature = "mysql"))]
 use std::collections::HashSet;
 
+#[cfg(feature = "postgres")]
+use super::batched_lease::{LeaseAttempt, LeaseMany, Taken};
 use super::batched_load::LoadMany;
 #[cfg(any(feature = "postgres", feature = "mysql"))]
 use super::batched_swap::SwapMany;
@@ -249,9 +251,14 @@ pub(crate) struct Statements {
     /// ([`SwapMany::swap_many`]), `RETURNING` the keys it changed
     #[cfg(feature = "postgres")]
     replace_many: Option<String>,
+    /// (PostgreSQL only) keys, lease tokens, lease untils, nows, each an
+    /// array: takes each free lease of a live row ([`LeaseMany::lease_many`]),
+    /// `RETURNING` the rows it took (a row named twice is taken once)
+    #[cfg(feature = "postgres")]
+    lease_many: Option<String>,
     /// (SQLite only) lease token, lease until, key, now, now: takes a
-    /// free lease, `RETURNING` the row (PostgreSQL and MySQL lease by
-    /// their batched load and compare-and-swap instead)
+    /// free lease, `RETURNING` the row (PostgreSQL batches its leases
+    /// instead, `store/batched_lease.rs`; MySQL leases by compare-and-swap)
     #[cfg(feature = "sqlite")]
     lease: String,
     /// key
@@ -389,6 +396,20 @@ impl Statements {
             #[allow(unreachable_patterns)]
             _ => None,
         };
+        #[cfg(feature = "postgres")]
+        let lease_many = match dialect {
+            #[cfg(feature = "postgres")]
+            Dialect::Postgres => Some(format!(
+                "UPDATE {t} SET version = {t}.version + 1, lease_token = v.token, lease_until = v.until \
+                 FROM UNNEST($1::bytea[], $2::int8[], $3::int8[], $4::int8[]) AS v({key}, token, until, now) \
+                 WHERE {t}.{key} = v.{key} AND {} > v.now \
+                 AND ({t}.lease_until IS NULL OR {t}.lease_until <= v.now) \
+                 RETURNING {t}.{key}, {columns}",
+                dialect.expiry(&format!("{t}.")),
+            )),
+            #[allow(unreachable_patterns)]
+            _ => None,
+        };
         // A batch of the rows whose `expires_at` has come (first
         // placeholder) and whose real expiry compares to the second
         // placeholder as `compare` says. Batches address rows by their
@@ -436,6 +457,8 @@ impl Statements {
             replace_in_place,
             #[cfg(feature = "postgres")]
             replace_many,
+            #[cfg(feature = "postgres")]
+            lease_many,
             #[cfg(feature = "sqlite")]
             lease: format!(
                 "UPDATE {t} SET version = version + 1, lease_token = {}, lease_until = {} \
@@ -1206,6 +1229,63 @@ impl SwapMany for SqlTable<sqlx::MySql> {
     async fn swap_one(&self, swap: Swap<'_>) -> Result<bool> {
         self.replace(swap.key, swap.expected_version, swap.record, swap.now)
             .await
+    }
+}
+
+#[cfg(feature = "postgres")]
+impl LeaseMany for SqlTable<sqlx::Postgres> {
+    /// One `UPDATE … FROM UNNEST(…) RETURNING`, which takes each free lease
+    /// of a live row at its own `now` and returns the rows it took; a row
+    /// named twice is taken once, by one of its leases (the one whose token
+    /// it returns).
+    async fn lease_many(&self, attempts: &[LeaseAttempt]) -> Result<Vec<Taken>> {
+        let context = "lock sessions";
+        let statement = self
+            .statements
+            .lease_many
+            .as_deref()
+            .ok_or_else(|| Error::backend("postgres", "no statement for many leases"))?;
+        let column =
+            |value: fn(&LeaseAttempt) -> i64| attempts.iter().map(value).collect::<Vec<_>>();
+        let rows = sqlx::query(statement)
+            .bind(
+                attempts
+                    .iter()
+                    .map(|attempt| attempt.key.as_bytes().as_slice())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(column(|attempt| to_i64(attempt.lease.token)))
+            .bind(column(|attempt| attempt.lease.until.as_millis()))
+            .bind(column(|attempt| attempt.now.as_millis()))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(|err| self.error(context, err))?;
+        let mut taken: Vec<Taken> = attempts.iter().map(|_| Ok(None)).collect();
+        for row in &rows {
+            let (key, record) = match decode_row(row) {
+                Ok((key, record)) => (key, Ok(record)),
+                Err(err) => {
+                    let key: Vec<u8> = row.try_get(0).map_err(|err| self.error(context, err))?;
+                    (session_key(&key)?, Err(err))
+                }
+            };
+            let token = record
+                .as_ref()
+                .ok()
+                .and_then(|record| record.lease)
+                .map(|lease| lease.token);
+            // The lease that took the row: its key's first one not yet
+            // answered whose token the row carries (any, if it cannot be read).
+            let taker = attempts.iter().zip(&taken).position(|(attempt, taken)| {
+                attempt.key == key
+                    && token.is_none_or(|token| token == attempt.lease.token)
+                    && matches!(taken, Ok(None))
+            });
+            if let Some(taker) = taker {
+                taken[taker] = record.map(Some);
+            }
+        }
+        Ok(taken)
     }
 }
 
