@@ -581,6 +581,8 @@ impl RedisStore {
         let prefix = prefix.as_ref().trim_end_matches(':');
         check_prefix(prefix)?;
         self.keys = KeyNames::new(prefix);
+        // The writers of the store it was cloned from write under the old prefix.
+        self.writers = std::sync::Arc::default();
         Ok(self)
     }
 
@@ -1287,6 +1289,47 @@ mod tests {
             };
             let store = store.with_purge_batch(3);
             crate::store::test_support::purge_in_small_batches(store).await;
+        });
+    }
+
+    #[test]
+    fn a_store_given_another_prefix_saves_under_it_even_after_its_original_saved() {
+        crate::testing::run(async {
+            let Some(first) = test_store().await else {
+                return;
+            };
+            let now = crate::Clock::now(&crate::SystemClock);
+            let record = |version, data: &[u8]| Record {
+                version,
+                data: data.to_vec(),
+                ..Record::new(now, now.saturating_add(Duration::from_secs(600)), None)
+            };
+            let key = crate::SessionId::generate().key();
+            // A save through the first store starts its writer.
+            first.create(&key, &record(1, b"first"), now).await.unwrap();
+            assert!(
+                first
+                    .replace(&key, 1, &record(2, b"first, saved"), now)
+                    .await
+                    .unwrap()
+            );
+            let prefix = format!("{}-other", first.prefix());
+            let other = first.clone().with_prefix(&prefix);
+            other.create(&key, &record(1, b"other"), now).await.unwrap();
+            assert!(
+                other
+                    .replace(&key, 1, &record(2, b"other, saved"), now)
+                    .await
+                    .unwrap()
+            );
+            let data =
+                async |store: &RedisStore| store.load(&key, now).await.unwrap().unwrap().data;
+            assert_eq!(data(&other).await, b"other, saved");
+            assert_eq!(
+                data(&first).await,
+                b"first, saved",
+                "each prefix keeps its own"
+            );
         });
     }
 
