@@ -27,10 +27,9 @@
 use std::future::Future;
 
 use tokio::sync::{mpsc, oneshot};
-use tokio::task::JoinSet;
 
 use super::batched_load::{BatchedLoads, LoadMany};
-use super::writer::{Writers, answer, answer_all, is_refused_statement};
+use super::writer::{Writers, answer, answer_all, is_refused_statement, run_each_alone};
 use super::{LeaseOutcome, MAX_LEASE_ATTEMPTS};
 use crate::{Error, Lease, Record, Result, SessionKey, Timestamp};
 
@@ -158,15 +157,14 @@ async fn lease_together<T: LeaseMany>(table: &T, batch: &mut Vec<LeaseJob>) {
         return answer_all(batch.drain(..).map(|job| job.reply), err);
     }
     tracing::debug!(error = %err, leases = batch.len(), "a batch of session leases was refused; running each on its own");
-    let mut alone = JoinSet::new();
-    for job in batch.drain(..) {
+    run_each_alone(batch.drain(..), |job| {
         let table = table.clone();
-        alone.spawn(async move {
+        async move {
             let taken = lease_alone(&table, job.attempt).await;
             let _ = job.reply.send(taken);
-        });
-    }
-    while alone.join_next().await.is_some() {}
+        }
+    })
+    .await;
 }
 
 /// One lease, in a batch of its own.
@@ -310,10 +308,6 @@ mod tests {
         record
     }
 
-    fn test_table() -> String {
-        format!("s2unit_{}", &SessionId::generate().key().to_hex()[..16])
-    }
-
     /// One batch of leases of live, leased, missing and expired sessions,
     /// and two leases of one session: the free ones are taken, one lease of
     /// the pair takes it, and a lease writes nothing but the version and
@@ -434,55 +428,42 @@ mod tests {
         }
     }
 
-    #[cfg(feature = "postgres")]
     #[test]
     fn postgres_leases_in_batches() {
-        use sqlx::Executor;
-
-        use crate::store::PostgresStore;
         use crate::store::sql::Dialect;
+        use crate::store::test_support::{
+            drop_postgres_table, postgres_on_fresh_table, run_on_postgres,
+        };
         crate::testing::run(async {
-            let url = std::env::var("SESSION2_TEST_POSTGRES_URL")
-                .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned());
-            let connected = PostgresStore::connect(&url).await;
-            let Some(store) = crate::testing::require_server("postgres", connected) else {
+            let Some(store) = postgres_on_fresh_table().await else {
                 return;
             };
-            let table = test_table();
-            let store = store.with_table_name(&table).unwrap();
-            store.setup().await.unwrap();
-            let t = Dialect::Postgres.quote(&table);
-            let trigger = Dialect::Postgres.quote(&format!("{table}_guard"));
-            let run = async |statement: String| {
-                store.pool().execute(statement.as_str()).await.unwrap();
-            };
+            let t = Dialect::Postgres.quote(store.table_name());
+            let trigger = Dialect::Postgres.quote(&format!("{}_guard", store.table_name()));
             // A lease that named the data column (even to write it again)
             // would fail: only a save may.
-            run(format!(
-                "CREATE FUNCTION {trigger}() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
-                 IF NEW.lease_token = 666 THEN RAISE EXCEPTION 'poisoned lease'; END IF; \
-                 IF NEW.lease_token IS NOT NULL THEN RAISE EXCEPTION 'a lease wrote the data'; END IF; \
-                 RETURN NEW; END $$"
-            ))
-            .await;
-            run(format!(
-                "CREATE TRIGGER guard_data BEFORE UPDATE OF data ON {t} FOR EACH ROW EXECUTE FUNCTION {trigger}()"
-            ))
-            .await;
-            run(format!(
-                "CREATE TRIGGER guard_lease BEFORE UPDATE OF lease_token ON {t} FOR EACH ROW \
-                 WHEN (NEW.lease_token = 666) EXECUTE FUNCTION {trigger}()"
-            ))
-            .await;
+            for statement in [
+                format!(
+                    "CREATE FUNCTION {trigger}() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+                     IF NEW.lease_token = 666 THEN RAISE EXCEPTION 'poisoned lease'; END IF; \
+                     IF NEW.lease_token IS NOT NULL THEN RAISE EXCEPTION 'a lease wrote the data'; END IF; \
+                     RETURN NEW; END $$"
+                ),
+                format!(
+                    "CREATE TRIGGER guard_data BEFORE UPDATE OF data ON {t} FOR EACH ROW \
+                     EXECUTE FUNCTION {trigger}()"
+                ),
+                format!(
+                    "CREATE TRIGGER guard_lease BEFORE UPDATE OF lease_token ON {t} FOR EACH ROW \
+                     WHEN (NEW.lease_token = 666) EXECUTE FUNCTION {trigger}()"
+                ),
+            ] {
+                run_on_postgres(&store, &statement).await;
+            }
             each_lease_of_a_batch_gets_its_own_outcome(&*store.table, &store).await;
             a_poisoned_lease_fails_alone(&*store.table, &store).await;
-            run(format!("DROP TABLE {t}")).await;
-            run(format!(
-                "DROP TABLE {}",
-                Dialect::Postgres.quote(&format!("{table}_schema"))
-            ))
-            .await;
-            run(format!("DROP FUNCTION {trigger}")).await;
+            drop_postgres_table(&store).await;
+            run_on_postgres(&store, &format!("DROP FUNCTION {trigger}")).await;
         });
     }
 }

@@ -16,10 +16,9 @@ use std::collections::HashMap;
 use std::future::Future;
 
 use tokio::sync::{mpsc, oneshot};
-use tokio::task::JoinSet;
 
 use super::sql::MAX_LOADS;
-use super::writer::{Writers, answer, answer_all, is_refused_statement};
+use super::writer::{Writers, answer, answer_all, is_refused_statement, run_each_alone};
 use crate::{Error, Record, Result, SessionKey, Timestamp};
 
 /// A table that can read many records at once.
@@ -113,15 +112,14 @@ async fn load_together<T: LoadMany>(table: &T, batch: &mut Vec<LoadJob>) {
         return answer_all(batch.drain(..).map(|job| job.reply), err);
     }
     tracing::debug!(error = %err, loads = batch.len(), "a batch of session loads was refused; running each on its own");
-    let mut alone = JoinSet::new();
-    for job in batch.drain(..) {
+    run_each_alone(batch.drain(..), |job| {
         let table = table.clone();
-        alone.spawn(async move {
+        async move {
             let record = table.load_one(&job.key, job.now).await;
             let _ = job.reply.send(record);
-        });
-    }
-    while alone.join_next().await.is_some() {}
+        }
+    })
+    .await;
 }
 
 /// Answers each job of `batch` (emptying it) from the records one

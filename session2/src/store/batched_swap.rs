@@ -41,14 +41,13 @@ use std::future::Future;
 use std::sync::Arc;
 
 use tokio::sync::{mpsc, oneshot};
-use tokio::task::JoinSet;
 
 use super::LeaseOutcome;
 #[cfg(feature = "postgres")]
 use super::batched_lease::BatchedLeases;
 use super::batched_load::{BatchedLoads, LoadMany};
 use super::sql::{Backend, SqlTable, Swap};
-use super::writer::{SwapJob, Writers, answer, answer_all, is_refused_statement};
+use super::writer::{SwapJob, Writers, answer, answer_all, is_refused_statement, run_each_alone};
 #[cfg(feature = "mysql")]
 use super::{LoadAndSwap, lease_by_compare_and_swap};
 use crate::{Lease, Record, Result, SessionKey, Timestamp};
@@ -269,22 +268,19 @@ async fn swap_together<T: SwapMany>(table: &T, mut jobs: Vec<SwapJob>) {
         return answer_all(jobs.into_iter().map(|job| job.reply), err);
     }
     tracing::debug!(error = %err, saves = jobs.len(), "a batch of session saves was refused; running each on its own");
-    let mut alone = JoinSet::new();
-    for job in jobs {
+    run_each_alone(jobs, |job| {
         let table = table.clone();
-        alone.spawn(async move {
+        async move {
             let swapped = table.swap_one(job.swap()).await;
             let _ = job.reply.send(swapped);
-        });
-    }
-    while alone.join_next().await.is_some() {}
+        }
+    })
+    .await;
 }
 
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
-
-    use sqlx::Executor;
 
     use super::*;
     use crate::{SessionId, SessionStore};
@@ -401,10 +397,6 @@ mod tests {
         });
     }
 
-    fn test_table() -> String {
-        format!("s2unit_{}", &SessionId::generate().key().to_hex()[..16])
-    }
-
     /// With the table refusing saves of the data `poison`: a batch holding
     /// one fails whole and changes nothing, and through the writer only
     /// that save fails.
@@ -438,47 +430,43 @@ mod tests {
     #[cfg(feature = "postgres")]
     #[test]
     fn postgres_a_poisoned_save_fails_alone() {
-        use crate::store::PostgresStore;
         use crate::store::sql::Dialect;
+        use crate::store::test_support::{
+            drop_postgres_table, postgres_on_fresh_table, run_on_postgres,
+        };
         crate::testing::run(async {
-            let url = std::env::var("SESSION2_TEST_POSTGRES_URL")
-                .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned());
-            let connected = PostgresStore::connect(&url).await;
-            let Some(store) = crate::testing::require_server("postgres", connected) else {
+            let Some(store) = postgres_on_fresh_table().await else {
                 return;
             };
-            let table = test_table();
-            let store = store.with_table_name(&table).unwrap();
-            store.setup().await.unwrap();
-            let t = Dialect::Postgres.quote(&table);
-            let trigger = Dialect::Postgres.quote(&format!("{table}_poison"));
-            let run = async |statement: String| {
-                store.pool().execute(statement.as_str()).await.unwrap();
-            };
-            run(format!(
-                "CREATE FUNCTION {trigger}() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
-                 IF NEW.data = 'poison'::bytea THEN RAISE EXCEPTION 'poisoned save'; END IF; \
-                 RETURN NEW; END $$"
-            ))
+            let t = Dialect::Postgres.quote(store.table_name());
+            let trigger = Dialect::Postgres.quote(&format!("{}_poison", store.table_name()));
+            run_on_postgres(
+                &store,
+                &format!(
+                    "CREATE FUNCTION {trigger}() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+                     IF NEW.data = 'poison'::bytea THEN RAISE EXCEPTION 'poisoned save'; END IF; \
+                     RETURN NEW; END $$"
+                ),
+            )
             .await;
-            run(format!(
-                "CREATE TRIGGER poison BEFORE UPDATE ON {t} FOR EACH ROW EXECUTE FUNCTION {trigger}()"
-            ))
+            run_on_postgres(
+                &store,
+                &format!(
+                    "CREATE TRIGGER poison BEFORE UPDATE ON {t} FOR EACH ROW EXECUTE FUNCTION {trigger}()"
+                ),
+            )
             .await;
             a_poisoned_save_fails_alone(&*store.table, &store).await;
-            run(format!("DROP TABLE {t}")).await;
-            run(format!(
-                "DROP TABLE {}",
-                Dialect::Postgres.quote(&format!("{table}_schema"))
-            ))
-            .await;
-            run(format!("DROP FUNCTION {trigger}")).await;
+            drop_postgres_table(&store).await;
+            run_on_postgres(&store, &format!("DROP FUNCTION {trigger}")).await;
         });
     }
 
     #[cfg(feature = "mysql")]
     #[test]
     fn mysql_a_poisoned_save_fails_alone() {
+        use sqlx::Executor;
+
         use crate::store::MySqlStore;
         use crate::store::sql::Dialect;
         crate::testing::run(async {
@@ -488,7 +476,7 @@ mod tests {
             let Some(store) = crate::testing::require_server("mysql", connected) else {
                 return;
             };
-            let table = test_table();
+            let table = crate::store::test_support::fresh_table_name();
             let store = store.with_table_name(&table).unwrap();
             store.setup().await.unwrap();
             let t = Dialect::MySql.quote(&table);

@@ -306,6 +306,52 @@ pub trait SessionStore: Send + Sync + fmt::Debug + 'static {
     )
 ))]
 pub(crate) mod test_support {
+    /// A table name no other test uses.
+    #[cfg(any(feature = "postgres", feature = "mysql"))]
+    pub(crate) fn fresh_table_name() -> String {
+        format!(
+            "s2unit_{}",
+            &crate::SessionId::generate().key().to_hex()[..16]
+        )
+    }
+
+    /// A PostgreSQL store on a fresh table of the test server, set up;
+    /// `None` when the server is unreachable outside CI (see
+    /// `require_server`). [`drop_postgres_table`] drops it.
+    #[cfg(feature = "postgres")]
+    pub(crate) async fn postgres_on_fresh_table() -> Option<crate::store::PostgresStore> {
+        let url = std::env::var("SESSION2_TEST_POSTGRES_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned());
+        let connected = crate::store::PostgresStore::connect(&url).await;
+        let store = crate::testing::require_server("postgres", connected)?
+            .with_table_name(&fresh_table_name())
+            .unwrap();
+        crate::SessionStore::setup(&store).await.unwrap();
+        Some(store)
+    }
+
+    /// Runs `statement` (test set-up or clean-up) on `store`'s pool.
+    #[cfg(feature = "postgres")]
+    pub(crate) async fn run_on_postgres(store: &crate::store::PostgresStore, statement: &str) {
+        sqlx::Executor::execute(store.pool(), statement)
+            .await
+            .unwrap();
+    }
+
+    /// Drops the table of a [`postgres_on_fresh_table`] store.
+    #[cfg(feature = "postgres")]
+    pub(crate) async fn drop_postgres_table(store: &crate::store::PostgresStore) {
+        use crate::store::sql::Dialect;
+        let table = store.table_name();
+        for table in [table.to_owned(), format!("{table}_schema")] {
+            run_on_postgres(
+                store,
+                &format!("DROP TABLE {}", Dialect::Postgres.quote(&table)),
+            )
+            .await;
+        }
+    }
+
     /// Purges with batches of 3 sessions: expired sessions spread over
     /// several batches, several of them sharing one expiry across a batch
     /// boundary, and live sessions whose expiry index entry ran early among

@@ -1267,6 +1267,15 @@ impl SessionStore for RedisStore {
 mod tests {
     use super::*;
 
+    /// A record of `version` with `data`, written at `now`, live for ten minutes.
+    fn record_at(now: Timestamp, version: u64, data: &[u8]) -> Record {
+        Record {
+            version,
+            data: data.to_vec(),
+            ..Record::new(now, now.saturating_add(Duration::from_secs(600)), None)
+        }
+    }
+
     /// A store on the test server under a fresh prefix; `None` when the
     /// server is unreachable outside CI (see `require_server`).
     async fn test_store() -> Option<RedisStore> {
@@ -1299,11 +1308,7 @@ mod tests {
                 return;
             };
             let now = crate::Clock::now(&crate::SystemClock);
-            let record = |version, data: &[u8]| Record {
-                version,
-                data: data.to_vec(),
-                ..Record::new(now, now.saturating_add(Duration::from_secs(600)), None)
-            };
+            let record = |version, data: &[u8]| record_at(now, version, data);
             let key = crate::SessionId::generate().key();
             // A save through the first store starts its writer.
             first.create(&key, &record(1, b"first"), now).await.unwrap();
@@ -1382,11 +1387,7 @@ mod tests {
                 return;
             };
             let now = crate::Clock::now(&crate::SystemClock);
-            let record = |version, data: &[u8]| Record {
-                version,
-                data: data.to_vec(),
-                ..Record::new(now, now.saturating_add(Duration::from_secs(600)), None)
-            };
+            let record = |version, data: &[u8]| record_at(now, version, data);
             let [a, b, missing] = [(); 3].map(|()| crate::SessionId::generate().key());
             for key in [a, b] {
                 store

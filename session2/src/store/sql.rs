@@ -1510,13 +1510,6 @@ pub(crate) use impl_sql_session_store;
 mod tests {
     use super::*;
 
-    fn test_table() -> String {
-        format!(
-            "s2unit_{}",
-            &crate::SessionId::generate().key().to_hex()[..16]
-        )
-    }
-
     #[cfg(feature = "sqlite")]
     #[test]
     fn read_many_gives_each_row_its_own_outcome() {
@@ -1570,6 +1563,7 @@ mod tests {
 
     /// [`purge_in_small_batches`](crate::store::test_support::purge_in_small_batches) on a fresh table of the server at the URL
     /// in `$env` (default `$default`), which it then drops.
+    #[cfg(any(feature = "postgres", feature = "mysql"))]
     macro_rules! purge_in_small_batches_on_server {
         ($store:ty, $dialect:expr, $server:literal, $env:literal, $default:literal) => {
             crate::testing::run(async {
@@ -1578,7 +1572,7 @@ mod tests {
                 let Some(store) = crate::testing::require_server($server, connected) else {
                     return;
                 };
-                let table = test_table();
+                let table = crate::store::test_support::fresh_table_name();
                 let store = store.with_table_name(&table).unwrap().with_purge_batch(3);
                 crate::store::test_support::purge_in_small_batches(store.clone()).await;
                 for name in [table.clone(), format!("{table}_schema")] {

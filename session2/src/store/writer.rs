@@ -95,7 +95,7 @@ impl<J: Send + 'static> Writers<J> {
     }
 
     /// Whether a writer runs on the runtime `id`, for tests.
-    #[cfg(test)]
+    #[cfg(all(test, feature = "sqlite"))]
     pub(crate) fn runs_on(&self, id: tokio::runtime::Id) -> bool {
         let queues = self.queues.lock().unwrap_or_else(PoisonError::into_inner);
         queues
@@ -144,4 +144,19 @@ pub(crate) fn is_refused_statement(err: &Error) -> bool {
     std::error::Error::source(err)
         .and_then(|source| source.downcast_ref::<sqlx::Error>())
         .is_some_and(|source| matches!(source, sqlx::Error::Database(_)))
+}
+
+/// After a batch the database refused (see [`is_refused_statement`]): runs
+/// each of `jobs` on its own, all at once, as `alone` runs and answers it,
+/// so that the refusal reaches only the jobs refused alone.
+#[cfg(any(feature = "sqlite", feature = "postgres", feature = "mysql"))]
+pub(crate) async fn run_each_alone<J, F>(jobs: impl IntoIterator<Item = J>, alone: impl Fn(J) -> F)
+where
+    F: Future<Output = ()> + Send + 'static,
+{
+    let mut running = tokio::task::JoinSet::new();
+    for job in jobs {
+        running.spawn(alone(job));
+    }
+    while running.join_next().await.is_some() {}
 }
