@@ -59,6 +59,29 @@ async fn raw() -> redis::aio::MultiplexedConnection {
         .unwrap()
 }
 
+/// The keys under the store prefix `prefix`, found by `SCAN` in large steps:
+/// `KEYS` blocks a shared server, and times out once it holds millions of keys.
+async fn keys_under(raw: &mut redis::aio::MultiplexedConnection, prefix: &str) -> Vec<String> {
+    let pattern = format!("{{{prefix}}}:*");
+    let (mut cursor, mut found) = (0u64, Vec::new());
+    loop {
+        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(&pattern)
+            .arg("COUNT")
+            .arg(10_000)
+            .query_async(raw)
+            .await
+            .unwrap();
+        found.extend(keys);
+        if next == 0 {
+            return found;
+        }
+        cursor = next;
+    }
+}
+
 fn new_key() -> SessionKey {
     SessionId::generate().key()
 }
@@ -270,7 +293,7 @@ async fn purge_leaves_no_index_entries_of_expired_or_deleted_sessions() {
             .unwrap(),
         3
     );
-    let left: Vec<String> = raw.keys(format!("{{{prefix}}}:*")).await.unwrap();
+    let left = keys_under(&mut raw, prefix).await;
     assert!(left.is_empty(), "left behind: {left:?}");
 }
 
@@ -310,7 +333,7 @@ async fn corrupt_values_are_decode_errors_and_purged() {
     assert_eq!(store.purge_expired(now).await.unwrap(), 2);
     assert_eq!(store.count().await.unwrap(), 0);
     let prefix = store.prefix();
-    let left: Vec<String> = raw.keys(format!("{{{prefix}}}:*")).await.unwrap();
+    let left = keys_under(&mut raw, prefix).await;
     assert!(left.is_empty(), "left behind: {left:?}");
 }
 
@@ -434,7 +457,7 @@ async fn saves_that_move_the_expiry_later_leave_the_index_to_purge() {
             .unwrap(),
         1
     );
-    let left: Vec<String> = raw.keys(format!("{{{prefix}}}:*")).await.unwrap();
+    let left = keys_under(&mut raw, &prefix).await;
     assert!(left.is_empty(), "left behind: {left:?}");
 }
 
