@@ -152,6 +152,10 @@ pub(crate) async fn measure(args: &StoreArgs) -> anyhow::Result<StoreResult> {
         }
     })
     .await?;
+    // Leave nothing behind: every session above expires within a day.
+    store
+        .purge_expired(now.saturating_add(Duration::from_secs(2 * 86_400)))
+        .await?;
     Ok(StoreResult {
         store: args.store.clone(),
         load,
