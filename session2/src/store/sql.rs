@@ -872,8 +872,8 @@ where
     /// Takes the lease with one `UPDATE … RETURNING` that matches only a
     /// live record with no binding lease; reads the row to tell a held
     /// lease from a missing record. On `connection`, which may be in a
-    /// transaction (SQLite's group commit: PostgreSQL and MySQL lease by
-    /// their batched load and compare-and-swap).
+    /// transaction (SQLite's group commit; PostgreSQL batches its leases,
+    /// `store/batched_lease.rs`, and MySQL leases by compare-and-swap).
     #[cfg(feature = "sqlite")]
     pub(crate) async fn lease_on(
         &self,
