@@ -16,7 +16,7 @@
 //! assert!(!manager.store().capabilities().is_multiprocess_safe);
 //! ```
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, btree_map};
 use std::ops::Bound;
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -33,34 +33,60 @@ pub struct MemoryStore {
 
 #[derive(Debug, Default)]
 struct State {
-    records: BTreeMap<SessionKey, Record>,
+    records: BTreeMap<SessionKey, Entry>,
+    /// One entry per record, due no later than the record expires: a save
+    /// that pushes the expiry later leaves it be, and purge moves an entry
+    /// it finds early. So a session that stays in use costs one index move
+    /// per idle period, not two tree updates per save.
     by_expiry: BTreeSet<(Timestamp, SessionKey)>,
     by_user: HashMap<String, BTreeSet<SessionKey>>,
 }
 
+#[derive(Debug)]
+struct Entry {
+    record: Record,
+    /// The time of the record's `by_expiry` entry: never after its expiry.
+    indexed: Timestamp,
+}
+
 impl State {
     fn insert(&mut self, key: SessionKey, record: Record) {
-        self.by_expiry.insert((record.expires_at(), key));
+        let expires_at = record.expires_at();
         if let Some(user) = &record.user {
             self.by_user.entry(user.clone()).or_default().insert(key);
         }
-        if let Some(old) = self.records.insert(key, record) {
-            self.unindex(&key, &old);
+        match self.records.entry(key) {
+            btree_map::Entry::Occupied(mut slot) => {
+                let mut indexed = slot.get().indexed;
+                if indexed > expires_at {
+                    self.by_expiry.remove(&(indexed, key));
+                    self.by_expiry.insert((expires_at, key));
+                    indexed = expires_at;
+                }
+                let old = slot.insert(Entry { record, indexed });
+                self.unindex_user(&key, &old.record);
+            }
+            btree_map::Entry::Vacant(slot) => {
+                self.by_expiry.insert((expires_at, key));
+                slot.insert(Entry {
+                    record,
+                    indexed: expires_at,
+                });
+            }
         }
     }
 
     fn remove(&mut self, key: &SessionKey) -> Option<Record> {
         let old = self.records.remove(key)?;
-        self.unindex(key, &old);
-        Some(old)
+        self.by_expiry.remove(&(old.indexed, *key));
+        self.unindex_user(key, &old.record);
+        Some(old.record)
     }
 
-    /// Drops the index entries of `old` that the current record (if any) does not share.
-    fn unindex(&mut self, key: &SessionKey, old: &Record) {
-        let current = self.records.get(key);
-        if current.map(Record::expires_at) != Some(old.expires_at()) {
-            self.by_expiry.remove(&(old.expires_at(), *key));
-        }
+    /// Drops `key` from the user index of `old`, unless the current record
+    /// (if any) has the same user.
+    fn unindex_user(&mut self, key: &SessionKey, old: &Record) {
+        let current = self.records.get(key).map(|entry| &entry.record);
         if let Some(user) = &old.user
             && current.and_then(|record| record.user.as_ref()) != Some(user)
             && let Some(keys) = self.by_user.get_mut(user)
@@ -72,22 +98,38 @@ impl State {
         }
     }
 
+    fn get(&self, key: &SessionKey) -> Option<&Record> {
+        self.records.get(key).map(|entry| &entry.record)
+    }
+
     fn live(&self, key: &SessionKey, now: Timestamp) -> Option<&Record> {
-        self.records
-            .get(key)
-            .filter(|record| !record.is_expired_at(now))
+        self.get(key).filter(|record| !record.is_expired_at(now))
     }
 
     fn purge(&mut self, now: Timestamp) -> u64 {
         let mut purged = 0;
-        while let Some(&(expires_at, key)) = self.by_expiry.first() {
-            if expires_at > now {
+        while let Some(&(indexed, key)) = self.by_expiry.first() {
+            if indexed > now {
                 break;
             }
-            if self.remove(&key).is_some() {
-                purged += 1;
+            let expires_at = self.get(&key).map(Record::expires_at);
+            match expires_at {
+                Some(expires_at) if expires_at > now => {
+                    // An early entry of a record a save prolonged: move it.
+                    self.by_expiry.pop_first();
+                    self.by_expiry.insert((expires_at, key));
+                    if let Some(entry) = self.records.get_mut(&key) {
+                        entry.indexed = expires_at;
+                    }
+                }
+                Some(_) => {
+                    self.remove(&key);
+                    purged += 1;
+                }
+                None => {
+                    self.by_expiry.pop_first();
+                }
             }
-            self.by_expiry.remove(&(expires_at, key));
         }
         purged
     }
@@ -176,7 +218,7 @@ impl SessionStore for MemoryStore {
 
     async fn delete(&self, key: &SessionKey, expected_version: Option<u64>) -> Result<bool> {
         let mut state = self.state();
-        match state.records.get(key) {
+        match state.get(key) {
             Some(stored) if expected_version.is_none_or(|version| version == stored.version) => {
                 state.remove(key);
                 Ok(true)
@@ -213,7 +255,7 @@ impl SessionStore for MemoryStore {
             .records
             .range((start, Bound::Unbounded))
             .take(limit.saturating_add(1))
-            .map(|(key, record)| (*key, record.clone()))
+            .map(|(key, entry)| (*key, entry.record.clone()))
             .collect();
         let next = if records.len() > limit {
             records.truncate(limit);
@@ -237,5 +279,65 @@ impl SessionStore for MemoryStore {
             .iter()
             .filter_map(|key| state.live(key, now).map(|record| (*key, record.clone())))
             .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINUTE: i64 = 60_000;
+
+    fn at(minutes: i64) -> Timestamp {
+        Timestamp::from_millis(1_000_000 + minutes * MINUTE)
+    }
+
+    fn expiring_at(minutes: i64) -> Record {
+        Record::new(at(0), at(minutes), None)
+    }
+
+    fn index_of(state: &State) -> Vec<Timestamp> {
+        state
+            .by_expiry
+            .iter()
+            .map(|(indexed, _)| *indexed)
+            .collect()
+    }
+
+    #[test]
+    fn a_later_expiry_keeps_the_index_entry_and_an_earlier_one_moves_it() {
+        let mut state = State::default();
+        let key = SessionKey::from_bytes([1; 32]);
+        state.insert(key, expiring_at(10));
+        state.insert(key, expiring_at(20));
+        assert_eq!(
+            index_of(&state),
+            vec![at(10)],
+            "a save does not touch the index"
+        );
+        state.insert(key, expiring_at(5));
+        assert_eq!(index_of(&state), vec![at(5)], "an entry is never late");
+    }
+
+    #[test]
+    fn purge_moves_an_early_entry_and_removes_what_expired() {
+        let mut state = State::default();
+        let (prolonged, ending) = (
+            SessionKey::from_bytes([1; 32]),
+            SessionKey::from_bytes([2; 32]),
+        );
+        state.insert(prolonged, expiring_at(10));
+        state.insert(prolonged, expiring_at(30));
+        state.insert(ending, expiring_at(15));
+        assert_eq!(state.purge(at(20)), 1);
+        assert_eq!(
+            index_of(&state),
+            vec![at(30)],
+            "the early entry moved to the real expiry"
+        );
+        assert!(state.get(&prolonged).is_some() && state.get(&ending).is_none());
+        assert_eq!(state.purge(at(29)), 0);
+        assert_eq!(state.purge(at(30)), 1);
+        assert!(state.records.is_empty() && state.by_expiry.is_empty());
     }
 }
