@@ -54,13 +54,11 @@ impl SessionId {
     /// Parses a cookie value; `None` unless it is exactly the format
     /// [`SessionId::generate`] produces (32 URL-safe base64 characters).
     pub fn parse(text: &str) -> Option<Self> {
-        if text.len() != ID_TEXT_LEN
-            || !text
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-        {
+        if text.len() != ID_TEXT_LEN {
             return None;
         }
+        // The decoder takes only the URL-safe alphabet, without padding; 32
+        // characters are exactly 24 bytes, with no spare bits to forge.
         let mut bytes = [0u8; ID_BYTES];
         match URL_SAFE_NO_PAD.decode_slice(text, &mut bytes) {
             Ok(ID_BYTES) => Some(Self(bytes)),
@@ -182,6 +180,9 @@ mod tests {
         let with_plus = format!("{}+", &valid[..31]);
         let with_padding = format!("{}=", &valid[..31]);
         let non_ascii = format!("{}é", &valid[..30]);
+        let with_space = format!(" {}", &valid[..31]);
+        let with_nul = format!("{}\0", &valid[..31]);
+        let with_dot = format!("{}.", &valid[..31]);
         for bad in [
             "",
             "../../etc/passwd",
@@ -194,6 +195,9 @@ mod tests {
             &with_plus,
             &with_padding,
             &non_ascii,
+            &with_space,
+            &with_nul,
+            &with_dot,
             "%2e%2e%2f%2e%2e%2fetc%2fpasswd%20%20%20",
         ] {
             assert_eq!(SessionId::parse(bad), None, "accepted {bad:?}");

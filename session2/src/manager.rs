@@ -642,10 +642,15 @@ impl RequestSession {
                 rotate: state.rotate,
                 lease_token: state.lease_token,
             };
-            let stored = state
-                .stored
-                .as_ref()
-                .map(|stored| (stored.id.clone(), stored.key, stored.record.clone()));
+            // The request is over: the stored bytes go to the save, uncopied.
+            let stored = state.stored.as_mut().map(|stored| {
+                let data = std::mem::take(&mut stored.record.data);
+                let record = Record {
+                    data,
+                    ..stored.record.clone()
+                };
+                (stored.id.clone(), stored.key, record)
+            });
             let fresh_data = if stored.is_none() {
                 encode_data(&state.data)
             } else {
@@ -756,7 +761,7 @@ impl RequestSession {
         id: SessionId,
         key: SessionKey,
         mut base: Record,
-        changes: ChangeSet,
+        mut changes: ChangeSet,
         now: Timestamp,
     ) -> Result<Option<String>> {
         let manager = &self.manager;
@@ -767,7 +772,7 @@ impl RequestSession {
             key.as_bytes()[..8].try_into().expect("8 bytes"),
         ));
         for _ in 0..MAX_SAVE_ATTEMPTS {
-            let merged = match self.apply(&base, &changes, now) {
+            let merged = match self.apply(&base, &mut changes, now) {
                 Ok(merged) => merged,
                 Err(err) => {
                     tracing::warn!(session = %key.fingerprint(), error = %err, "session changed into unreadable data; changes dropped");
@@ -833,12 +838,14 @@ impl RequestSession {
         ))
     }
 
-    /// The record that results from applying `changes` onto `base`.
-    fn apply(&self, base: &Record, changes: &ChangeSet, now: Timestamp) -> Result<Record> {
+    /// The record that results from applying `changes` onto `base`. The
+    /// first call takes `changes.encoded_on`: after it, `base` is a later
+    /// version that encoding no longer matches.
+    fn apply(&self, base: &Record, changes: &mut ChangeSet, now: Timestamp) -> Result<Record> {
         let config = &self.manager.inner.config;
-        let data = match &changes.encoded_on {
+        let data = match changes.encoded_on.take() {
             _ if changes.data.is_empty() => base.data.clone(),
-            Some((version, encoded)) if *version == base.version => encoded.clone(),
+            Some((version, encoded)) if version == base.version => encoded,
             _ => {
                 let mut data = decode_data(&base.data)?;
                 for (key, value) in &changes.data {
