@@ -839,8 +839,9 @@ impl RequestSession {
     }
 
     /// The record that results from applying `changes` onto `base`. The
-    /// first call takes `changes.encoded_on`: after it, `base` is a later
-    /// version that encoding no longer matches.
+    /// first call takes `changes.encoded_on`, a shortcut for the version
+    /// the request loaded; a retry merges onto the reloaded `base` key by
+    /// key, which is right for any version.
     fn apply(&self, base: &Record, changes: &mut ChangeSet, now: Timestamp) -> Result<Record> {
         let config = &self.manager.inner.config;
         let data = match changes.encoded_on.take() {
