@@ -112,23 +112,19 @@ impl State {
             if indexed > now {
                 break;
             }
-            let expires_at = self.get(&key).map(Record::expires_at);
-            match expires_at {
-                Some(expires_at) if expires_at > now => {
-                    // An early entry of a record a save prolonged: move it.
-                    self.by_expiry.pop_first();
-                    self.by_expiry.insert((expires_at, key));
-                    if let Some(entry) = self.records.get_mut(&key) {
-                        entry.indexed = expires_at;
-                    }
-                }
-                Some(_) => {
-                    self.remove(&key);
-                    purged += 1;
-                }
-                None => {
-                    self.by_expiry.pop_first();
-                }
+            let Some(entry) = self.records.get_mut(&key) else {
+                self.by_expiry.pop_first();
+                continue;
+            };
+            let expires_at = entry.record.expires_at();
+            if expires_at > now {
+                // An early entry of a record a save prolonged: move it.
+                entry.indexed = expires_at;
+                self.by_expiry.pop_first();
+                self.by_expiry.insert((expires_at, key));
+            } else {
+                self.remove(&key);
+                purged += 1;
             }
         }
         purged
@@ -334,6 +330,11 @@ mod tests {
             index_of(&state),
             vec![at(30)],
             "the early entry moved to the real expiry"
+        );
+        assert_eq!(
+            state.records[&prolonged].indexed,
+            at(30),
+            "and the record knows"
         );
         assert!(state.get(&prolonged).is_some() && state.get(&ending).is_none());
         assert_eq!(state.purge(at(29)), 0);
