@@ -608,12 +608,17 @@ impl RequestSession {
     /// it changed, and returns the `Set-Cookie` header value to send.
     ///
     /// A failure saves nothing (an exclusive session's lease is released).
+    /// A second call does nothing and returns `Ok(None)`.
     ///
     /// # Errors
     ///
     /// A backend error if the store fails while saving; the response should
     /// then become a 503, since the handler's changes were not kept.
     pub async fn finish(&self, outcome: Outcome) -> Result<Option<String>> {
+        // The first call took the request's changes and stored data with it.
+        if self.finished.load(Ordering::SeqCst) {
+            return Ok(None);
+        }
         let result = self.save_outcome(outcome).await;
         self.finished.store(true, Ordering::SeqCst);
         // After the lease is released: the next local request may go.
@@ -995,6 +1000,39 @@ mod tests {
         let request = manager.start(None);
         request.session().await.unwrap();
         assert!(request.exclusive_session().await.unwrap_err().is_usage());
+    }
+
+    /// `finish` is public: a second call must not save again, whatever the
+    /// first one left in the request (its changes, its lease token).
+    #[tokio::test]
+    async fn a_second_finish_saves_nothing() {
+        let store = MemoryStore::new();
+        let manager = SessionManager::new(store.clone());
+        let first = manager.start(None);
+        first.session().await.unwrap().insert("n", 1).unwrap();
+        let cookie = first.finish(Outcome::Success).await.unwrap().unwrap();
+        let header = cookie.split(';').next().unwrap().to_owned();
+        let id = SessionId::parse(header.split_once('=').unwrap().1).unwrap();
+        let stored = || async { store.load(&id.key(), manager.now()).await.unwrap().unwrap() };
+
+        let exclusive = manager.start(Some(&header));
+        exclusive
+            .exclusive_session()
+            .await
+            .unwrap()
+            .insert("n", 2)
+            .unwrap();
+        exclusive.finish(Outcome::Success).await.unwrap();
+        let saved = stored().await;
+        assert_eq!(exclusive.finish(Outcome::Success).await.unwrap(), None);
+        assert_eq!(stored().await, saved, "the lease token saved nothing more");
+
+        let login = manager.start(Some(&header));
+        login.session().await.unwrap().set_user("ada");
+        login.finish(Outcome::Success).await.unwrap().unwrap();
+        let sessions = store.count().await.unwrap();
+        assert_eq!(login.finish(Outcome::Success).await.unwrap(), None);
+        assert_eq!(store.count().await.unwrap(), sessions);
     }
 
     #[test]
