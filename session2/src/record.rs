@@ -117,12 +117,15 @@ impl Record {
     /// assert!(leased.is_leased_at(now));
     /// ```
     #[must_use]
-    pub fn with_lease(self, lease: Lease) -> Self {
-        Self {
-            version: self.version.wrapping_add(1),
-            lease: Some(lease),
-            ..self
-        }
+    pub fn with_lease(mut self, lease: Lease) -> Self {
+        self.take_lease(lease);
+        self
+    }
+
+    /// Takes `lease` on the record in place, as [`with_lease`](Self::with_lease) does.
+    pub(crate) fn take_lease(&mut self, lease: Lease) {
+        self.version = self.version.wrapping_add(1);
+        self.lease = Some(lease);
     }
 
     /// The whole record as versioned JSON bytes.

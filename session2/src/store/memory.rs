@@ -86,9 +86,11 @@ impl State {
     /// Drops `key` from the user index of `old`, unless the current record
     /// (if any) has the same user.
     fn unindex_user(&mut self, key: &SessionKey, old: &Record) {
+        let Some(user) = &old.user else {
+            return;
+        };
         let current = self.records.get(key).map(|entry| &entry.record);
-        if let Some(user) = &old.user
-            && current.and_then(|record| record.user.as_ref()) != Some(user)
+        if current.and_then(|record| record.user.as_ref()) != Some(user)
             && let Some(keys) = self.by_user.get_mut(user)
         {
             keys.remove(key);
@@ -104,6 +106,15 @@ impl State {
 
     fn live(&self, key: &SessionKey, now: Timestamp) -> Option<&Record> {
         self.get(key).filter(|record| !record.is_expired_at(now))
+    }
+
+    /// The live record of `key`, to change in place: only where the change
+    /// moves neither its expiry nor its user, which the indexes follow.
+    fn live_mut(&mut self, key: &SessionKey, now: Timestamp) -> Option<&mut Record> {
+        self.records
+            .get_mut(key)
+            .map(|entry| &mut entry.record)
+            .filter(|record| !record.is_expired_at(now))
     }
 
     fn purge(&mut self, now: Timestamp) -> u64 {
@@ -201,15 +212,15 @@ impl SessionStore for MemoryStore {
 
     async fn lease(&self, key: &SessionKey, lease: Lease, now: Timestamp) -> Result<LeaseOutcome> {
         let mut state = self.state();
-        let Some(stored) = state.live(key, now) else {
+        let Some(stored) = state.live_mut(key, now) else {
             return Ok(LeaseOutcome::Missing);
         };
         if stored.is_leased_at(now) {
             return Ok(LeaseOutcome::Held(stored.clone()));
         }
-        let leased = stored.clone().with_lease(lease);
-        state.insert(*key, leased.clone());
-        Ok(LeaseOutcome::Taken(leased))
+        // A lease moves neither the expiry nor the user.
+        stored.take_lease(lease);
+        Ok(LeaseOutcome::Taken(stored.clone()))
     }
 
     async fn delete(&self, key: &SessionKey, expected_version: Option<u64>) -> Result<bool> {

@@ -33,15 +33,17 @@ impl KeyLocks {
             .state
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        if let Some(lock) = state.locks.get(key).and_then(Weak::upgrade) {
-            return lock;
-        }
         if state.locks.len() >= state.sweep_at.max(MIN_SWEEP) {
             state.locks.retain(|_, lock| lock.strong_count() > 0);
             state.sweep_at = state.locks.len() * 2;
         }
+        // One hash of the key, whether its entry is alive, dead or missing.
+        let slot = state.locks.entry(*key).or_default();
+        if let Some(lock) = slot.upgrade() {
+            return lock;
+        }
         let lock = Arc::new(tokio::sync::Mutex::new(()));
-        state.locks.insert(*key, Arc::downgrade(&lock));
+        *slot = Arc::downgrade(&lock);
         lock
     }
 
