@@ -80,9 +80,10 @@ return 1
 
 /// ARGV[3..]: for each save, the count n of its arguments that follow,
 /// then hex, now, expected version and the record (n - 3 arguments).
-/// Returns 1 or 0 per save, in order: each is the `REPLACE` above, run
-/// after the ones before it (a later save of the same session sees the
-/// earlier one's write).
+/// Returns one string of `1` or `0` per save, in order: each is the
+/// `REPLACE` above, run after the ones before it (a later save of the same
+/// session sees the earlier one's write). One string, not an array: redis-rs
+/// parses each element of an array reply on its own.
 const REPLACE_MANY: &str = script!(
     ["redis_write.lua"],
     r"
@@ -92,14 +93,14 @@ while i <= #ARGV do
   local hex = ARGV[i + 1]
   local cur, expires = current(sprefix .. hex)
   if not cur or expires <= tonumber(ARGV[i + 2]) or cur[VERSION] ~= ARGV[i + 3] then
-    swapped[#swapped + 1] = 0
+    swapped[#swapped + 1] = '0'
   else
     write(hex, i + 4, cur, last)
-    swapped[#swapped + 1] = 1
+    swapped[#swapped + 1] = '1'
   end
   i = last + 1
 end
-return swapped
+return table.concat(swapped)
 "
 );
 
@@ -749,14 +750,14 @@ impl RedisStore {
                 .arg(job.expected_version);
             push_record(&mut call, &job.record, job.now);
         }
-        let swapped: Vec<i64> = self.call(script, &call, "replace sessions").await?;
-        if swapped.len() != jobs.len() {
+        let swapped: Vec<u8> = self.call(script, &call, "replace sessions").await?;
+        if swapped.len() != jobs.len() || swapped.iter().any(|&won| won != b'0' && won != b'1') {
             return Err(Error::backend(
                 STORE,
                 "unexpected reply from the batch save script",
             ));
         }
-        Ok(swapped.into_iter().map(|swapped| swapped == 1).collect())
+        Ok(swapped.into_iter().map(|won| won == b'1').collect())
     }
 
     async fn write(
