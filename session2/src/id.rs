@@ -104,12 +104,23 @@ impl SessionKey {
 
     /// Lowercase hex, 64 characters: safe as a file name or a text column.
     pub fn to_hex(&self) -> String {
-        let mut text = String::with_capacity(64);
-        for byte in self.0 {
-            text.push(char::from(HEX[usize::from(byte >> 4)]));
-            text.push(char::from(HEX[usize::from(byte & 0x0f)]));
+        Self::hex_text(&self.hex_bytes()).to_owned()
+    }
+
+    /// [`to_hex`](Self::to_hex) without the allocation, for keys that are
+    /// built on every request (a Redis key name, a command argument).
+    pub(crate) fn hex_bytes(&self) -> [u8; 64] {
+        let mut hex = [0; 64];
+        for (pair, byte) in hex.chunks_exact_mut(2).zip(self.0) {
+            pair[0] = HEX[usize::from(byte >> 4)];
+            pair[1] = HEX[usize::from(byte & 0x0f)];
         }
-        text
+        hex
+    }
+
+    /// The text of [`hex_bytes`](Self::hex_bytes).
+    pub(crate) fn hex_text(hex: &[u8; 64]) -> &str {
+        std::str::from_utf8(hex).expect("every byte comes from HEX, which is ASCII")
     }
 
     /// Parses 64 hex characters (either case); `None` for anything else.
@@ -215,6 +226,19 @@ mod tests {
         assert_eq!(SessionKey::from_hex(&hex.to_uppercase()), Some(key));
         assert_eq!(SessionKey::from_hex("zz"), None);
         assert_eq!(key.fingerprint(), hex[..FINGERPRINT_LEN]);
+    }
+
+    #[test]
+    fn hex_is_lowercase_high_nibble_first() {
+        let mut bytes = [0u8; 32];
+        for (i, byte) in bytes.iter_mut().enumerate() {
+            *byte = (i as u8).wrapping_mul(0x11).wrapping_add(0x0f);
+        }
+        let key = SessionKey::from_bytes(bytes);
+        let expected: String = bytes.iter().map(|byte| format!("{byte:02x}")).collect();
+        assert_eq!(key.to_hex(), expected);
+        assert_eq!(SessionKey::hex_text(&key.hex_bytes()), expected);
+        assert!(expected.starts_with("0f2031"), "{expected}");
     }
 
     #[test]

@@ -462,7 +462,11 @@ impl KeyNames {
     }
 
     fn session(&self, key: &SessionKey) -> String {
-        format!("{}{}", self.session_prefix, key.to_hex())
+        let hex = key.hex_bytes();
+        let mut name = String::with_capacity(self.session_prefix.len() + hex.len());
+        name.push_str(&self.session_prefix);
+        name.push_str(SessionKey::hex_text(&hex));
+        name
     }
 
     fn user(&self, user: &str) -> Vec<u8> {
@@ -745,7 +749,7 @@ impl RedisStore {
         let mut call = self.script_call(script, None, args, bytes);
         for job in jobs {
             call.arg(3 + record_arg_count(&job.record))
-                .arg(job.key.to_hex())
+                .arg(&job.key.hex_bytes()[..])
                 .arg(job.now.as_millis())
                 .arg(job.expected_version);
             push_record(&mut call, &job.record, job.now);
