@@ -49,7 +49,8 @@
 
 use std::fmt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::LazyLock;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use crate::record::{decode_data, encode_data};
@@ -534,7 +535,7 @@ impl RequestSession {
         };
         let config = &manager.inner.config;
         let key = id.key();
-        let token = random_u64();
+        let token = lease_token();
         let started = tokio::time::Instant::now();
         let local = manager.inner.local_locks.lock_for(&key);
         let guard = tokio::time::timeout(config.lock_wait, local.lock_owned())
@@ -926,10 +927,21 @@ fn lock_ignoring_poison<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-fn random_u64() -> u64 {
-    let mut bytes = [0u8; 8];
-    getrandom::fill(&mut bytes).expect("the operating system's random source failed");
-    u64::from_le_bytes(bytes)
+/// A token for a new lease: the next of this process's counter, which
+/// starts at a random point. Tokens must be unique among the holders of a
+/// session, in every process; they never reach a client, so they need not
+/// be secret. Consecutive numbers from a random start are unique within
+/// the process and, across processes, collide only if two processes' runs
+/// of tokens overlap (about one chance in 10^10 for a billion leases
+/// each), as rare as two random tokens colliding; and they cost no system
+/// call per exclusive request, where reading the OS's random source did.
+fn lease_token() -> u64 {
+    static NEXT: LazyLock<AtomicU64> = LazyLock::new(|| {
+        let mut bytes = [0u8; 8];
+        getrandom::fill(&mut bytes).expect("the operating system's random source failed");
+        AtomicU64::new(u64::from_le_bytes(bytes))
+    });
+    NEXT.fetch_add(1, Ordering::Relaxed)
 }
 
 /// Jittered exponential backoff for lock waits and save retries.
@@ -961,6 +973,18 @@ impl Backoff {
 mod tests {
     use super::*;
     use crate::{ManualClock, MemoryStore};
+
+    #[test]
+    fn lease_tokens_taken_at_once_on_many_threads_are_all_distinct() {
+        let threads: Vec<_> = (0..4)
+            .map(|_| std::thread::spawn(|| (0..10_000).map(|_| lease_token()).collect::<Vec<_>>()))
+            .collect();
+        let tokens: std::collections::HashSet<u64> = threads
+            .into_iter()
+            .flat_map(|thread| thread.join().unwrap())
+            .collect();
+        assert_eq!(tokens.len(), 40_000);
+    }
 
     #[tokio::test]
     async fn the_reaper_purges_expired_sessions() {
