@@ -1595,61 +1595,83 @@ mod tests {
             let Some(store) = test_store().await else {
                 return;
             };
-            // Fields as `read_record` gives them: false when absent.
+            // ARGV[1] says which fields are present ('1') or absent; the
+            // fields follow, as `read_record` gives them: false when absent.
             let script = Script::new(
-                "local fields = {}\n\
-                 for i = 1, #ARGV do fields[i] = ARGV[i] ~= '' and ARGV[i] end\n\
+                "local fields, present = {}, ARGV[1]\n\
+                 for i = 1, #present do\n\
+                   fields[i] = string.sub(present, i, i) == '1' and ARGV[i + 1]\n\
+                 end\n\
                  return cmsgpack.pack(fields)",
             );
             // Data of every length class MessagePack frames differently
             // (fixstr, str8, str16, str32), binary bytes, and text that
             // looks like a frame.
-            let sizes = [1, 31, 32, 255, 256, 65_535, 65_536, 300_000];
+            let sizes = [0, 1, 31, 32, 255, 256, 65_535, 65_536, 300_000];
             let data = sizes.map(|size| {
                 (0..size)
                     .map(|byte| (byte % 251) as u8)
                     .collect::<Vec<u8>>()
             });
-            let mut cases: Vec<[&[u8]; RECORD_FIELDS.len()]> = data
+            let mut cases: Vec<[Option<&[u8]>; RECORD_FIELDS.len()]> = data
                 .iter()
                 .map(|data| {
-                    let fields: [&[u8]; RECORD_FIELDS.len()] = [
-                        b"7", b"5000", b"", b"1000", b"1500", b"5000", b"", b"", b"", data,
+                    let fields: [Option<&[u8]>; RECORD_FIELDS.len()] = [
+                        Some(b"7"),
+                        Some(b"5000"),
+                        None,
+                        Some(b"1000"),
+                        Some(b"1500"),
+                        Some(b"5000"),
+                        None,
+                        None,
+                        None,
+                        Some(data),
                     ];
                     fields
                 })
                 .collect();
-            cases.push([
-                b"18446744073709551615",
-                b"3000",
-                "alice \u{e9}\u{2603}".as_bytes(),
-                b"1000",
-                b"1000",
-                b"5000",
-                b"3000",
-                b"18446744073709551615",
-                b"2000",
-                b"\x9a\xc2\xdb",
-            ]);
+            // Every field present, an empty user among them.
+            for user in ["alice \u{e9}\u{2603}", ""] {
+                cases.push([
+                    Some(b"18446744073709551615"),
+                    Some(b"3000"),
+                    Some(user.as_bytes()),
+                    Some(b"1000"),
+                    Some(b"1000"),
+                    Some(b"5000"),
+                    Some(b"3000"),
+                    Some(b"18446744073709551615"),
+                    Some(b"2000"),
+                    Some(b"\x9a\xc2\xdb"),
+                ]);
+            }
             for fields in cases {
                 let mut connection = store.connection.clone();
+                let present: String = fields
+                    .iter()
+                    .map(|field| if field.is_some() { '1' } else { '0' })
+                    .collect();
                 let mut invocation = script.prepare_invoke();
+                invocation.arg(present);
                 for field in fields {
-                    invocation.arg(field);
+                    invocation.arg(field.unwrap_or_default());
                 }
                 let packed: Vec<u8> = invocation.invoke_async(&mut connection).await.unwrap();
                 // As `HMGET` gives them: an absent field is nil.
                 let values = fields
                     .iter()
-                    .map(|field| match field {
-                        [] => Value::Nil,
-                        field => Value::BulkString(field.to_vec()),
+                    .map(|field| {
+                        field.map_or(Value::Nil, |field| Value::BulkString(field.to_vec()))
                     })
                     .collect();
+                let record = unpack_record(&packed).unwrap();
                 assert_eq!(
-                    Some(unpack_record(&packed).unwrap()),
-                    decode_record(Value::Array(values)).unwrap()
+                    Some(&record),
+                    decode_record(Value::Array(values)).unwrap().as_ref()
                 );
+                assert_eq!(record.user.as_deref().map(str::as_bytes), fields[2]);
+                assert_eq!(Some(record.data.as_slice()), fields[9]);
             }
         });
     }
