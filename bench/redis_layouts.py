@@ -11,14 +11,15 @@ deleted at the end; nothing else is touched.
 
 Compared, per save:
 - `script`: session2's batch save script (`REPLACE_MANY` with its prelude
-  and `redis_write.lua`) over records stored as hashes;
-- `watch`: the same compare-and-swap by `WATCH`, `HMGET`, then `MULTI`,
-  `HSET` and `EXEC`;
-- `hmget+hset`: the same reads and writes without any check (a floor);
-- `packed script` and `packed watch`: both over a record stored as one
-  string;
+  and `redis_write.lua`) over sessions stored as session2 stores them, one
+  string each;
+- over the hash layout session2 used before (a field per value): `watch`,
+  the compare-and-swap by `WATCH`, `HMGET`, then `MULTI`, `HSET` and
+  `EXEC`, and `hmget+hset`, the same reads and writes without any check;
+- `packed script` and `packed watch`: a minimal compare-and-swap over one
+  string, by a script and by `WATCH`;
 - `set`: tower-sessions' blind `SET`.
-And per load: `HMGET` of the 10 record fields against `GET` of one string.
+And per load: `HMGET` of the 10 fields of a hash against `GET` of one string.
 """
 
 import re
@@ -131,19 +132,28 @@ def main():
     redis = Connection(host, port)
     now = int(time.time() * 1000)
     far = now + 24 * 3600 * 1000
-    hashes = ["%ss:%064x" % (PREFIX, i) for i in range(SESSIONS)]
+    # session2's script names its sessions with ARGV[1] and the hex key.
+    sessions = ["%ss:%064x" % (PREFIX, i) for i in range(SESSIONS)]
+    hashes = ["%sh:%064x" % (PREFIX, i) for i in range(SESSIONS)]
     strings = ["%sp:%064x" % (PREFIX, i) for i in range(SESSIONS)]
     tower = ["%st:%d" % (PREFIX, i) for i in range(SESSIONS)]
     versions = [1] * SESSIONS
+    session2_versions = [1] * SESSIONS
     packed_versions = [1] * SESSIONS
 
     def packed(version):
         return b"%d|%d|%d|%d|%d|%d|||" % (version, far, far + 1000, now, now, far) + DATA
 
+    def session2_record(version):
+        """A session as session2 stores it, without the leading indexed expiry."""
+        head = b"|".join(b"%d" % field for field in (version, far)) + b"||"
+        return head + b"|".join([b"", b"", b""] + [b"%d" % t for t in (now, now, far)]) + b"|" + DATA
+
     redis.pipeline(
         [("HSET", key, "indexed_expiry", far, "ttl_at", far + 1000, "version", 1, "created_at", now,
           "accessed_at", now, "idle_deadline", far, "expires_at", far, "data", DATA) for key in hashes]
         + [("SET", key, packed(1)) for key in strings]
+        + [("SET", key, b"%d|" % far + session2_record(1)) for key in sessions]
     )
     script = redis.pipeline([("SCRIPT", "LOAD", batch_save_script())])[0].decode()
     packed_script = redis.pipeline([("SCRIPT", "LOAD", PACKED_SAVE)])[0].decode()
@@ -157,8 +167,9 @@ def main():
         command = ["EVALSHA", script, 3, "{%s}:e" % PREFIX, "{%s}:k" % PREFIX, "{%s}:o" % PREFIX,
                    PREFIX + "s:", PREFIX + "u:"]
         for i in ids:
-            record = ["000", far + 1000, versions[i] + 1, now, now, far, far, DATA]
-            command += [3 + len(record), "%064x" % i, now, versions[i]] + record
+            # hex, now, expected version, expiry, when the key goes, no user, the record.
+            command += ["%064x" % i, now, session2_versions[i], far, far + 1000, "",
+                        session2_record(session2_versions[i] + 1)]
         assert redis.pipeline([command])[0] == b"1" * len(ids)
 
     def save_watch(ids):
@@ -201,7 +212,7 @@ def main():
         return after
 
     measurements = [
-        ("save: script", save_script, bump(versions)),
+        ("save: script", save_script, bump(session2_versions)),
         ("save: watch", save_watch, bump(versions)),
         ("save: hmget+hset", save_unchecked, bump(versions)),
         ("save: packed script", save_packed_script, bump(packed_versions)),
@@ -220,7 +231,7 @@ def main():
             spent = redis.cpu_seconds() - start
             print("%-22s %5.2f µs of Redis CPU each" % (name, spent / (ROUNDS * BATCH) * 1e6))
     finally:
-        redis.pipeline([("DEL", *keys) for keys in (hashes, strings, tower)]
+        redis.pipeline([("DEL", *keys) for keys in (sessions, hashes, strings, tower)]
                        + [("DEL", "{%s}:e" % PREFIX, "{%s}:k" % PREFIX, "{%s}:o" % PREFIX)])
 
 

@@ -23,7 +23,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use serde::{Deserialize, Serialize};
-use session2::{Clock as _, CreateOutcome, SessionId, SessionKey, SystemClock};
+use session2::{Clock as _, CreateOutcome, SessionId, SessionKey, SystemClock, Timestamp};
 use sqlx::Connection;
 use tower_sessions_redis_store::fred::prelude::{
     Client, ClientLike as _, Config, FromValue, Value,
@@ -251,21 +251,15 @@ async fn purge_runs(
 /// for long.
 const REDIS_BATCH: u64 = 10_000;
 
-/// Clones the session hash given in ARGV[5..] under ARGV[4] new keys
-/// numbered from ARGV[3], leaving each as the store's `write` leaves a
-/// session without a user: the hash, `PEXPIREAT` at its `expires_at`, an
+/// Clones the session string ARGV[5] under ARGV[4] new keys numbered from
+/// ARGV[3], leaving each as the store's `write` leaves a session without a
+/// user: the string, expiring (`PXAT`) at ARGV[6], its `expires_at`, and an
 /// entry in each sorted set. KEYS[1] = expiry index, KEYS[2] = key index;
 /// ARGV[1] = session key prefix, ARGV[2] = 48 hex digits every key starts with.
 const REDIS_SEED: &str = r"
 local sprefix, stem = ARGV[1], ARGV[2]
 local first, count = tonumber(ARGV[3]), tonumber(ARGV[4])
-local fields, expires_at = {}, nil
-for i = 5, #ARGV, 2 do
-  fields[#fields + 1] = ARGV[i]
-  fields[#fields + 1] = ARGV[i + 1]
-  if ARGV[i] == 'expires_at' then expires_at = ARGV[i + 1] end
-end
-if not expires_at then return redis.error_reply('the template has no expires_at field') end
+local session, expires_at = ARGV[5], ARGV[6]
 -- The index entries go in by a thousand per ZADD (Redis's Lua unpacks at
 -- most 8,000 values at once): half the calls of one ZADD per session.
 local expiring, listed = {}, {}
@@ -277,8 +271,7 @@ end
 for i = first, first + count - 1 do
   local hex = stem .. string.format('%016x', i)
   local skey = sprefix .. hex
-  redis.call('HSET', skey, unpack(fields))
-  redis.call('PEXPIREAT', skey, expires_at)
+  redis.call('SET', skey, session, 'PXAT', expires_at)
   local n = #listed
   expiring[n + 1], expiring[n + 2] = expires_at, hex
   listed[n + 1], listed[n + 2] = 0, hex
@@ -290,10 +283,10 @@ return count
 
 /// The raw baseline: what a Redis user keeping the same two indexes would
 /// write to drop expired sessions, with no per-session read or check: take
-/// ARGV[3] due members from the expiry index, `UNLINK` their hashes, remove
+/// ARGV[3] due members from the expiry index, `UNLINK` their sessions, remove
 /// them from the key index and, as they are its lowest entries, from the
 /// expiry index by rank. KEYS as [`REDIS_SEED`]; ARGV[1] = session key
-/// prefix, ARGV[2] = now. Returns {hashes unlinked, members taken}.
+/// prefix, ARGV[2] = now. Returns {sessions unlinked, members taken}.
 const REDIS_RAW_DELETE: &str = r"
 local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[2], 'LIMIT', 0, tonumber(ARGV[3]))
 local unlinked = 0
@@ -311,7 +304,7 @@ if #due > 0 then redis.call('ZREMRANGEBYRANK', KEYS[1], 0, #due - 1) end
 return { unlinked, #due }
 ";
 
-/// Unlinks the hashes [`REDIS_SEED`] may have written for the same ARGV[1..4],
+/// Unlinks the sessions [`REDIS_SEED`] may have written for the same ARGV[1..4],
 /// whether or not they still exist: the clean-up after a failed run.
 const REDIS_SWEEP: &str = r"
 local last = tonumber(ARGV[3]) + tonumber(ARGV[4]) - 1
@@ -352,7 +345,7 @@ impl RedisKeys {
 struct RedisLeftovers {
     /// Per prefix (ours, raw): the counters seeded and not yet seen deleted.
     seeded: [u64; 2],
-    /// The hash of the session created through the store, until deleted.
+    /// The key of the session created through the store, until deleted.
     template: Option<String>,
 }
 
@@ -385,12 +378,14 @@ async fn zcard(client: &Client, key: &str) -> anyhow::Result<u64> {
     redis_command(client, "ZCARD", vec![key.into()]).await
 }
 
-/// Seeds `count` clones of `template` (a flat field/value list) under `names`.
+/// Seeds `count` clones of `template` (a session's string, expiring at
+/// `expires_at`) under `names`.
 async fn redis_seed(
     client: &Client,
     names: &RedisKeys,
     stem: &str,
-    template: &[Value],
+    template: &[u8],
+    expires_at: Timestamp,
     count: u64,
     seeded: &mut u64,
 ) -> anyhow::Result<()> {
@@ -405,7 +400,8 @@ async fn redis_seed(
             i64::try_from(first)?.into(),
             i64::try_from(batch)?.into(),
         ];
-        args.extend_from_slice(template);
+        args.push(template.into());
+        args.push(expires_at.as_millis().into());
         let _: i64 = eval(client, REDIS_SEED, &[&names.expiry, &names.keys], args).await?;
     }
     let indexed = zcard(client, &names.expiry).await?;
@@ -421,12 +417,12 @@ async fn redis_seed(
 /// through the store, then seeds the same under a second prefix and deletes
 /// them with [`REDIS_RAW_DELETE`] in batches of [`REDIS_BATCH`].
 ///
-/// The seed clones, server-side, the hash of one session created through
+/// The seed clones, server-side, the string of one session created through
 /// the store, so the layout is the store's own. The clones keep its real
 /// expiry (an hour ahead) and the purge is given that instant as `now`: the
 /// store decides expiry with the caller's clock only, while Redis, on its own
-/// clock, keeps the hashes alive, so the purge finds and deletes every one.
-/// (Sessions whose `PEXPIREAT` Redis has already applied cost a purge less:
+/// clock, keeps the keys alive, so the purge finds and deletes every one.
+/// (Sessions whose `PXAT` Redis has already applied cost a purge less:
 /// it only drops their index entries, and does not count them.)
 pub(crate) async fn redis_purge(redis_url: &str, count: u64) -> anyhow::Result<PurgeResult> {
     let pid = std::process::id();
@@ -487,26 +483,17 @@ async fn redis_purge_run(
     let now = SystemClock.now();
     let record = crate::store::record(now);
     let key = SessionId::generate().key();
-    let hash = format!("{}{}", ours.sessions, key.to_hex());
-    leftovers.template = Some(hash.clone());
+    let name = format!("{}{}", ours.sessions, key.to_hex());
+    leftovers.template = Some(name.clone());
     anyhow::ensure!(
         store.create(&key, &record, now).await? == CreateOutcome::Created,
         "the template session collided"
     );
-    let template =
-        match redis_command::<Value>(client, "HGETALL", vec![hash.as_str().into()]).await? {
-            Value::Array(items) => items,
-            Value::Map(map) => map
-                .inner()
-                .into_iter()
-                .flat_map(|(name, value)| [Value::from(name), value])
-                .collect(),
-            other => anyhow::bail!("HGETALL of the template session: unexpected {other:?}"),
-        };
-    anyhow::ensure!(
-        !template.is_empty(),
-        "the template session is not in `{hash}`"
-    );
+    let template = match redis_command::<Value>(client, "GET", vec![name.as_str().into()]).await? {
+        Value::Bytes(session) => session.to_vec(),
+        Value::String(session) => session.as_bytes().to_vec(),
+        other => anyhow::bail!("GET of the template session `{name}`: unexpected {other:?}"),
+    };
     anyhow::ensure!(
         store.delete(&key, None).await?,
         "the template session could not be deleted"
@@ -519,6 +506,7 @@ async fn redis_purge_run(
         ours,
         stem,
         &template,
+        due,
         count,
         &mut leftovers.seeded[0],
     )
@@ -553,6 +541,7 @@ async fn redis_purge_run(
         raw,
         stem,
         &template,
+        due,
         count,
         &mut leftovers.seeded[1],
     )
@@ -625,7 +614,7 @@ async fn redis_clean(
             leftovers
                 .template
                 .as_deref()
-                .filter(|hash| hash.starts_with(&names.sessions))
+                .filter(|name| name.starts_with(&names.sessions))
                 .map(Value::from),
         );
         let _: i64 = redis_command(client, "UNLINK", doomed).await?;

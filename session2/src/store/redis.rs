@@ -19,12 +19,13 @@
 //! ```
 
 use std::fmt;
+use std::io::{self, Write as _};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster_async::ClusterConnection;
-use redis::{Cmd, Pipeline, RedisFuture, RedisResult, Script, Value};
+use redis::{Cmd, Pipeline, RedisFuture, RedisWrite as _, Script, Value};
 
 use crate::store::writer::{SwapJob, Writers, answer, answer_all};
 use crate::store::{Capabilities, CreateOutcome, LeaseOutcome, Page, SessionStore};
@@ -53,33 +54,33 @@ macro_rules! script {
     };
 }
 
-/// ARGV[3] = hex, ARGV[4] = now, ARGV[5..] = the record to write.
+/// ARGV[3] = hex, ARGV[4] = now, ARGV[5..8] = the record to write (see [`push_record`]).
 const CREATE: &str = script!(
     ["redis_index.lua", "redis_write.lua"],
     r"
 local hex = ARGV[3]
-local cur, expires = current(sprefix .. hex)
-if cur and expires > tonumber(ARGV[4]) then return 0 end
+local cur, _, _, expires_at = current(sprefix .. hex)
+if cur and tonumber(expires_at) > tonumber(ARGV[4]) then return 0 end
 if cur ~= nil then remove(hex) end
-write(hex, 5, nil, #ARGV)
+write(hex, 5)
 return 1
 "
 );
 
-/// ARGV[3] = hex, ARGV[4] = now, ARGV[5] = expected version, ARGV[6..] = the record.
+/// ARGV[3] = hex, ARGV[4] = now, ARGV[5] = expected version, ARGV[6..9] = the record.
 const REPLACE: &str = script!(
     ["redis_write.lua"],
     r"
 local hex = ARGV[3]
-local cur, expires = current(sprefix .. hex)
-if not cur or expires <= tonumber(ARGV[4]) or cur[VERSION] ~= ARGV[5] then return 0 end
-write(hex, 6, cur, #ARGV)
+local cur, indexed, version, expires_at, user = current(sprefix .. hex)
+if not cur or tonumber(expires_at) <= tonumber(ARGV[4]) or version ~= ARGV[5] then return 0 end
+write(hex, 6, indexed, user)
 return 1
 "
 );
 
-/// ARGV[3..]: for each save, the count n of its arguments that follow,
-/// then hex, now, expected version and the record (n - 3 arguments).
+/// ARGV[3..]: for each save, seven arguments: hex, now, expected version
+/// and the record (see [`push_record`]).
 /// Returns one string of `1` or `0` per save, in order: each is the
 /// `REPLACE` above, run after the ones before it (a later save of the same
 /// session sees the earlier one's write). One string, not an array: redis-rs
@@ -87,18 +88,16 @@ return 1
 const REPLACE_MANY: &str = script!(
     ["redis_write.lua"],
     r"
-local swapped, i = {}, 3
-while i <= #ARGV do
-  local last = i + tonumber(ARGV[i])
-  local hex = ARGV[i + 1]
-  local cur, expires = current(sprefix .. hex)
-  if not cur or expires <= tonumber(ARGV[i + 2]) or cur[VERSION] ~= ARGV[i + 3] then
+local swapped = {}
+for i = 3, #ARGV, 7 do
+  local hex = ARGV[i]
+  local cur, indexed, version, expires_at, user = current(sprefix .. hex)
+  if not cur or tonumber(expires_at) <= tonumber(ARGV[i + 1]) or version ~= ARGV[i + 2] then
     swapped[#swapped + 1] = '0'
   else
-    write(hex, i + 4, cur, last)
+    write(hex, i + 3, indexed, user)
     swapped[#swapped + 1] = '1'
   end
-  i = last + 1
 end
 return table.concat(swapped)
 "
@@ -106,27 +105,28 @@ return table.concat(swapped)
 
 /// ARGV[3] = hex, ARGV[4] = now, ARGV[5] = lease token, ARGV[6] = lease until.
 /// Returns 0 when missing, 3 when unreadable (the caller's `load` reports
-/// it), else one string: the outcome, 1 when another lease binds or 2 when
-/// taken, then the record from the script's one read, both in MessagePack
-/// (see [`unpack_record`]).
+/// it), else one string: `1` when another lease binds or `2` when taken,
+/// then the session's string as stored (see [`decode_stored`]).
 const LEASE: &str = script!(
     r"
 local hex = ARGV[3]
 local skey = sprefix .. hex
 local now = tonumber(ARGV[4])
-local record, expires_at = read_record(skey)
+local record, indexed, digits, expires_at, _, at = current(skey)
 if record == false then return 3 end
-if not record or expires_at <= now then return 0 end
-local lease_until = tonumber(record[9])
-if lease_until and lease_until > now then return cmsgpack.pack(1, record) end
+if not record or tonumber(expires_at) <= now then return 0 end
+local absolute, lease_until, rest = string.match(record, '^(%-?%d*)|%d*|(%-?%d*)|()', at)
+if not rest then return 3 end
+if lease_until ~= '' and tonumber(lease_until) > now then return '1' .. record end
 -- The version is a decimal u64: add one digit by digit, beyond Lua's exact doubles.
-local digits, i = record[1], #record[1]
+local i = #digits
 while i > 0 and string.sub(digits, i, i) == '9' do i = i - 1 end
 local version = i == 0 and '1' .. string.rep('0', #digits)
   or string.sub(digits, 1, i - 1) .. string.char(string.byte(digits, i) + 1) .. string.rep('0', #digits - i)
-redis.call('HSET', skey, 'version', version, 'lease_token', ARGV[5], 'lease_until', ARGV[6])
-record[1], record[8], record[9] = version, ARGV[5], ARGV[6]
-return cmsgpack.pack(2, record)
+local leased = indexed .. '|' .. version .. string.sub(record, #indexed + #digits + 2, at - 1)
+  .. absolute .. '|' .. ARGV[5] .. '|' .. ARGV[6] .. '|' .. string.sub(record, rest)
+redis.call('SET', skey, leased, 'KEEPTTL')
+return '2' .. leased
 "
 );
 
@@ -135,42 +135,44 @@ const DELETE: &str = script!(
     ["redis_index.lua"],
     r"
 local hex = ARGV[3]
-local cur = current(sprefix .. hex)
+local cur, _, version = current(sprefix .. hex)
 if cur == nil then
   unindex(hex)
   return 0
 end
-if ARGV[4] ~= '' and (not cur or cur[VERSION] ~= ARGV[4]) then return 0 end
+if ARGV[4] ~= '' and (not cur or version ~= ARGV[4]) then return 0 end
 remove(hex)
 return 1
 "
 );
 
 /// ARGV[3] = hex, ARGV[4] = accessed_at, ARGV[5] = idle_deadline,
-/// ARGV[6] = when Redis should drop the key if it must be moved, chosen from
-/// the idle deadline (see `key_expiry`).
+/// ARGV[6] = when Redis should drop the key, chosen from the idle deadline
+/// (see [`key_expiry`]); an earlier absolute deadline wins over both.
 const TOUCH: &str = script!(
     ["redis_write.lua"],
     r"
 local hex = ARGV[3]
 local skey = sprefix .. hex
-local cur, current_expiry = current(skey)
-if not cur or current_expiry <= tonumber(ARGV[4]) then return 0 end
-local expires_at, expires = ARGV[5], tonumber(ARGV[5])
-local absolute = tonumber(cur[ABSOLUTE])
-if absolute and absolute < expires then expires_at, expires = cur[ABSOLUTE], absolute end
-local ttl_at, expire = key_expiry(expires_at, expires, cur[TTL_AT], ARGV[6])
-redis.call('HSET', skey, 'accessed_at', ARGV[4], 'idle_deadline', ARGV[5], 'expires_at', expires_at,
-  'indexed_expiry', index_expiry(hex, expires_at, expires, cur[INDEXED]), 'ttl_at', ttl_at)
-if expire then redis.call('PEXPIREAT', skey, ttl_at) end
+local record, indexed, version, current_expiry, _, at = current(skey)
+if not record or tonumber(current_expiry) <= tonumber(ARGV[4]) then return 0 end
+-- Kept: the absolute deadline, the lease and created_at; then the two rewritten.
+local kept, absolute, rest = string.match(record, '^((%-?%d*)|%d*|%-?%d*|%-?%d+|)%-?%d+|%-?%d+|()', at)
+if not rest then return 0 end
+local expires_at, ttl_at = ARGV[5], ARGV[6]
+if absolute ~= '' and tonumber(absolute) < tonumber(expires_at) then expires_at, ttl_at = absolute, absolute end
+local touched = index_expiry(hex, expires_at, tonumber(expires_at), indexed) .. '|' .. version .. '|' .. expires_at
+  .. string.sub(record, #indexed + #version + #current_expiry + 3, at - 1)
+  .. kept .. ARGV[4] .. '|' .. ARGV[5] .. '|' .. string.sub(record, rest)
+redis.call('SET', skey, touched, 'PXAT', ttl_at)
 return 1
 "
 );
 
 /// ARGV[3] = now, ARGV[4] = batch size. Returns {deleted, examined}.
-/// One `HGET` of the expiry per due session: a record that cannot be read
-/// has none (quarantine clears it), and the owner index names the users.
-/// The deletes and index removals of the whole batch go in a few
+/// One read per due session; one that cannot be read goes (a failed
+/// `load` put it in the index as due), and the owner index names the
+/// users. The deletes and index removals of the whole batch go in a few
 /// multi-key commands.
 const PURGE: &str = script!(
     r"
@@ -179,13 +181,11 @@ local due = redis.call('ZRANGEBYSCORE', exp, '-inf', ARGV[3], 'LIMIT', 0, tonumb
 local gone, names = {}, {}
 for _, hex in ipairs(due) do
   local skey = sprefix .. hex
-  -- A string, false when missing, an error table when not a hash.
-  local expires_at = redis.pcall('HGET', skey, 'expires_at')
-  local expires = type(expires_at) == 'string' and tonumber(expires_at)
-  if expires and expires > now then
+  local record, indexed, _, expires_at = current(skey)
+  if record and tonumber(expires_at) > now then
     -- Its entry ran early (see `index_expiry`): move it to the real expiry.
     redis.call('ZADD', exp, expires_at, hex)
-    redis.call('HSET', skey, 'indexed_expiry', expires_at)
+    redis.call('SET', skey, expires_at .. string.sub(record, #indexed + 1), 'KEEPTTL')
   else
     table.insert(gone, hex)
     table.insert(names, skey)
@@ -228,8 +228,8 @@ return redis.call('ZCARD', keys)
 );
 
 /// ARGV[3] = first bound for ZRANGEBYLEX, ARGV[4] = entries wanted.
-/// Returns {hex, record} pairs in key order, skipping vanished sessions;
-/// each record in MessagePack (see [`unpack_record`]).
+/// Returns {hex, session} pairs in key order, skipping vanished sessions;
+/// each session as stored (see [`decode_stored`]).
 const LIST: &str = script!(
     ["redis_index.lua"],
     r"
@@ -240,8 +240,8 @@ while #out < want do
   local batch = redis.call('ZRANGEBYLEX', keys, start, '+', 'LIMIT', 0, want - #out)
   if #batch == 0 then break end
   for _, hex in ipairs(batch) do
-    local fields = fetch(hex)
-    if fields then table.insert(out, { hex, cmsgpack.pack(fields) }) end
+    local record = fetch(hex)
+    if record then table.insert(out, { hex, record }) end
   end
   start = '(' .. batch[#batch]
 end
@@ -249,16 +249,16 @@ return out
 "
 );
 
-/// KEYS[4] = the user's set. Returns {hex, record} pairs of its sessions;
-/// each record in MessagePack (see [`unpack_record`]).
+/// KEYS[4] = the user's set. Returns {hex, session} pairs of its sessions;
+/// each session as stored (see [`decode_stored`]).
 const FIND_BY_USER: &str = script!(
     ["redis_index.lua"],
     r"
 local out = {}
 for _, hex in ipairs(redis.call('SMEMBERS', KEYS[4])) do
-  local fields = fetch(hex)
-  if fields then
-    table.insert(out, { hex, cmsgpack.pack(fields) })
+  local record = fetch(hex)
+  if record then
+    table.insert(out, { hex, record })
   else
     redis.call('SREM', KEYS[4], hex)
   end
@@ -267,14 +267,14 @@ return out
 "
 );
 
-/// ARGV[3] = hex. Puts an unreadable record in the indexes, due at once,
-/// and clears the expiry of a hash, so that the next purge deletes it.
+/// ARGV[3] = hex. Puts a record the client cannot read in the indexes,
+/// due at once: the next purge deletes it if the scripts cannot read it
+/// either or it has expired, else moves it to its expiry (as it would a
+/// session rewritten meanwhile) and deletes it then.
 const QUARANTINE: &str = script!(
     r"
 local hex = ARGV[3]
-local skey = sprefix .. hex
-if current(skey) ~= false then return 0 end
-redis.pcall('HSET', skey, 'expires_at', '')
+if redis.call('EXISTS', sprefix .. hex) == 0 then return 0 end
 redis.call('ZADD', exp, '-inf', hex)
 redis.call('ZADD', keys, 0, hex)
 return 1
@@ -353,10 +353,10 @@ impl ConnectionLike for Connection {
 ///
 /// | persistent | multiprocess safe | thread safe | server-side expiry | atomic create |
 /// |---|---|---|---|---|
-/// | as Redis is configured (RDB/AOF) | yes | yes | yes: `PEXPIREAT` per session, plus purge | yes: one Lua script |
+/// | as Redis is configured (RDB/AOF) | yes | yes | yes: `PXAT` per session, plus purge | yes: one Lua script |
 ///
 /// Use it when several workers or machines serve one application and Redis
-/// (5 or later, or Valkey) is already at hand. Build it from the application's own
+/// (6.2 or later, or Valkey) is already at hand. Build it from the application's own
 /// [`ConnectionManager`] ([`RedisStore::new`]) or cluster connection
 /// ([`RedisStore::from_cluster`]), or from a URL ([`RedisStore::connect`],
 /// or `redis://host/db?prefix=app` through [`store::open`](crate::store::open)).
@@ -367,8 +367,8 @@ impl ConnectionLike for Connection {
 ///
 /// | key | type | holds |
 /// |---|---|---|
-/// | `{session2}:s:<hex key>` | hash | one session: its metadata fields and its `data` blob (binary), with `PEXPIREAT` at or after its expiry (the hash's `ttl_at` field keeps it) |
-/// | `{session2}:exp` | sorted set | every session, scored by its expiry in Unix milliseconds or earlier (the hash's `indexed_expiry` field keeps the score) |
+/// | `{session2}:s:<hex key>` | string | one session: its metadata as decimal text, then its `data` blob (binary), expiring (`PXAT`) at or after the session |
+/// | `{session2}:exp` | sorted set | every session, scored by its expiry in Unix milliseconds or earlier (the session's string keeps the score) |
 /// | `{session2}:keys` | sorted set | every session, score 0, so `ZRANGEBYLEX` pages through keys in order |
 /// | `{session2}:owner` | hash | session → user, for sessions that have a user |
 /// | `{session2}:u:<user>` | set | the sessions of one user |
@@ -379,29 +379,37 @@ impl ConnectionLike for Connection {
 /// a script only over keys of one slot. To spread sessions over a cluster,
 /// run several stores with different prefixes.
 ///
-/// A session is a hash, not one encoded value, so that
-/// [`touch`](SessionStore::touch) rewrites two small fields in a script
-/// without reading or re-encoding the data blob (decoding JSON in Lua with
-/// `cjson` would also round large numbers in the application's data).
+/// A session is one string, its metadata as decimal text first and its
+/// data last:
+///
+/// ```text
+/// indexed|version|expires_at|user length|<user>absolute_deadline|lease_token|lease_until|created_at|accessed_at|idle_deadline|<data>
+/// ```
+///
+/// (`indexed` is the score of its expiry index entry; absent values are
+/// empty). A load is one `GET` and a save one `SET` inside the
+/// compare-and-swap script, which cost Redis and the client less than a
+/// hash's ten fields. The scripts
+/// read the metadata with Lua patterns and never decode the data.
+/// Sessions that earlier session2 builds wrote as hashes are read as they
+/// are, and their next write replaces the hash with the string.
 ///
 /// # Expiry
 ///
 /// Redis deletes a session's key by itself soon after the session expires,
-/// so dead sessions' data never piles up even when nobody purges: the key's
-/// `PEXPIREAT` lies past the session's expiry by its remaining lifetime at
-/// the write, at most an hour, and a save moves it only when the session's
-/// expiry passes it or falls more than an hour before it. A key may thus
-/// outlive its session by up to an hour in Redis (reads and purge go by the
-/// session's own expiry, so it is dead to them), never end before it. Every decision about expiry in the
+/// so dead sessions' data never piles up even when nobody purges: every
+/// write sets the key's `PXAT` past the session's expiry by its remaining
+/// lifetime, at most an hour. A key may thus outlive its session by up to
+/// an hour in Redis (reads and purge go by the session's own expiry, so it
+/// is dead to them), never end before it. Every decision about expiry in the
 /// scripts uses the `now` the caller passes, never the server's clock;
 /// [`purge_expired`](SessionStore::purge_expired) walks the expiry index up
 /// to `now` and deletes exactly those sessions and their index entries.
 /// A save that only moves a session's expiry later leaves its index entry
 /// where it was, and purge moves the entry when it meets the session still
 /// alive: one index write per session and idle period instead of one per
-/// request, so a save is two commands (read the metadata, write the hash)
-/// unless the user changes, the expiry moves back or the key's `PEXPIREAT`
-/// is due to move.
+/// request, so a save is two commands (`GET` and `SET`) unless the user
+/// changes or the expiry moves back.
 /// Index entries left behind by sessions Redis expired by itself are dropped
 /// when reads ([`list`](SessionStore::list), [`count`](SessionStore::count),
 /// [`find_by_user`](SessionStore::find_by_user)) or purges meet them, so run
@@ -420,11 +428,10 @@ impl ConnectionLike for Connection {
 /// keeps a script's writes, so a caller told of an error may find its save
 /// made, as after a reply lost on the network.
 ///
-/// [`load`](SessionStore::load) is one `HMGET` of the record's fields. A
-/// session whose hash cannot be decoded (or a foreign value under its
-/// key) fails it with a decode error and is put in the expiry index as
-/// already due, so the next purge deletes it; a hash with none of the
-/// record's fields reads as no session.
+/// [`load`](SessionStore::load) is one `GET`. A session that cannot be
+/// decoded (or a foreign value under its key) fails it with a decode error
+/// and is put in the expiry index as already due, so the next purge deletes
+/// it.
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 #[derive(Clone)]
 pub struct RedisStore {
@@ -680,6 +687,26 @@ impl RedisStore {
         reply.map_err(|err| Error::backend_source(STORE, context, err))
     }
 
+    /// Reads a session that is not a string: one in the hash layout of
+    /// earlier session2 builds (see [`RECORD_FIELDS`]), which its next
+    /// write turns into a string, or a foreign value (a decode error).
+    async fn load_hash(&self, key: &SessionKey) -> Result<Result<Option<Record>>> {
+        let mut connection = self.connection.clone();
+        let mut read = Cmd::with_capacity(2 + RECORD_FIELDS.len(), 160);
+        read.arg("HMGET").arg(self.keys.session(key));
+        for field in RECORD_FIELDS {
+            read.arg(field);
+        }
+        match read.query_async(&mut connection).await {
+            Ok(value) => Ok(decode_record(value)),
+            Err(err) if err.code() == Some("WRONGTYPE") => Ok(Err(Error::decode(format_args!(
+                "redis key of session {} holds neither a string nor a hash",
+                key.fingerprint()
+            )))),
+            Err(err) => Err(Error::backend_source(STORE, "load session", err)),
+        }
+    }
+
     /// Marks an unreadable record so that the next purge deletes it.
     async fn quarantine(&self, key: &SessionKey) -> Result<()> {
         let hex = key.to_hex();
@@ -741,15 +768,11 @@ impl RedisStore {
     /// The saves of `jobs` in one script, in order; whether each won.
     async fn replace_many(&self, jobs: &[SwapJob]) -> Result<Vec<bool>> {
         let script = &self.scripts.replace_many;
-        // Per save: its count, hex key, now and expected version, then the record.
-        let (args, bytes) = jobs.iter().fold((0, 0), |(args, bytes), job| {
-            let (record_args, record_bytes) = record_size(&job.record);
-            (args + 4 + record_args, bytes + 128 + record_bytes)
-        });
-        let mut call = self.script_call(script, None, args, bytes);
+        // Per save: its hex key, now and expected version, then the record.
+        let bytes = jobs.iter().map(|job| 128 + record_size(&job.record)).sum();
+        let mut call = self.script_call(script, None, jobs.len() * (3 + RECORD_ARGS), bytes);
         for job in jobs {
-            call.arg(3 + record_arg_count(&job.record))
-                .arg(&job.key.hex_bytes()[..])
+            call.arg(&job.key.hex_bytes()[..])
                 .arg(job.now.as_millis())
                 .arg(job.expected_version);
             push_record(&mut call, &job.record, job.now);
@@ -774,14 +797,13 @@ impl RedisStore {
         now: Timestamp,
     ) -> Result<bool> {
         let head_bytes: usize = head.iter().map(|arg| arg.len()).sum();
-        let (record_args, record_bytes) = record_size(record);
         let mut call = self.script_call(
             script,
             None,
-            1 + head.len() + record_args,
-            64 + head_bytes + record_bytes,
+            1 + head.len() + RECORD_ARGS,
+            64 + head_bytes + record_size(record),
         );
-        call.arg(key.to_hex());
+        call.arg(&key.hex_bytes()[..]);
         for arg in head {
             call.arg(*arg);
         }
@@ -792,12 +814,12 @@ impl RedisStore {
 }
 
 /// When Redis should drop the key of a session that expires at `expires_at`,
-/// written at `now`: after its expiry by its remaining lifetime, at most
-/// [`KEY_EXPIRY_SLACK`]. The scripts move a key's `PEXPIREAT` only when the
-/// session's expiry passes it or falls more than the slack before it, so a
-/// session saved on every request costs one `PEXPIREAT` per such stretch
-/// instead of one per save, and its key outlives it in Redis by at most the
-/// slack when nobody purges.
+/// written at `now` (every write sets it, with `PXAT`): after its expiry by
+/// its remaining lifetime, at most [`KEY_EXPIRY_SLACK`]. Reads and purge go
+/// by the session's own expiry, so a key that outlives its session is dead
+/// to them; the slack keeps a Redis server whose clock runs ahead of the
+/// application's from dropping a session the application still counts
+/// live, while dead sessions' keys still go by themselves when nobody purges.
 fn key_expiry(expires_at: Timestamp, now: Timestamp) -> Timestamp {
     let expires = expires_at.as_millis();
     let cap = i64::try_from(KEY_EXPIRY_SLACK.as_millis()).unwrap_or(i64::MAX);
@@ -805,75 +827,175 @@ fn key_expiry(expires_at: Timestamp, now: Timestamp) -> Timestamp {
     Timestamp::from_millis(expires.saturating_add(slack))
 }
 
-/// How many arguments [`push_record`] appends for `record`: the flags, the
-/// key's expiry, the fixed values, then a name and a value per optional field.
-fn record_arg_count(record: &Record) -> usize {
-    let optional = usize::from(record.user.is_some())
-        + usize::from(record.absolute_deadline.is_some())
-        + 2 * usize::from(record.lease.is_some());
-    2 + WRITTEN_FIELDS.len() + 2 * optional
-}
+/// How many arguments [`push_record`] appends.
+const RECORD_ARGS: usize = 4;
 
-/// How many arguments, and about how many bytes, [`push_record`] appends
-/// for `record`.
-fn record_size(record: &Record) -> (usize, usize) {
+/// About how many bytes [`push_record`] appends for `record`.
+fn record_size(record: &Record) -> usize {
     let user = record.user.as_deref().map_or(0, str::len);
-    // Names and numbers come to under 200 bytes.
-    (record_arg_count(record), 200 + user + record.data.len())
+    // Nine numbers and their separators come to under 200 bytes.
+    200 + 2 * user + record.data.len()
 }
 
-/// The fields every record has, in the order [`push_record`] passes their
-/// values: the scripts' `write` names them itself, in the same order.
-const WRITTEN_FIELDS: [&str; 6] = [
-    "version",
-    "created_at",
-    "accessed_at",
-    "idle_deadline",
-    "expires_at",
-    "data",
-];
-
-/// Appends a record, written at `now`, as the scripts' `write` reads it:
-/// which optional fields it has (`1` or `0` for the user, the absolute
-/// deadline and the lease), when Redis should drop the key
-/// ([`key_expiry`]), the values of [`WRITTEN_FIELDS`], then the optional
-/// fields as name/value pairs, the user first. Names go only with the
-/// optional fields: every argument of a script costs Redis about 0.1 µs.
+/// Appends `record`, written at `now`, as the scripts' `write` takes it
+/// ([`RECORD_ARGS`] arguments): its expiry, when Redis should drop the key
+/// ([`key_expiry`]), its user (empty when it has none, else `+` and the
+/// user), then the session's string without the leading `indexed|` that
+/// the script adds ([`write_record`]). Each goes straight into the
+/// command's buffer.
 fn push_record(call: &mut Cmd, record: &Record, now: Timestamp) {
     let expires_at = record.expires_at();
-    let has = [
-        record.user.is_some(),
-        record.absolute_deadline.is_some(),
-        record.lease.is_some(),
-    ]
-    .map(|present| if present { b'1' } else { b'0' });
-    call.arg(&has[..])
-        .arg(key_expiry(expires_at, now).as_millis())
-        .arg(record.version)
-        .arg(record.created_at.as_millis())
-        .arg(record.accessed_at.as_millis())
-        .arg(record.idle_deadline.as_millis())
-        .arg(expires_at.as_millis())
-        .arg(record.data.as_slice());
-    if let Some(user) = &record.user {
-        call.arg("user").arg(user.as_str());
+    // `PXAT` takes positive times only; an earlier time drops the key at
+    // once, as a time in the past does.
+    call.arg(expires_at.as_millis())
+        .arg(key_expiry(expires_at, now).as_millis().max(1));
+    let mut user = call.writer_for_next_arg();
+    if let Some(name) = &record.user {
+        in_memory(
+            user.write_all(b"+")
+                .and_then(|()| user.write_all(name.as_bytes())),
+        );
     }
-    if let Some(absolute) = record.absolute_deadline {
-        call.arg("absolute_deadline").arg(absolute.as_millis());
+    drop(user);
+    write_record(&mut call.writer_for_next_arg(), record);
+}
+
+/// The outcome of writes to a buffer in memory, which cannot fail.
+fn in_memory(written: io::Result<()>) {
+    written.expect("writing to a buffer in memory cannot fail");
+}
+
+/// Writes the session's string from its version on (see [`decode_stored`]).
+fn write_record(out: &mut impl io::Write, record: &Record) {
+    fn optional(out: &mut impl io::Write, value: Option<impl fmt::Display>) -> io::Result<()> {
+        match value {
+            Some(value) => write!(out, "{value}|"),
+            None => out.write_all(b"|"),
+        }
     }
-    if let Some(lease) = record.lease {
-        call.arg("lease_token")
-            .arg(lease.token)
-            .arg("lease_until")
-            .arg(lease.until.as_millis());
+    let lease = record.lease;
+    let mut write = || -> io::Result<()> {
+        write!(
+            out,
+            "{}|{}|",
+            record.version,
+            record.expires_at().as_millis()
+        )?;
+        optional(out, record.user.as_ref().map(String::len))?;
+        out.write_all(record.user.as_deref().unwrap_or_default().as_bytes())?;
+        optional(out, record.absolute_deadline.map(Timestamp::as_millis))?;
+        optional(out, lease.map(|lease| lease.token))?;
+        optional(out, lease.map(|lease| lease.until.as_millis()))?;
+        write!(
+            out,
+            "{}|{}|{}|",
+            record.created_at.as_millis(),
+            record.accessed_at.as_millis(),
+            record.idle_deadline.as_millis()
+        )?;
+        out.write_all(&record.data)
+    };
+    in_memory(write());
+}
+
+/// Decodes a session's string as the scripts store it:
+///
+/// `indexed|version|expires_at|user length|<user>absolute_deadline|lease_token|lease_until|created_at|accessed_at|idle_deadline|<data>`
+///
+/// `indexed` is the score of the session's expiry index entry (the scripts'
+/// business, skipped here), the user length is empty when there is no user,
+/// the absolute deadline and the lease are empty when absent, and numbers
+/// are decimal (times in Unix milliseconds). It accepts exactly what the
+/// scripts' patterns accept, so that a session one side can read, the other
+/// can too.
+///
+/// One string, not a hash of fields: a `GET` costs Redis less than an
+/// `HMGET` of ten fields, redis-rs parses one value instead of ten (about
+/// 1,300 instructions each), and a save is one `SET` of the string built
+/// by [`write_record`].
+fn decode_stored(stored: &[u8]) -> Result<Record> {
+    // The messages name the shape only: the bytes may be session data.
+    let garbled = || Error::decode("redis session is not a session2 record");
+    let mut fields = Fields(stored);
+    let _indexed: Option<i64> = fields.number(true).ok_or_else(garbled)?;
+    let version: Option<u64> = fields.number(false).ok_or_else(garbled)?;
+    let expires_at: Option<i64> = fields.number(true).ok_or_else(garbled)?;
+    let user = match fields.number::<usize>(false).ok_or_else(garbled)? {
+        Some(length) => {
+            let user = fields.take(length).ok_or_else(garbled)?;
+            let user = std::str::from_utf8(user)
+                .map_err(|_| Error::decode("redis session's user is not UTF-8"))?;
+            Some(user.to_owned())
+        }
+        None => None,
+    };
+    let time = |fields: &mut Fields| fields.number::<i64>(true).ok_or_else(garbled);
+    let absolute_deadline = time(&mut fields)?;
+    let lease_token: Option<u64> = fields.number(false).ok_or_else(garbled)?;
+    let lease_until = time(&mut fields)?;
+    let created_at = time(&mut fields)?;
+    let accessed_at = time(&mut fields)?;
+    let idle_deadline = time(&mut fields)?;
+    let at = Timestamp::from_millis;
+    let lease = match (lease_token, lease_until) {
+        (Some(token), Some(until)) => Some(Lease {
+            token,
+            until: at(until),
+        }),
+        (None, None) => None,
+        _ => return Err(Error::decode("redis session has half a lease")),
+    };
+    let required = |value: Option<i64>| value.map(at).ok_or_else(garbled);
+    if expires_at.is_none() {
+        return Err(garbled());
+    }
+    Ok(Record {
+        version: version.ok_or_else(garbled)?,
+        user,
+        created_at: required(created_at)?,
+        accessed_at: required(accessed_at)?,
+        idle_deadline: required(idle_deadline)?,
+        absolute_deadline: absolute_deadline.map(at),
+        lease,
+        data: fields.0.to_vec(),
+    })
+}
+
+/// The unread rest of a session's string.
+struct Fields<'a>(&'a [u8]);
+
+impl<'a> Fields<'a> {
+    /// The next `length` bytes.
+    fn take(&mut self, length: usize) -> Option<&'a [u8]> {
+        let taken = self.0.get(..length)?;
+        self.0 = &self.0[length..];
+        Some(taken)
+    }
+
+    /// The next field up to its `|`, as a decimal number the way the
+    /// scripts' patterns take it (`%d*`, or `%-?%d*` when `signed`):
+    /// `Some(None)` when empty, `None` when it is anything else.
+    fn number<T: std::str::FromStr>(&mut self, signed: bool) -> Option<Option<T>> {
+        let end = self.0.iter().position(|&byte| byte == b'|')?;
+        let field = self.take(end)?;
+        self.0 = &self.0[1..];
+        let digits = match field {
+            [] => return Some(None),
+            [b'-', digits @ ..] if signed => digits,
+            digits => digits,
+        };
+        if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
+            return None;
+        }
+        // ASCII digits and a sign: UTF-8, and a number unless out of range.
+        std::str::from_utf8(field).ok()?.parse().ok().map(Some)
     }
 }
 
-/// The hash fields a record is read from, in the order every read asks for
-/// them: `HMGET` in [`RedisStore::load`], and `read_meta` then
-/// `read_record` in the scripts' prelude. A reply of values alone parses in
-/// about half the time of `HGETALL`'s name/value pairs, and costs Redis the
-/// same. `expires_at` is derived from the deadlines; the scripts read it first.
+/// The fields of a session in the hash layout of earlier session2 builds,
+/// in the order [`RedisStore::load_hash`] reads them (the scripts'
+/// `from_hash` reads the same fields). Such a session is read as it is and
+/// written as a string (see [`decode_stored`]) by its next write.
 const RECORD_FIELDS: [&str; 10] = [
     "version",
     "expires_at",
@@ -914,56 +1036,6 @@ fn decode_record(value: Value) -> Result<Option<Record>> {
         return Ok(None);
     }
     record_from_values(values).map(Some)
-}
-
-/// Decodes a record a script returned as Redis's `cmsgpack.pack` encodes
-/// the fields `read_record` gives: a MessagePack array of the values of
-/// [`RECORD_FIELDS`], in order, each a string or `false` when absent.
-///
-/// One string instead of a nested array reply: redis-rs parses each element
-/// of a reply on its own, at about 1,300 instructions each, and `cmsgpack`
-/// (C) costs Redis no more than building the nested reply. Measured on the
-/// benchmark's exclusive read-modify-write over Redis: 84,000 instructions
-/// a request in the server before, 65,500 after. The decoder reads only the
-/// shapes that encoder writes for these values, so it is a few lines rather
-/// than a MessagePack dependency.
-fn unpack_record(mut packed: &[u8]) -> Result<Record> {
-    // The messages name the shape only: the bytes may be session data.
-    let garbled = || Error::decode("redis script gave a garbled session record");
-    let mut take = |len: usize| -> Result<&[u8]> {
-        if packed.len() < len {
-            return Err(garbled());
-        }
-        let (head, rest) = packed.split_at(len);
-        packed = rest;
-        Ok(head)
-    };
-    // A fixarray of exactly as many values as fields.
-    if take(1)? != [0x90 | RECORD_FIELDS.len() as u8] {
-        return Err(garbled());
-    }
-    let mut values: [Option<&[u8]>; RECORD_FIELDS.len()] = Default::default();
-    for slot in &mut values {
-        let marker = take(1)?[0];
-        let len = match marker {
-            0xc0 | 0xc2 => continue, // nil, false
-            0xa0..=0xbf => usize::from(marker & 0x1f),
-            0xd9 => usize::from(take(1)?[0]),
-            0xda => usize::from(u16::from_be_bytes(
-                take(2)?.try_into().map_err(|_| garbled())?,
-            )),
-            0xdb => {
-                let len = u32::from_be_bytes(take(4)?.try_into().map_err(|_| garbled())?);
-                usize::try_from(len).map_err(|_| garbled())?
-            }
-            _ => return Err(garbled()),
-        };
-        *slot = Some(take(len)?);
-    }
-    if !packed.is_empty() {
-        return Err(garbled());
-    }
-    record_from_values(values)
 }
 
 /// A record from the values of [`RECORD_FIELDS`], in order: owned as
@@ -1061,7 +1133,7 @@ fn decode_entries(value: Value) -> Result<Vec<(SessionKey, Option<Record>)>> {
         else {
             continue;
         };
-        out.push((key, unpack_record(&packed).ok()));
+        out.push((key, decode_stored(&packed).ok()));
     }
     Ok(out)
 }
@@ -1094,30 +1166,16 @@ impl SessionStore for RedisStore {
     async fn load(&self, key: &SessionKey, now: Timestamp) -> Result<Option<Record>> {
         let mut connection = self.connection.clone();
         let session = self.keys.session(key);
-        let field_bytes: usize = RECORD_FIELDS.iter().map(|field| field.len()).sum();
-        // Sized up front: growing the buffers argument by argument cost about
-        // 1 µs a load, nearly as much as parsing the reply.
-        let mut read = Cmd::with_capacity(
-            2 + RECORD_FIELDS.len(),
-            "HMGET".len() + session.len() + field_bytes,
-        );
-        read.arg("HMGET").arg(session);
-        for field in RECORD_FIELDS {
-            read.arg(field);
-        }
-        let reply: RedisResult<Value> = read.query_async(&mut connection).await;
-        let value = match reply {
-            Ok(value) => value,
-            Err(err) if err.code() == Some("WRONGTYPE") => {
-                self.quarantine(key).await?;
-                return Err(Error::decode(format_args!(
-                    "redis key of session {} is not a hash",
-                    key.fingerprint()
-                )));
-            }
+        let mut read = Cmd::with_capacity(2, "GET".len() + session.len());
+        read.arg("GET").arg(session);
+        let decoded = match read.query_async(&mut connection).await {
+            Ok(Value::Nil) => return Ok(None),
+            Ok(Value::BulkString(stored)) => decode_stored(&stored).map(Some),
+            Ok(_) => Err(Error::decode("redis session read gave an unexpected reply")),
+            Err(err) if err.code() == Some("WRONGTYPE") => self.load_hash(key).await?,
             Err(err) => return Err(Error::backend_source(STORE, "load session", err)),
         };
-        match decode_record(value) {
+        match decoded {
             Ok(record) => Ok(record.filter(|record| !record.is_expired_at(now))),
             Err(err) => {
                 self.quarantine(key).await?;
@@ -1179,7 +1237,8 @@ impl SessionStore for RedisStore {
             lease.token.to_string(),
             millis_arg(lease.until),
         );
-        loop {
+        // A session rewritten between the script and `load` is tried again, a few times.
+        for _ in 0..3 {
             let reply: Value = self
                 .run(
                     &self.scripts.lease,
@@ -1196,11 +1255,10 @@ impl SessionStore for RedisStore {
             let unexpected = || Error::backend(STORE, "unexpected reply from the lease script");
             let outcome = match reply {
                 Value::Int(0) => LeaseOutcome::Missing,
-                // The outcome as a MessagePack fixint, then the record the
-                // script has just read.
+                // The outcome, then the session as the script read or wrote it.
                 Value::BulkString(reply) => match reply.split_first() {
-                    Some((1, packed)) => LeaseOutcome::Held(unpack_record(packed)?),
-                    Some((2, packed)) => LeaseOutcome::Taken(unpack_record(packed)?),
+                    Some((b'1', stored)) => LeaseOutcome::Held(decode_stored(stored)?),
+                    Some((b'2', stored)) => LeaseOutcome::Taken(decode_stored(stored)?),
                     _ => return Err(unexpected()),
                 },
                 Value::Int(3) => {
@@ -1213,6 +1271,10 @@ impl SessionStore for RedisStore {
             };
             return Ok(outcome);
         }
+        Err(Error::decode(format_args!(
+            "redis session {} reads, but the lease script cannot read it",
+            key.fingerprint()
+        )))
     }
 
     async fn delete(&self, key: &SessionKey, expected_version: Option<u64>) -> Result<bool> {
@@ -1408,48 +1470,6 @@ mod tests {
     }
 
     #[test]
-    fn a_record_takes_as_many_arguments_as_counted() {
-        let now = Timestamp::from_millis(1_000_000);
-        let plain = Record::new(now, now.saturating_add(Duration::from_secs(60)), None);
-        let user = Some("user".to_owned());
-        let absolute_deadline = Some(now.saturating_add(Duration::from_secs(600)));
-        let lease = Some(Lease {
-            token: 7,
-            until: now,
-        });
-        let records = [
-            plain.clone(),
-            Record {
-                user: user.clone(),
-                ..plain.clone()
-            },
-            Record {
-                absolute_deadline,
-                ..plain.clone()
-            },
-            Record {
-                lease,
-                ..plain.clone()
-            },
-            Record {
-                user,
-                absolute_deadline,
-                lease,
-                ..plain
-            },
-        ];
-        for record in records {
-            let mut call = Cmd::new();
-            push_record(&mut call, &record, now);
-            assert_eq!(
-                call.args_iter().count(),
-                record_arg_count(&record),
-                "{record:?}"
-            );
-        }
-    }
-
-    #[test]
     fn a_batch_saves_in_order_each_as_it_would_alone() {
         crate::testing::run(async {
             let Some(store) = test_store().await else {
@@ -1495,18 +1515,8 @@ mod tests {
             assert_eq!(data(a).await.unwrap(), b"a3");
             assert_eq!(data(b).await.unwrap(), b"b2");
             assert_eq!(data(missing).await, None);
-            // Each save wrote its own fields only, not the arguments of the next.
-            let mut connection = store.connection.clone();
-            let mut fields: Vec<String> = redis::cmd("HKEYS")
-                .arg(store.session_key_name(&a))
-                .query_async(&mut connection)
-                .await
-                .unwrap();
-            fields.sort_unstable();
-            let mut expected = WRITTEN_FIELDS.to_vec();
-            expected.extend(["indexed_expiry", "ttl_at"]);
-            expected.sort_unstable();
-            assert_eq!(fields, expected);
+            // Each save wrote its own record only, not the arguments of the next.
+            assert_eq!(stored(&store, &a).await, Some(record(3, b"a3")));
             store.delete(&a, None).await.unwrap();
             store.delete(&b, None).await.unwrap();
         });
@@ -1537,212 +1547,242 @@ mod tests {
         }
     }
 
-    #[test]
-    fn record_fields_round_trip() {
-        let now = Timestamp::from_millis(1_000);
-        let mut record = Record::new(
-            now,
-            Timestamp::from_millis(5_000),
-            Some(Timestamp::from_millis(3_000)),
-        );
-        record.user = Some("alice".into());
-        record.lease = Some(Lease {
+    /// The session under `key` as its raw string decodes; `None` when missing.
+    async fn stored(store: &RedisStore, key: &SessionKey) -> Option<Record> {
+        let mut connection = store.connection.clone();
+        let stored: Option<Vec<u8>> = redis::cmd("GET")
+            .arg(store.session_key_name(key))
+            .query_async(&mut connection)
+            .await
+            .unwrap();
+        stored.map(|stored| decode_stored(&stored).unwrap())
+    }
+
+    /// Records with each optional field absent and present, bytes that look
+    /// like the format's separators in the user and the data, and data of
+    /// many sizes.
+    fn every_shape(now: Timestamp) -> Vec<Record> {
+        let later = |seconds| now.saturating_add(Duration::from_secs(seconds));
+        let plain = Record::new(now, later(60), None);
+        let absolute_deadline = Some(later(30));
+        let lease = Some(Lease {
             token: u64::MAX,
-            until: Timestamp::from_millis(2_000),
+            until: later(5),
         });
-        record.data = b"\xff\x00 not json".to_vec();
-        let mut call = Cmd::new();
-        push_record(&mut call, &record, now);
-        let args: Vec<&[u8]> = call
-            .args_iter()
-            .map(|arg| match arg {
-                redis::Arg::Simple(bytes) => bytes,
-                _ => unreachable!("a record is plain arguments"),
-            })
-            .collect();
-        // Which optional fields it has, then when Redis drops the key: 2 s
-        // of slack past 3 s.
-        assert_eq!(args[..2], [b"111".as_slice(), b"5000"]);
-        // Every optional field is set: the most arguments a record takes.
-        assert_eq!(args.len(), record_size(&record).0);
-        let (values, pairs) = args[2..].split_at(WRITTEN_FIELDS.len());
-        assert_eq!(
-            pairs[..2],
-            [b"user".as_slice(), b"alice"],
-            "the user comes first"
-        );
-        let written: Vec<(&[u8], &[u8])> = WRITTEN_FIELDS
-            .iter()
-            .map(|name| name.as_bytes())
-            .zip(values.iter().copied())
-            .chain(pairs.chunks(2).map(|pair| (pair[0], pair[1])))
-            .collect();
-        let read = RECORD_FIELDS
-            .iter()
-            .map(|name| {
-                written
-                    .iter()
-                    .find(|(field, _)| *field == name.as_bytes())
-                    .map_or(Value::Nil, |(_, value)| Value::BulkString(value.to_vec()))
-            })
-            .collect();
-        assert_eq!(decode_record(Value::Array(read)).unwrap(), Some(record));
+        let mut shapes = vec![plain.clone()];
+        for user in ["alice", "", "a|b|7|", "\u{e9}\u{2603}"] {
+            shapes.push(Record {
+                user: Some(user.to_owned()),
+                ..plain.clone()
+            });
+        }
+        shapes.push(Record {
+            absolute_deadline,
+            ..plain.clone()
+        });
+        shapes.push(Record {
+            lease,
+            ..plain.clone()
+        });
+        shapes.push(Record {
+            version: u64::MAX,
+            user: Some("bob".into()),
+            absolute_deadline,
+            lease,
+            data: b"|12|x|\xff\x00".to_vec(),
+            ..plain.clone()
+        });
+        for size in [1, 255, 65_536, 300_000] {
+            shapes.push(Record {
+                data: (0..size).map(|byte| (byte % 251) as u8).collect(),
+                ..plain.clone()
+            });
+        }
+        shapes
     }
 
     #[test]
-    fn what_the_scripts_pack_unpacks_to_the_same_record() {
+    fn a_record_goes_in_four_arguments_and_reads_back() {
+        let now = Timestamp::from_millis(1_000_000);
+        let args = |record: &Record| {
+            let mut call = Cmd::new();
+            push_record(&mut call, record, now);
+            call.args_iter()
+                .map(|arg| match arg {
+                    redis::Arg::Simple(bytes) => bytes.to_vec(),
+                    _ => unreachable!("a record is plain arguments"),
+                })
+                .collect::<Vec<_>>()
+        };
+        for record in every_shape(now) {
+            let args = args(&record);
+            let text = |number: i64| number.to_string().into_bytes();
+            let expires_at = record.expires_at();
+            assert_eq!(args.len(), RECORD_ARGS);
+            assert_eq!(args[0], text(expires_at.as_millis()));
+            assert_eq!(args[1], text(key_expiry(expires_at, now).as_millis()));
+            let user = record.user.as_ref().map(|user| format!("+{user}"));
+            assert_eq!(args[2], user.unwrap_or_default().into_bytes());
+            assert!(args.iter().map(Vec::len).sum::<usize>() <= record_size(&record));
+            // The script puts the indexed expiry in front.
+            let stored = [b"123|".as_slice(), &args[3]].concat();
+            assert_eq!(decode_stored(&stored).unwrap(), record);
+        }
+        // Redis takes positive times only; an earlier one drops the key at once.
+        let at = Timestamp::from_millis;
+        let long_gone = Record::new(at(-10_000), at(-5_000), None);
+        assert_eq!(args(&long_gone)[1], b"1");
+    }
+
+    #[test]
+    fn what_the_scripts_store_reads_back_as_written() {
         crate::testing::run(async {
             let Some(store) = test_store().await else {
                 return;
             };
-            // ARGV[1] says which fields are present ('1') or absent; the
-            // fields follow, as `read_record` gives them: false when absent.
-            let script = Script::new(
-                "local fields, present = {}, ARGV[1]\n\
-                 for i = 1, #present do\n\
-                   fields[i] = string.sub(present, i, i) == '1' and ARGV[i + 1]\n\
-                 end\n\
-                 return cmsgpack.pack(fields)",
-            );
-            // Data of every length class MessagePack frames differently
-            // (fixstr, str8, str16, str32), binary bytes, and text that
-            // looks like a frame.
-            let sizes = [0, 1, 31, 32, 255, 256, 65_535, 65_536, 300_000];
-            let data = sizes.map(|size| {
-                (0..size)
-                    .map(|byte| (byte % 251) as u8)
-                    .collect::<Vec<u8>>()
-            });
-            let mut cases: Vec<[Option<&[u8]>; RECORD_FIELDS.len()]> = data
-                .iter()
-                .map(|data| {
-                    let fields: [Option<&[u8]>; RECORD_FIELDS.len()] = [
-                        Some(b"7"),
-                        Some(b"5000"),
-                        None,
-                        Some(b"1000"),
-                        Some(b"1500"),
-                        Some(b"5000"),
-                        None,
-                        None,
-                        None,
-                        Some(data),
-                    ];
-                    fields
-                })
-                .collect();
-            // Every field present, an empty user among them.
-            for user in ["alice \u{e9}\u{2603}", ""] {
-                cases.push([
-                    Some(b"18446744073709551615"),
-                    Some(b"3000"),
-                    Some(user.as_bytes()),
-                    Some(b"1000"),
-                    Some(b"1000"),
-                    Some(b"5000"),
-                    Some(b"3000"),
-                    Some(b"18446744073709551615"),
-                    Some(b"2000"),
-                    Some(b"\x9a\xc2\xdb"),
-                ]);
-            }
-            for fields in cases {
-                let mut connection = store.connection.clone();
-                let present: String = fields
-                    .iter()
-                    .map(|field| if field.is_some() { '1' } else { '0' })
-                    .collect();
-                let mut invocation = script.prepare_invoke();
-                invocation.arg(present);
-                for field in fields {
-                    invocation.arg(field.unwrap_or_default());
-                }
-                let packed: Vec<u8> = invocation.invoke_async(&mut connection).await.unwrap();
-                // As `HMGET` gives them: an absent field is nil.
-                let values = fields
-                    .iter()
-                    .map(|field| {
-                        field.map_or(Value::Nil, |field| Value::BulkString(field.to_vec()))
-                    })
-                    .collect();
-                let record = unpack_record(&packed).unwrap();
-                assert_eq!(
-                    Some(&record),
-                    decode_record(Value::Array(values)).unwrap().as_ref()
-                );
-                assert_eq!(record.user.as_deref().map(str::as_bytes), fields[2]);
-                assert_eq!(Some(record.data.as_slice()), fields[9]);
+            let now = crate::Clock::now(&crate::SystemClock);
+            let later = |seconds| now.saturating_add(Duration::from_secs(seconds));
+            for record in every_shape(now) {
+                let key = crate::SessionId::generate().key();
+                let created = store.create(&key, &record, now).await.unwrap();
+                assert_eq!(created, CreateOutcome::Created);
+                assert_eq!(stored(&store, &key).await.as_ref(), Some(&record));
+                assert_eq!(store.load(&key, now).await.unwrap().as_ref(), Some(&record));
+                // A lease rewrites the version and the lease, and nothing else.
+                let lease = Lease {
+                    token: 9,
+                    until: later(1),
+                };
+                let leased = match store.lease(&key, lease, now).await.unwrap() {
+                    LeaseOutcome::Taken(taken) => {
+                        let expected = Record {
+                            version: record.version + 1,
+                            lease: Some(lease),
+                            ..record.clone()
+                        };
+                        assert_eq!(taken, expected);
+                        taken
+                    }
+                    LeaseOutcome::Held(held) => {
+                        assert!(record.lease.is_some(), "{record:?}");
+                        assert_eq!(held, record);
+                        held
+                    }
+                    LeaseOutcome::Missing => panic!("{record:?} is missing"),
+                };
+                assert_eq!(stored(&store, &key).await.as_ref(), Some(&leased));
+                // A touch rewrites the access time and the idle deadline.
+                assert!(store.touch(&key, later(2), later(120)).await.unwrap());
+                let touched = Record {
+                    accessed_at: later(2),
+                    idle_deadline: later(120),
+                    ..leased
+                };
+                assert_eq!(stored(&store, &key).await, Some(touched));
+                assert!(store.delete(&key, None).await.unwrap());
             }
         });
     }
 
     #[test]
-    fn garbled_packed_records_are_decode_errors() {
-        // version, expires_at, user, created_at, accessed_at, idle_deadline,
-        // absolute_deadline, lease_token, lease_until, data
-        let fields: [&[u8]; RECORD_FIELDS.len()] = [
-            b"\xa17",
-            b"\xc2",
-            b"\xc0",
-            b"\xa41000",
-            b"\xd9\x041500",
-            b"\xda\x00\x045000",
-            b"\xc2",
-            b"\xc2",
-            b"\xc2",
-            b"\xdb\x00\x00\x00\x02ok",
-        ];
-        let packed = |fields: &[&[u8]]| [&[0x9a], fields.concat().as_slice()].concat();
-        let record = unpack_record(&packed(&fields)).unwrap();
-        assert_eq!(
-            (record.version, record.data.as_slice()),
-            (7, b"ok".as_slice())
-        );
-        let with_data = |data: &[u8]| packed(&[&fields[..9], &[data]].concat());
-        let garbled = [
+    fn garbled_stored_records_are_decode_errors() {
+        let good: &[u8] = b"5|7|5000|5|alice3000|9|2000|1000|1500|5000|data|with|bars";
+        let record = decode_stored(good).unwrap();
+        let at = Timestamp::from_millis;
+        let expected = Record {
+            version: 7,
+            user: Some("alice".into()),
+            created_at: at(1000),
+            accessed_at: at(1500),
+            idle_deadline: at(5000),
+            absolute_deadline: Some(at(3000)),
+            lease: Some(Lease {
+                token: 9,
+                until: at(2000),
+            }),
+            data: b"data|with|bars".to_vec(),
+        };
+        assert_eq!(record, expected);
+        // indexed, version, expires_at, user length, absolute_deadline,
+        // lease_token, lease_until, created_at, accessed_at, idle_deadline
+        let fields = ["", "7", "5000", "", "", "", "", "1000", "1500", "5000"];
+        let join = |fields: &[&str]| format!("{}|data", fields.join("|")).into_bytes();
+        assert!(decode_stored(&join(&fields)).is_ok());
+        let changed = |changes: &[(usize, &'static str)]| {
+            let mut fields = fields;
+            for &(at, value) in changes {
+                fields[at] = value;
+            }
+            join(&fields)
+        };
+        let mut garbled = vec![
             Vec::new(),
-            vec![0x9a],
-            fields.concat(),
-            packed(&fields[..9]),
-            [packed(&fields).as_slice(), b"\xc2"].concat(),
-            [&[0x9b], fields.concat().as_slice(), b"\xc2"].concat(),
-            with_data(b"\xa3ok"),
-            with_data(b"\xa1ok"),
-            with_data(b"\xd9"),
-            with_data(b"\xda\x00"),
-            with_data(b"\xdb\xff\xff\xff\xffok"),
-            with_data(b"\x02"),
-            with_data(b"\xc4\x02ok"),
+            b"|".to_vec(),
+            b"|7|5000|".to_vec(),
+            join(&fields[..9]),
+            changed(&[(3, "99"), (4, "ab")]),
+            b"|7|5000|1|\xff|||1000|1500|5000|data".to_vec(),
+            changed(&[(5, "5")]),
+            changed(&[(6, "5")]),
+            changed(&[(5, "-9"), (6, "5")]),
+            changed(&[(5, "18446744073709551616"), (6, "5")]),
         ];
-        for packed in garbled {
-            let err = unpack_record(&packed).unwrap_err();
-            assert!(err.is_decode(), "{packed:?}: {err}");
+        for (at, value) in [
+            (0, "x"),
+            (1, "+7"),
+            (1, "-7"),
+            (1, ""),
+            (2, ""),
+            (2, "5e3"),
+            (3, "-1"),
+            (3, "1 "),
+            (4, "3000.0"),
+            (7, ""),
+            (8, ""),
+            (9, ""),
+            (9, "99999999999999999999"),
+        ] {
+            garbled.push(changed(&[(at, value)]));
+        }
+        for stored in garbled {
+            let err = decode_stored(&stored).unwrap_err();
+            assert!(err.is_decode(), "{stored:?}: {err}");
         }
     }
 
     #[test]
-    fn the_scripts_write_the_fixed_fields_in_order() {
-        let named: Vec<String> = WRITTEN_FIELDS
-            .iter()
-            .enumerate()
-            .map(|(at, field)| match at {
-                0 => format!("'{field}', ARGV[v]"),
-                _ => format!("'{field}', ARGV[v + {at}]"),
-            })
-            .collect();
-        let hset = named.join(", ");
-        let script: String = include_str!("redis_write.lua")
-            .split_whitespace()
-            .collect::<Vec<_>>()
-            .join(" ");
-        assert!(script.contains(&hset), "`write` must set `{hset}`");
-    }
-
-    #[test]
-    fn the_scripts_know_the_slack() {
-        let millis = KEY_EXPIRY_SLACK.as_millis();
-        let constant = format!("local KEY_EXPIRY_SLACK_MS = {millis}\n");
-        assert!(include_str!("redis_write.lua").contains(&constant));
+    fn garbled_sessions_fail_each_read_and_go_at_the_next_purge() {
+        crate::testing::run(async {
+            let Some(store) = test_store().await else {
+                return;
+            };
+            let now = crate::Clock::now(&crate::SystemClock);
+            let mut connection = store.connection.clone();
+            // A head the scripts cannot read, a tail only the client checks.
+            let head = format!("|x|{}||||||1|1|1|data", now.as_millis() + 60_000);
+            let tail = format!("|7|{}||||||x|1|1|data", now.as_millis() + 60_000);
+            for garbled in [head, tail] {
+                let key = crate::SessionId::generate().key();
+                let _: () = redis::cmd("SET")
+                    .arg(store.session_key_name(&key))
+                    .arg(&garbled)
+                    .query_async(&mut connection)
+                    .await
+                    .unwrap();
+                assert!(store.load(&key, now).await.unwrap_err().is_decode());
+                let lease = Lease {
+                    token: 1,
+                    until: now,
+                };
+                let err = store.lease(&key, lease, now).await.unwrap_err();
+                assert!(err.is_decode(), "{garbled}: {err}");
+                let listed = store.list(None, 10).await.unwrap();
+                assert!(listed.records.is_empty(), "{garbled}");
+            }
+            let far = now.saturating_add(Duration::from_secs(7200));
+            assert_eq!(store.purge_expired(far).await.unwrap(), 2);
+            assert_eq!(store.count().await.unwrap(), 0);
+        });
     }
 
     #[test]
@@ -1763,6 +1803,10 @@ mod tests {
             let message = decode_record(value).unwrap_err().to_string();
             assert!(!message.contains("secret"), "{message}");
         }
+        for stored in [b"|7|secret-token".as_slice(), b"|7|1|5|secret|1|1|1|"] {
+            let message = decode_stored(stored).unwrap_err().to_string();
+            assert!(!message.contains("secret"), "{message}");
+        }
     }
 
     #[test]
@@ -1771,26 +1815,196 @@ mod tests {
         assert_eq!(decode_record(Value::Array(nothing)).unwrap(), None);
     }
 
-    #[test]
-    fn the_scripts_read_the_record_fields_in_order() {
-        let quoted = |fields: &[&str]| {
-            fields
-                .iter()
-                .map(|field| format!("'{field}'"))
-                .collect::<Vec<_>>()
-                .join(", ")
-        };
-        let head = format!(
-            "redis.pcall('HMGET', skey, {}, ...)",
-            quoted(&RECORD_FIELDS[..3])
-        );
-        let tail = format!("read_meta(skey, {})", quoted(&RECORD_FIELDS[3..]));
-        for read in [head, tail] {
-            assert!(
-                include_str!("redis_prelude.lua").contains(&read),
-                "the prelude must read `{read}`"
-            );
+    /// Writes `record` under `key` as earlier session2 builds did: a hash
+    /// of named fields expiring with the session, and its index entries.
+    async fn write_as_hash(store: &RedisStore, key: &SessionKey, record: &Record) {
+        let hex = key.to_hex();
+        let session = store.session_key_name(key);
+        let expires_at = record.expires_at().as_millis();
+        let mut hash = redis::cmd("HSET");
+        hash.arg(&session)
+            .arg("version")
+            .arg(record.version)
+            .arg("created_at")
+            .arg(record.created_at.as_millis())
+            .arg("accessed_at")
+            .arg(record.accessed_at.as_millis())
+            .arg("idle_deadline")
+            .arg(record.idle_deadline.as_millis())
+            .arg("expires_at")
+            .arg(expires_at)
+            .arg("indexed_expiry")
+            .arg(expires_at)
+            .arg("ttl_at")
+            .arg(expires_at)
+            .arg("data")
+            .arg(&record.data);
+        if let Some(user) = &record.user {
+            hash.arg("user").arg(user);
         }
+        if let Some(absolute) = record.absolute_deadline {
+            hash.arg("absolute_deadline").arg(absolute.as_millis());
+        }
+        if let Some(lease) = record.lease {
+            hash.arg("lease_token")
+                .arg(lease.token)
+                .arg("lease_until")
+                .arg(lease.until.as_millis());
+        }
+        let mut write = redis::pipe();
+        write
+            .add_command(hash)
+            .cmd("PEXPIREAT")
+            .arg(&session)
+            .arg(expires_at)
+            .cmd("ZADD")
+            .arg(&store.keys.expiry)
+            .arg(expires_at)
+            .arg(&hex)
+            .cmd("ZADD")
+            .arg(&store.keys.keys)
+            .arg(0)
+            .arg(&hex);
+        if let Some(user) = &record.user {
+            write
+                .cmd("HSET")
+                .arg(&store.keys.owners)
+                .arg(&hex)
+                .arg(user)
+                .cmd("SADD")
+                .arg(store.keys.user(user))
+                .arg(&hex);
+        }
+        let mut connection = store.connection.clone();
+        write.query_async::<()>(&mut connection).await.unwrap();
+    }
+
+    #[test]
+    fn hash_sessions_of_earlier_builds_read_and_become_strings() {
+        crate::testing::run(async {
+            let Some(store) = test_store().await else {
+                return;
+            };
+            let now = crate::Clock::now(&crate::SystemClock);
+            let later = |seconds| now.saturating_add(Duration::from_secs(seconds));
+            let full = Record {
+                version: 4,
+                user: Some("carol|7|".into()),
+                absolute_deadline: Some(later(600)),
+                lease: Some(Lease {
+                    token: 3,
+                    until: now,
+                }),
+                data: b"\x00|1|\xff".to_vec(),
+                // Every time differs from the others.
+                accessed_at: now,
+                ..Record::new(
+                    Timestamp::from_millis(now.as_millis() - 10_000),
+                    later(60),
+                    None,
+                )
+            };
+            let plain = Record::new(now, later(60), None);
+            let mut connection = store.connection.clone();
+            for record in [full, plain] {
+                let hash_session = async || {
+                    let key = crate::SessionId::generate().key();
+                    write_as_hash(&store, &key, &record).await;
+                    key
+                };
+                let is_string = async |key: &SessionKey| {
+                    let kind: String = redis::cmd("TYPE")
+                        .arg(store.session_key_name(key))
+                        .query_async(&mut store.connection.clone())
+                        .await
+                        .unwrap();
+                    kind == "string"
+                };
+
+                // Read as they are, by every reader.
+                let key = hash_session().await;
+                assert_eq!(store.load(&key, now).await.unwrap().as_ref(), Some(&record));
+                let listed = store.list(None, 10).await.unwrap().records;
+                assert_eq!(listed, [(key, record.clone())]);
+                if let Some(user) = &record.user {
+                    let found = store.find_by_user(user, now).await.unwrap();
+                    assert_eq!(found, [(key, record.clone())]);
+                }
+                assert!(!is_string(&key).await);
+
+                // Each write makes a string of it.
+                let saved = Record {
+                    version: record.version + 1,
+                    data: b"saved".to_vec(),
+                    ..record.clone()
+                };
+                assert!(
+                    store
+                        .replace(&key, record.version, &saved, now)
+                        .await
+                        .unwrap()
+                );
+                assert!(is_string(&key).await);
+                assert_eq!(store.load(&key, now).await.unwrap(), Some(saved));
+                assert!(store.delete(&key, None).await.unwrap());
+
+                let key = hash_session().await;
+                let lease = Lease {
+                    token: 8,
+                    until: later(1),
+                };
+                let leased = Record {
+                    version: record.version + 1,
+                    lease: Some(lease),
+                    ..record.clone()
+                };
+                let taken = store.lease(&key, lease, now).await.unwrap();
+                assert_eq!(taken, LeaseOutcome::Taken(leased.clone()));
+                assert!(is_string(&key).await);
+                assert_eq!(store.load(&key, now).await.unwrap(), Some(leased));
+                assert!(store.delete(&key, None).await.unwrap());
+
+                let key = hash_session().await;
+                assert!(store.touch(&key, later(1), later(90)).await.unwrap());
+                assert!(is_string(&key).await);
+                let touched = Record {
+                    accessed_at: later(1),
+                    idle_deadline: later(90),
+                    ..record.clone()
+                };
+                assert_eq!(store.load(&key, now).await.unwrap(), Some(touched));
+                assert!(store.delete(&key, Some(record.version)).await.unwrap());
+
+                // A delete checks the version of the hash.
+                let key = hash_session().await;
+                let stale = record.version + 1;
+                assert!(!store.delete(&key, Some(stale)).await.unwrap());
+                assert!(store.delete(&key, Some(record.version)).await.unwrap());
+
+                // A purge moves a live one whose index entry ran early, and
+                // deletes an expired one with its index entries.
+                let key = hash_session().await;
+                let _: () = redis::cmd("ZADD")
+                    .arg(&store.keys.expiry)
+                    .arg(now.as_millis())
+                    .arg(key.to_hex())
+                    .query_async(&mut connection)
+                    .await
+                    .unwrap();
+                assert_eq!(store.purge_expired(later(1)).await.unwrap(), 0);
+                assert_eq!(store.load(&key, now).await.unwrap().as_ref(), Some(&record));
+                assert_eq!(store.purge_expired(later(7200)).await.unwrap(), 1);
+                assert_eq!(store.count().await.unwrap(), 0);
+                // An expired one is replaced by a create.
+                let key = hash_session().await;
+                let fresh = record_at(later(7200), 1, b"fresh");
+                let created = store.create(&key, &fresh, later(7200)).await;
+                assert_eq!(created.unwrap(), CreateOutcome::Created);
+                assert!(is_string(&key).await);
+                assert!(store.delete(&key, None).await.unwrap());
+            }
+            assert_eq!(store.count().await.unwrap(), 0);
+        });
     }
 
     #[test]

@@ -17,13 +17,13 @@ local function remove(hex)
   unindex(hex)
 end
 
--- The whole record `hex` for a reader (see `read_record`), an empty array
--- when unreadable, nil (and its index entries dropped) when gone.
+-- The session `hex` for a reader as its string (see the prelude), an
+-- empty string when unreadable, nil (and its index entries dropped) when gone.
 local function fetch(hex)
-  local record = read_record(sprefix .. hex)
+  local record = current(sprefix .. hex)
   if record == nil then
     unindex(hex)
     return nil
   end
-  return record or {}
+  return record or ''
 end

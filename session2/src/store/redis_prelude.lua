@@ -7,37 +7,49 @@
 -- KEYS[3] = owners       (hash: hex key -> user, for sessions that have a user)
 -- ARGV[1] = prefix of session keys, ARGV[2] = prefix of per-user sets.
 -- Every key lives in the store's hash slot, so keys built from the prefixes are local.
+--
+-- A session is one string (`encode_record` in `store/redis.rs` writes it):
+--   indexed|version|expires_at|user length|<user>absolute_deadline|lease_token|lease_until|created_at|accessed_at|idle_deadline|<data>
+-- `indexed` is the score of its expiry index entry ('' when unknown), the
+-- user length is '' when it has no user, and the absolute deadline and
+-- the lease are '' when absent. Numbers are decimal millis.
 local exp, keys, owners = KEYS[1], KEYS[2], KEYS[3]
 local sprefix, uprefix = ARGV[1], ARGV[2]
 
--- The fields `version`, `expires_at`, `user` and then `...` of the record
--- under `skey` as HMGET gives them, and its expiry as a number: nil when
--- the record is missing (or expired by Redis), false when it cannot be read.
-local function read_meta(skey, ...)
-  local fields = redis.pcall('HMGET', skey, 'version', 'expires_at', 'user', ...)
-  if fields['err'] then return false end
-  if not fields[1] and not fields[2] then
-    if redis.call('EXISTS', skey) == 0 then return nil end
-    return false
+-- A session written by session2 0.1's hash layout, as the string above:
+-- false when it cannot be read (not a hash, or a field missing). The next
+-- write replaces the hash with the string.
+local function from_hash(skey)
+  local f = redis.pcall('HMGET', skey, 'version', 'expires_at', 'created_at', 'accessed_at',
+    'idle_deadline', 'data', 'indexed_expiry', 'user', 'absolute_deadline', 'lease_token', 'lease_until')
+  if f['err'] then return false end
+  for i = 1, 6 do
+    if not f[i] then return false end
   end
-  local expires_at = tonumber(fields[2])
-  if not fields[1] or not string.match(fields[1], '^%d+$') or not expires_at then return false end
-  return fields, expires_at
+  local user = f[8]
+  return (f[7] or '') .. '|' .. f[1] .. '|' .. f[2] .. '|' .. (user and #user or '') .. '|' .. (user or '')
+    .. table.concat({ f[9] or '', f[10] or '', f[11] or '', f[3], f[4], f[5], f[6] }, '|')
 end
 
--- The whole record under `skey` for a reader (see `read_meta`): its fields
--- in the order `RECORD_FIELDS` in `store/redis.rs` decodes them.
-local function read_record(skey)
-  return read_meta(skey, 'created_at', 'accessed_at', 'idle_deadline', 'absolute_deadline', 'lease_token', 'lease_until', 'data')
-end
-
--- The metadata of the record under `skey`, as `read_meta` gives it (nil
--- when missing, false when it cannot be read): the fields at the positions
--- below, as stored (false when absent), and the expiry as a number. The
--- version, user and optional fields tell a rewrite what to drop; INDEXED
--- is the score of its expiry index entry, TTL_AT the time Redis drops its
--- key. Positions, not a table of names: building one costs about 0.6 µs.
-local VERSION, USER, ABSOLUTE, LEASED, INDEXED, TTL_AT = 1, 3, 4, 5, 6, 7
+-- The session under `skey`: the string, its indexed expiry, version and
+-- expiry (strings), its user (false when none) and the position of the
+-- fields after the user; nil when missing (or expired by Redis), false
+-- when it cannot be read.
 local function current(skey)
-  return read_meta(skey, 'absolute_deadline', 'lease_token', 'indexed_expiry', 'ttl_at')
+  local record = redis.pcall('GET', skey)
+  if not record then return nil end
+  if type(record) ~= 'string' then
+    record = from_hash(skey)
+    if not record then return false end
+  end
+  local indexed, version, expires_at, user_length, at = string.match(record, '^(%-?%d*)|(%d+)|(%-?%d+)|(%d*)|()')
+  if not at then return false end
+  local user = false
+  if user_length ~= '' then
+    local after = at + tonumber(user_length)
+    if after > #record + 1 then return false end
+    user = string.sub(record, at, after - 1)
+    at = after
+  end
+  return record, indexed, version, expires_at, user, at
 end
