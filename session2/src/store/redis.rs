@@ -170,25 +170,50 @@ return 1
 );
 
 /// ARGV[3] = now, ARGV[4] = batch size. Returns {deleted, examined}.
-/// One read per due session; one that cannot be read goes (a failed
-/// `load` put it in the index as due), and the owner index names the
-/// users. The deletes and index removals of the whole batch go in a few
+/// The due sessions are read together; one that cannot be read goes (a
+/// failed `load` put it in the index as due). Each session names its user,
+/// and the owner index those of sessions that vanished or cannot be read. The deletes and index removals of the whole batch go in a few
 /// multi-key commands.
 const PURGE: &str = script!(
     r"
 local now = tonumber(ARGV[3])
 local due = redis.call('ZRANGEBYSCORE', exp, '-inf', ARGV[3], 'LIMIT', 0, tonumber(ARGV[4]))
-local gone, names = {}, {}
-for _, hex in ipairs(due) do
-  local skey = sprefix .. hex
-  local record, indexed, _, expires_at = current(skey)
-  if record and tonumber(expires_at) > now then
+if #due == 0 then return { 0, 0 } end
+local skeys = {}
+for i, hex in ipairs(due) do skeys[i] = sprefix .. hex end
+-- One MGET for the batch: every `redis.call` costs a script far more than
+-- the command itself. It answers nil for a key that is missing or not a
+-- string (a hash of earlier builds), which is then read alone.
+local stored = redis.call('MGET', unpack(skeys))
+local gone, names, owned, by_user, unknown = {}, {}, {}, {}, {}
+local function owner(hex, user)
+  table.insert(owned, hex)
+  by_user[user] = by_user[user] or {}
+  table.insert(by_user[user], hex)
+end
+for i, hex in ipairs(due) do
+  local skey, record, indexed, expires_at, user = skeys[i], stored[i]
+  if record then
+    local user_length, at
+    indexed, expires_at, user_length, at = string.match(record, '^(%-?%d*)|%d+|(%-?%d+)|(%d*)|()')
+    if user_length and user_length ~= '' then user = string.sub(record, at, at + tonumber(user_length) - 1) end
+  else
+    local _
+    record, indexed, _, expires_at, user = current(skey)
+  end
+  if record and expires_at and tonumber(expires_at) > now then
     -- Its entry ran early (see `index_expiry`): move it to the real expiry.
     redis.call('ZADD', exp, expires_at, hex)
     redis.call('SET', skey, expires_at .. string.sub(record, #indexed + 1), 'KEEPTTL')
   else
     table.insert(gone, hex)
     table.insert(names, skey)
+    if user then
+      owner(hex, user)
+    elseif not (record and expires_at) then
+      -- Vanished or unreadable: only the owner index knows its user.
+      table.insert(unknown, hex)
+    end
   end
 end
 if #gone == 0 then return { 0, #due } end
@@ -197,14 +222,10 @@ local deleted = redis.call('DEL', unpack(names))
 -- went past `now`, behind every entry not yet looked at.
 redis.call('ZREMRANGEBYRANK', exp, 0, #gone - 1)
 redis.call('ZREM', keys, unpack(gone))
-local users = redis.call('HMGET', owners, unpack(gone))
-local owned, by_user = {}, {}
-for i = 1, #gone do
-  local user = users[i]
-  if user then
-    table.insert(owned, gone[i])
-    by_user[user] = by_user[user] or {}
-    table.insert(by_user[user], gone[i])
+if #unknown > 0 then
+  local users = redis.call('HMGET', owners, unpack(unknown))
+  for i, hex in ipairs(unknown) do
+    if users[i] then owner(hex, users[i]) end
   end
 end
 if #owned > 0 then redis.call('HDEL', owners, unpack(owned)) end
