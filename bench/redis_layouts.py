@@ -145,7 +145,7 @@ def main():
         return b"%d|%d|%d|%d|%d|%d|||" % (version, far, far + 1000, now, now, far) + DATA
 
     def session2_record(version):
-        """A session as session2 stores it, without the leading indexed expiry."""
+        """A session as session2 stores it."""
         head = b"|".join(b"%d" % field for field in (version, far)) + b"||"
         return head + b"|".join([b"", b"", b""] + [b"%d" % t for t in (now, now, far)]) + b"|" + DATA
 
@@ -153,7 +153,7 @@ def main():
         [("HSET", key, "indexed_expiry", far, "ttl_at", far + 1000, "version", 1, "created_at", now,
           "accessed_at", now, "idle_deadline", far, "expires_at", far, "data", DATA) for key in hashes]
         + [("SET", key, packed(1)) for key in strings]
-        + [("SET", key, b"%d|" % far + session2_record(1)) for key in sessions]
+        + [("SET", key, session2_record(1)) for key in sessions]
     )
     script = redis.pipeline([("SCRIPT", "LOAD", batch_save_script())])[0].decode()
     packed_script = redis.pipeline([("SCRIPT", "LOAD", PACKED_SAVE)])[0].decode()

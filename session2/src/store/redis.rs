@@ -59,10 +59,10 @@ const CREATE: &str = script!(
     ["redis_index.lua", "redis_write.lua"],
     r"
 local hex = ARGV[3]
-local cur, _, _, expires_at = current(sprefix .. hex)
+local cur, _, expires_at = current(sprefix .. hex)
 if cur and tonumber(expires_at) > tonumber(ARGV[4]) then return 0 end
 if cur ~= nil then remove(hex) end
-write(hex, 5)
+create(hex, 5)
 return 1
 "
 );
@@ -71,11 +71,7 @@ return 1
 const REPLACE: &str = script!(
     ["redis_write.lua"],
     r"
-local hex = ARGV[3]
-local cur, indexed, version, expires_at, user = current(sprefix .. hex)
-if not cur or tonumber(expires_at) <= tonumber(ARGV[4]) or version ~= ARGV[5] then return 0 end
-write(hex, 6, indexed, user)
-return 1
+return swap(ARGV[3], 6, tonumber(ARGV[4]), ARGV[5]) and 1 or 0
 "
 );
 
@@ -90,14 +86,7 @@ const REPLACE_MANY: &str = script!(
     r"
 local swapped = {}
 for i = 3, #ARGV, 7 do
-  local hex = ARGV[i]
-  local cur, indexed, version, expires_at, user = current(sprefix .. hex)
-  if not cur or tonumber(expires_at) <= tonumber(ARGV[i + 1]) or version ~= ARGV[i + 2] then
-    swapped[#swapped + 1] = '0'
-  else
-    write(hex, i + 3, indexed, user)
-    swapped[#swapped + 1] = '1'
-  end
+  swapped[#swapped + 1] = swap(ARGV[i], i + 3, tonumber(ARGV[i + 1]), ARGV[i + 2]) and '1' or '0'
 end
 return table.concat(swapped)
 "
@@ -112,7 +101,7 @@ const LEASE: &str = script!(
 local hex = ARGV[3]
 local skey = sprefix .. hex
 local now = tonumber(ARGV[4])
-local record, indexed, digits, expires_at, _, at = current(skey)
+local record, digits, expires_at, _, at = current(skey)
 if record == false then return 3 end
 if not record or tonumber(expires_at) <= now then return 0 end
 local absolute, lease_until, rest = string.match(record, '^(%-?%d*)|%d*|(%-?%d*)|()', at)
@@ -123,7 +112,7 @@ local i = #digits
 while i > 0 and string.sub(digits, i, i) == '9' do i = i - 1 end
 local version = i == 0 and '1' .. string.rep('0', #digits)
   or string.sub(digits, 1, i - 1) .. string.char(string.byte(digits, i) + 1) .. string.rep('0', #digits - i)
-local leased = indexed .. '|' .. version .. string.sub(record, #indexed + #digits + 2, at - 1)
+local leased = version .. string.sub(record, #digits + 1, at - 1)
   .. absolute .. '|' .. ARGV[5] .. '|' .. ARGV[6] .. '|' .. string.sub(record, rest)
 redis.call('SET', skey, leased, 'KEEPTTL')
 return '2' .. leased
@@ -135,7 +124,7 @@ const DELETE: &str = script!(
     ["redis_index.lua"],
     r"
 local hex = ARGV[3]
-local cur, _, version = current(sprefix .. hex)
+local cur, version = current(sprefix .. hex)
 if cur == nil then
   unindex(hex)
   return 0
@@ -154,15 +143,15 @@ const TOUCH: &str = script!(
     r"
 local hex = ARGV[3]
 local skey = sprefix .. hex
-local record, indexed, version, current_expiry, _, at = current(skey)
+local record, version, current_expiry, _, at = current(skey)
 if not record or tonumber(current_expiry) <= tonumber(ARGV[4]) then return 0 end
 -- Kept: the absolute deadline, the lease and created_at; then the two rewritten.
 local kept, absolute, rest = string.match(record, '^((%-?%d*)|%d*|%-?%d*|%-?%d+|)%-?%d+|%-?%d+|()', at)
 if not rest then return 0 end
 local expires_at, ttl_at = ARGV[5], ARGV[6]
 if absolute ~= '' and tonumber(absolute) < tonumber(expires_at) then expires_at, ttl_at = absolute, absolute end
-local touched = index_expiry(hex, expires_at, tonumber(expires_at), indexed) .. '|' .. version .. '|' .. expires_at
-  .. string.sub(record, #indexed + #version + #current_expiry + 3, at - 1)
+index_expiry(hex, expires_at, tonumber(current_expiry))
+local touched = version .. '|' .. expires_at .. string.sub(record, #version + #current_expiry + 2, at - 1)
   .. kept .. ARGV[4] .. '|' .. ARGV[5] .. '|' .. string.sub(record, rest)
 redis.call('SET', skey, touched, 'PXAT', ttl_at)
 return 1
@@ -172,7 +161,8 @@ return 1
 /// ARGV[3] = now, ARGV[4] = batch size. Returns {deleted, examined}.
 /// The due sessions are read together; one that cannot be read goes (a
 /// failed `load` put it in the index as due). Each session names its user,
-/// and the owner index those of sessions that vanished or cannot be read. The deletes and index removals of the whole batch go in a few
+/// and the owner index those of sessions that vanished or cannot be read.
+/// The deletes and index removals of the whole batch go in a few
 /// multi-key commands.
 const PURGE: &str = script!(
     r"
@@ -192,25 +182,21 @@ local function owner(hex, user)
   table.insert(by_user[user], hex)
 end
 for i, hex in ipairs(due) do
-  local skey, record, indexed, expires_at, user = skeys[i], stored[i]
+  local skey, record, version, expires_at, user = skeys[i], stored[i]
   if record then
-    local user_length, at
-    indexed, expires_at, user_length, at = string.match(record, '^(%-?%d*)|%d+|(%-?%d+)|(%d*)|()')
-    if user_length and user_length ~= '' then user = string.sub(record, at, at + tonumber(user_length) - 1) end
+    version, expires_at, user = parse(record)
   else
-    local _
-    record, indexed, _, expires_at, user = current(skey)
+    record, version, expires_at, user = current(skey)
   end
-  if record and expires_at and tonumber(expires_at) > now then
+  if version and tonumber(expires_at) > now then
     -- Its entry ran early (see `index_expiry`): move it to the real expiry.
     redis.call('ZADD', exp, expires_at, hex)
-    redis.call('SET', skey, expires_at .. string.sub(record, #indexed + 1), 'KEEPTTL')
   else
     table.insert(gone, hex)
     table.insert(names, skey)
     if user then
       owner(hex, user)
-    elseif not (record and expires_at) then
+    elseif not version then
       -- Vanished or unreadable: only the owner index knows its user.
       table.insert(unknown, hex)
     end
@@ -389,7 +375,7 @@ impl ConnectionLike for Connection {
 /// | key | type | holds |
 /// |---|---|---|
 /// | `{session2}:s:<hex key>` | string | one session: its metadata as decimal text, then its `data` blob (binary), expiring (`PXAT`) at or after the session |
-/// | `{session2}:exp` | sorted set | every session, scored by its expiry in Unix milliseconds or earlier (the session's string keeps the score) |
+/// | `{session2}:exp` | sorted set | every session, scored by its expiry in Unix milliseconds or earlier |
 /// | `{session2}:keys` | sorted set | every session, score 0, so `ZRANGEBYLEX` pages through keys in order |
 /// | `{session2}:owner` | hash | session → user, for sessions that have a user |
 /// | `{session2}:u:<user>` | set | the sessions of one user |
@@ -404,13 +390,15 @@ impl ConnectionLike for Connection {
 /// data last:
 ///
 /// ```text
-/// indexed|version|expires_at|user length|<user>absolute_deadline|lease_token|lease_until|created_at|accessed_at|idle_deadline|<data>
+/// version|expires_at|user length|<user>absolute_deadline|lease_token|lease_until|created_at|accessed_at|idle_deadline|<data>
 /// ```
 ///
-/// (`indexed` is the score of its expiry index entry; absent values are
-/// empty). A load is one `GET` and a save one `SET` inside the
-/// compare-and-swap script, which cost Redis and the client less than a
-/// hash's ten fields. The scripts
+/// (absent values are empty). A load is one `GET`, and a save one `SET …
+/// GET` inside the compare-and-swap script: it writes the new session and
+/// checks the old one it brings back, and puts that back in the rare case
+/// it does not qualify (so a failed save shows in keyspace notifications as
+/// two writes). That costs Redis and the client less than a hash's ten
+/// fields, and less than a read then a write. The scripts
 /// read the metadata with Lua patterns and never decode the data.
 /// Sessions that earlier session2 builds wrote as hashes are read as they
 /// are, and their next write replaces the hash with the string.
@@ -429,7 +417,7 @@ impl ConnectionLike for Connection {
 /// A save that only moves a session's expiry later leaves its index entry
 /// where it was, and purge moves the entry when it meets the session still
 /// alive: one index write per session and idle period instead of one per
-/// request, so a save is two commands (`GET` and `SET`) unless the user
+/// request, so a save is one command (`SET … GET`) unless the user
 /// changes or the expiry moves back.
 /// Index entries left behind by sessions Redis expired by itself are dropped
 /// when reads ([`list`](SessionStore::list), [`count`](SessionStore::count),
@@ -861,9 +849,8 @@ fn record_size(record: &Record) -> usize {
 /// Appends `record`, written at `now`, as the scripts' `write` takes it
 /// ([`RECORD_ARGS`] arguments): its expiry, when Redis should drop the key
 /// ([`key_expiry`]), its user (empty when it has none, else `+` and the
-/// user), then the session's string without the leading `indexed|` that
-/// the script adds ([`write_record`]). Each goes straight into the
-/// command's buffer.
+/// user), then the session's string ([`write_record`]). Each goes straight
+/// into the command's buffer.
 fn push_record(call: &mut Cmd, record: &Record, now: Timestamp) {
     let expires_at = record.expires_at();
     // `PXAT` takes positive times only; an earlier time drops the key at
@@ -886,7 +873,7 @@ fn in_memory(written: io::Result<()>) {
     written.expect("writing to a buffer in memory cannot fail");
 }
 
-/// Writes the session's string from its version on (see [`decode_stored`]).
+/// Writes the session's string (see [`decode_stored`]).
 fn write_record(out: &mut impl io::Write, record: &Record) {
     fn optional(out: &mut impl io::Write, value: Option<impl fmt::Display>) -> io::Result<()> {
         match value {
@@ -921,10 +908,9 @@ fn write_record(out: &mut impl io::Write, record: &Record) {
 
 /// Decodes a session's string as the scripts store it:
 ///
-/// `indexed|version|expires_at|user length|<user>absolute_deadline|lease_token|lease_until|created_at|accessed_at|idle_deadline|<data>`
+/// `version|expires_at|user length|<user>absolute_deadline|lease_token|lease_until|created_at|accessed_at|idle_deadline|<data>`
 ///
-/// `indexed` is the score of the session's expiry index entry (the scripts'
-/// business, skipped here), the user length is empty when there is no user,
+/// The user length is empty when there is no user,
 /// the absolute deadline and the lease are empty when absent, and numbers
 /// are decimal (times in Unix milliseconds). It accepts exactly what the
 /// scripts' patterns accept, so that a session one side can read, the other
@@ -938,7 +924,6 @@ fn decode_stored(stored: &[u8]) -> Result<Record> {
     // The messages name the shape only: the bytes may be session data.
     let garbled = || Error::decode("redis session is not a session2 record");
     let mut fields = Fields(stored);
-    let _indexed: Option<i64> = fields.number(true).ok_or_else(garbled)?;
     let version: Option<u64> = fields.number(false).ok_or_else(garbled)?;
     let expires_at: Option<i64> = fields.number(true).ok_or_else(garbled)?;
     let user = match fields.number::<usize>(false).ok_or_else(garbled)? {
@@ -1645,9 +1630,7 @@ mod tests {
             let user = record.user.as_ref().map(|user| format!("+{user}"));
             assert_eq!(args[2], user.unwrap_or_default().into_bytes());
             assert!(args.iter().map(Vec::len).sum::<usize>() <= record_size(&record));
-            // The script puts the indexed expiry in front.
-            let stored = [b"123|".as_slice(), &args[3]].concat();
-            assert_eq!(decode_stored(&stored).unwrap(), record);
+            assert_eq!(decode_stored(&args[3]).unwrap(), record);
         }
         // Redis takes positive times only; an earlier one drops the key at once.
         let at = Timestamp::from_millis;
@@ -1707,7 +1690,7 @@ mod tests {
 
     #[test]
     fn garbled_stored_records_are_decode_errors() {
-        let good: &[u8] = b"5|7|5000|5|alice3000|9|2000|1000|1500|5000|data|with|bars";
+        let good: &[u8] = b"7|5000|5|alice3000|9|2000|1000|1500|5000|data|with|bars";
         let record = decode_stored(good).unwrap();
         let at = Timestamp::from_millis;
         let expected = Record {
@@ -1724,9 +1707,9 @@ mod tests {
             data: b"data|with|bars".to_vec(),
         };
         assert_eq!(record, expected);
-        // indexed, version, expires_at, user length, absolute_deadline,
-        // lease_token, lease_until, created_at, accessed_at, idle_deadline
-        let fields = ["", "7", "5000", "", "", "", "", "1000", "1500", "5000"];
+        // version, expires_at, user length, absolute_deadline, lease_token,
+        // lease_until, created_at, accessed_at, idle_deadline
+        let fields = ["7", "5000", "", "", "", "", "1000", "1500", "5000"];
         let join = |fields: &[&str]| format!("{}|data", fields.join("|")).into_bytes();
         assert!(decode_stored(&join(&fields)).is_ok());
         let changed = |changes: &[(usize, &'static str)]| {
@@ -1739,29 +1722,29 @@ mod tests {
         let mut garbled = vec![
             Vec::new(),
             b"|".to_vec(),
-            b"|7|5000|".to_vec(),
-            join(&fields[..9]),
-            changed(&[(3, "99"), (4, "ab")]),
-            b"|7|5000|1|\xff|||1000|1500|5000|data".to_vec(),
+            b"7|5000|".to_vec(),
+            join(&fields[..8]),
+            changed(&[(2, "99"), (3, "ab")]),
+            b"7|5000|1|\xff|||1000|1500|5000|data".to_vec(),
+            changed(&[(4, "5")]),
             changed(&[(5, "5")]),
-            changed(&[(6, "5")]),
-            changed(&[(5, "-9"), (6, "5")]),
-            changed(&[(5, "18446744073709551616"), (6, "5")]),
+            changed(&[(4, "-9"), (5, "5")]),
+            changed(&[(4, "18446744073709551616"), (5, "5")]),
         ];
         for (at, value) in [
+            (0, "+7"),
+            (0, "-7"),
+            (0, ""),
             (0, "x"),
-            (1, "+7"),
-            (1, "-7"),
             (1, ""),
-            (2, ""),
-            (2, "5e3"),
-            (3, "-1"),
-            (3, "1 "),
-            (4, "3000.0"),
+            (1, "5e3"),
+            (2, "-1"),
+            (2, "1 "),
+            (3, "3000.0"),
+            (6, ""),
             (7, ""),
             (8, ""),
-            (9, ""),
-            (9, "99999999999999999999"),
+            (8, "99999999999999999999"),
         ] {
             garbled.push(changed(&[(at, value)]));
         }
@@ -1780,8 +1763,8 @@ mod tests {
             let now = crate::Clock::now(&crate::SystemClock);
             let mut connection = store.connection.clone();
             // A head the scripts cannot read, a tail only the client checks.
-            let head = format!("|x|{}||||||1|1|1|data", now.as_millis() + 60_000);
-            let tail = format!("|7|{}||||||x|1|1|data", now.as_millis() + 60_000);
+            let head = format!("x|{}|||||1|1|1|data", now.as_millis() + 60_000);
+            let tail = format!("7|{}|||||x|1|1|data", now.as_millis() + 60_000);
             for garbled in [head, tail] {
                 let key = crate::SessionId::generate().key();
                 let _: () = redis::cmd("SET")
@@ -1807,6 +1790,13 @@ mod tests {
     }
 
     #[test]
+    fn the_scripts_know_the_slack() {
+        let millis = KEY_EXPIRY_SLACK.as_millis();
+        let constant = format!("local KEY_EXPIRY_SLACK_MS = {millis}\n");
+        assert!(include_str!("redis_write.lua").contains(&constant));
+    }
+
+    #[test]
     fn keys_outlive_their_sessions_by_at_most_the_slack() {
         let at = Timestamp::from_millis;
         let hour = i64::try_from(KEY_EXPIRY_SLACK.as_millis()).unwrap();
@@ -1824,7 +1814,7 @@ mod tests {
             let message = decode_record(value).unwrap_err().to_string();
             assert!(!message.contains("secret"), "{message}");
         }
-        for stored in [b"|7|secret-token".as_slice(), b"|7|1|5|secret|1|1|1|"] {
+        for stored in [b"7|secret-token".as_slice(), b"7|1|5|secret|1|1|1|"] {
             let message = decode_stored(stored).unwrap_err().to_string();
             assert!(!message.contains("secret"), "{message}");
         }
@@ -1898,6 +1888,88 @@ mod tests {
         }
         let mut connection = store.connection.clone();
         write.query_async::<()>(&mut connection).await.unwrap();
+    }
+
+    #[test]
+    fn a_failed_save_leaves_what_was_there() {
+        crate::testing::run(async {
+            let Some(store) = test_store().await else {
+                return;
+            };
+            let now = crate::Clock::now(&crate::SystemClock);
+            let mut connection = store.connection.clone();
+            // The raw value under `key` and how long its key has to live.
+            let raw = async |key: &SessionKey| {
+                let name = store.session_key_name(key);
+                let mut connection = store.connection.clone();
+                let value: Option<Vec<u8>> = redis::cmd("GET")
+                    .arg(&name)
+                    .query_async(&mut connection)
+                    .await
+                    .unwrap();
+                let ttl: i64 = redis::cmd("PTTL")
+                    .arg(&name)
+                    .query_async(&mut connection)
+                    .await
+                    .unwrap();
+                (value, ttl)
+            };
+            let record = record_at(now, 3, b"kept");
+            // Its key would live hours longer than the old one's.
+            let newer = Record {
+                idle_deadline: now.saturating_add(Duration::from_secs(7200)),
+                ..record_at(now, 4, b"lost")
+            };
+
+            // A stale version: the session stays, its key expiring as before.
+            let key = crate::SessionId::generate().key();
+            store.create(&key, &record, now).await.unwrap();
+            let (value, ttl) = raw(&key).await;
+            assert!(!store.replace(&key, 2, &newer, now).await.unwrap());
+            let (after, ttl_after) = raw(&key).await;
+            assert_eq!(after, value);
+            assert!(
+                (ttl - ttl_after).abs() < 5_000,
+                "{ttl} ms, then {ttl_after} ms"
+            );
+            // An expired session is not replaced either.
+            let later = now.saturating_add(Duration::from_secs(660));
+            assert!(!store.replace(&key, 3, &newer, later).await.unwrap());
+            assert_eq!(raw(&key).await.0, value);
+            assert_eq!(store.load(&key, now).await.unwrap(), Some(record.clone()));
+
+            // A missing session is not created.
+            let missing = crate::SessionId::generate().key();
+            assert!(!store.replace(&missing, 3, &newer, now).await.unwrap());
+            assert_eq!(raw(&missing).await, (None, -2));
+
+            // Bytes that are not a session stay, expiring as they did.
+            let foreign = crate::SessionId::generate().key();
+            let _: () = redis::cmd("SET")
+                .arg(store.session_key_name(&foreign))
+                .arg(b"not a session".as_slice())
+                .arg("PX")
+                .arg(600_000)
+                .query_async(&mut connection)
+                .await
+                .unwrap();
+            assert!(!store.replace(&foreign, 3, &newer, now).await.unwrap());
+            let (value, ttl) = raw(&foreign).await;
+            assert_eq!(value.as_deref(), Some(b"not a session".as_slice()));
+            assert!(ttl > 0, "{ttl}");
+
+            // A hash of earlier builds at another version is not written.
+            let hash = crate::SessionId::generate().key();
+            write_as_hash(&store, &hash, &record).await;
+            assert!(!store.replace(&hash, 2, &newer, now).await.unwrap());
+            let kind: String = redis::cmd("TYPE")
+                .arg(store.session_key_name(&hash))
+                .query_async(&mut connection)
+                .await
+                .unwrap();
+            assert_eq!(kind, "hash");
+            assert_eq!(store.load(&hash, now).await.unwrap(), Some(record));
+        });
     }
 
     #[test]

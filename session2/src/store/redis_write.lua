@@ -1,32 +1,17 @@
 -- Record writes for RedisStore scripts, after `redis_prelude.lua`.
 
--- Puts `hex` in the expiry index at `expires_at`, unless its entry is
--- already due no later than that: an entry may run early (purge then finds
--- the session alive and moves it), never late, so a session whose expiry
--- only moves forward costs one index write per idle period, not per save.
--- `expires` is `expires_at` as a number: each `tonumber` costs about 0.4 µs.
--- Returns the entry's score, the session's new `indexed` field.
-local function index_expiry(hex, expires_at, expires, indexed)
-  local score = tonumber(indexed)
-  if score and score <= expires then return indexed end
+-- Moves `hex`'s expiry index entry to `expires_at` unless the session's
+-- expiry only moved forward from `old_expires` (a number; nil for a new
+-- session): an entry may run early (purge then finds the session alive and
+-- moves it), never late, so a session whose expiry only moves forward costs
+-- one index write per idle period, not per save.
+local function index_expiry(hex, expires_at, old_expires)
+  if old_expires and old_expires <= tonumber(expires_at) then return end
   redis.call('ZADD', exp, expires_at, hex)
-  return expires_at
 end
 
--- Writes session `hex` from ARGV[first..first + 3]: its expiry, when Redis
--- should drop the key (`PXAT`), its user ('' when none, else '+' and the
--- user) and the session's string without its leading `indexed|` (see the
--- prelude). `old_indexed` and `old_user` are those of the session it
--- replaces (from `current`), nil for a new one. Touches only the indexes
--- that change: in Redis 7.0 every `redis.call` costs about 1 µs and every
--- argument of a script about 0.1 µs (measured under `redis-benchmark`).
-local function write(hex, first, old_indexed, old_user)
-  local expires_at, user = ARGV[first], ARGV[first + 2]
-  user = user ~= '' and string.sub(user, 2)
-  local indexed = index_expiry(hex, expires_at, tonumber(expires_at), old_indexed)
-  if old_indexed == nil then redis.call('ZADD', keys, 0, hex) end
-  redis.call('SET', sprefix .. hex, indexed .. '|' .. ARGV[first + 3], 'PXAT', ARGV[first + 1])
-  old_user = old_user or false
+-- Moves `hex` in the user index from `old_user` to `user` (false for none).
+local function index_user(hex, old_user, user)
   if old_user == user then return end
   if old_user then redis.call('SREM', uprefix .. old_user, hex) end
   if user then
@@ -35,4 +20,61 @@ local function write(hex, first, old_indexed, old_user)
   else
     redis.call('HDEL', owners, hex)
   end
+end
+
+-- A record to write is ARGV[first..first + 3]: its expiry, when Redis
+-- should drop the key (`PXAT`), its user ('' when none, else '+' and the
+-- user) and the session's string (see the prelude). Its user, false for none.
+local function new_user(first)
+  local user = ARGV[first + 2]
+  return user ~= '' and string.sub(user, 2)
+end
+
+-- Writes the new session `hex` from ARGV[first..first + 3], with its index entries.
+local function create(hex, first)
+  redis.call('SET', sprefix .. hex, ARGV[first + 3], 'PXAT', ARGV[first + 1])
+  redis.call('ZADD', keys, 0, hex)
+  index_expiry(hex, ARGV[first])
+  index_user(hex, false, new_user(first))
+end
+
+-- How long at most a key outlives its session (`KEY_EXPIRY_SLACK` in
+-- `store/redis.rs`).
+local KEY_EXPIRY_SLACK_MS = 3600000
+
+-- Replaces session `hex` with ARGV[first..first + 3] if it is live at `now`
+-- (a number) and at version `expected`; whether it did. In Redis 7.0 each
+-- `redis.call` costs a script several times the command itself, so the
+-- write goes first and brings the old session back in the same command
+-- (`SET … GET`); an old session that does not qualify is put back (a
+-- missing one deleted), its key expiring as `write_record`'s caller would
+-- have it. A hash of earlier builds makes `SET … GET` fail without writing:
+-- it is read first.
+local function swap(hex, first, now, expected)
+  local skey = sprefix .. hex
+  local old = redis.pcall('SET', skey, ARGV[first + 3], 'PXAT', ARGV[first + 1], 'GET')
+  local version, expires_at, user
+  if type(old) == 'string' then
+    version, expires_at, user = parse(old)
+  elseif old then
+    old, version, expires_at, user = current(skey)
+    if not old or tonumber(expires_at) <= now or version ~= expected then return false end
+    redis.call('SET', skey, ARGV[first + 3], 'PXAT', ARGV[first + 1])
+  end
+  local expires = tonumber(expires_at)
+  if not version or expires <= now or version ~= expected then
+    if not old then
+      redis.call('DEL', skey)
+    elseif not version then
+      redis.call('SET', skey, old, 'KEEPTTL')
+    else
+      -- Past its expiry by its remaining lifetime, at most the slack (`key_expiry`).
+      local slack = math.min(math.max(expires - now, 0), KEY_EXPIRY_SLACK_MS)
+      redis.call('SET', skey, old, 'PXAT', math.max(expires + slack, 1))
+    end
+    return false
+  end
+  index_expiry(hex, ARGV[first], expires)
+  index_user(hex, user, new_user(first))
+  return true
 end
