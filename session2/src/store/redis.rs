@@ -398,8 +398,8 @@ impl ConnectionLike for Connection {
 /// checks the old one it brings back, and puts that back in the rare case
 /// it does not qualify (so a failed save shows in keyspace notifications as
 /// two writes). That costs Redis and the client less than a hash's ten
-/// fields, and less than a read then a write. The scripts
-/// read the metadata with Lua patterns and never decode the data.
+/// fields, and less than a read then a write. The scripts read the
+/// metadata with Lua patterns and never decode the data.
 /// Sessions that earlier session2 builds wrote as hashes are read as they
 /// are, and their next write replaces the hash with the string.
 ///
@@ -846,11 +846,11 @@ fn record_size(record: &Record) -> usize {
     200 + 2 * user + record.data.len()
 }
 
-/// Appends `record`, written at `now`, as the scripts' `write` takes it
-/// ([`RECORD_ARGS`] arguments): its expiry, when Redis should drop the key
-/// ([`key_expiry`]), its user (empty when it has none, else `+` and the
-/// user), then the session's string ([`write_record`]). Each goes straight
-/// into the command's buffer.
+/// Appends `record`, written at `now`, as the scripts' `create` and `swap`
+/// take it ([`RECORD_ARGS`] arguments): its expiry, when Redis should drop
+/// the key ([`key_expiry`]), its user (empty when it has none, else `+` and
+/// the user), then the session's string ([`write_record`]). Each goes
+/// straight into the command's buffer.
 fn push_record(call: &mut Cmd, record: &Record, now: Timestamp) {
     let expires_at = record.expires_at();
     // `PXAT` takes positive times only; an earlier time drops the key at
@@ -910,11 +910,10 @@ fn write_record(out: &mut impl io::Write, record: &Record) {
 ///
 /// `version|expires_at|user length|<user>absolute_deadline|lease_token|lease_until|created_at|accessed_at|idle_deadline|<data>`
 ///
-/// The user length is empty when there is no user,
-/// the absolute deadline and the lease are empty when absent, and numbers
-/// are decimal (times in Unix milliseconds). It accepts exactly what the
-/// scripts' patterns accept, so that a session one side can read, the other
-/// can too.
+/// The user length is empty when there is no user, the absolute deadline
+/// and the lease are empty when absent, and numbers are decimal (times in
+/// Unix milliseconds). It accepts exactly what the scripts' patterns
+/// accept, so that a session one side can read, the other can too.
 ///
 /// One string, not a hash of fields: a `GET` costs Redis less than an
 /// `HMGET` of ten fields, redis-rs parses one value instead of ten (about
