@@ -923,8 +923,9 @@ fn decode_stored(stored: &[u8]) -> Result<Record> {
     // The messages name the shape only: the bytes may be session data.
     let garbled = || Error::decode("redis session is not a session2 record");
     let mut fields = Fields(stored);
-    let version: Option<u64> = fields.number(false).ok_or_else(garbled)?;
-    let expires_at: Option<i64> = fields.number(true).ok_or_else(garbled)?;
+    let version: u64 = fields.number(false).flatten().ok_or_else(garbled)?;
+    // Derived from the deadlines; the scripts read it, and it must be there.
+    let _expires_at: i64 = fields.number(true).flatten().ok_or_else(garbled)?;
     let user = match fields.number::<usize>(false).ok_or_else(garbled)? {
         Some(length) => {
             let user = fields.take(length).ok_or_else(garbled)?;
@@ -934,15 +935,12 @@ fn decode_stored(stored: &[u8]) -> Result<Record> {
         }
         None => None,
     };
-    let time = |fields: &mut Fields| fields.number::<i64>(true).ok_or_else(garbled);
-    let absolute_deadline = time(&mut fields)?;
-    let lease_token: Option<u64> = fields.number(false).ok_or_else(garbled)?;
-    let lease_until = time(&mut fields)?;
-    let created_at = time(&mut fields)?;
-    let accessed_at = time(&mut fields)?;
-    let idle_deadline = time(&mut fields)?;
     let at = Timestamp::from_millis;
-    let lease = match (lease_token, lease_until) {
+    let optional = |fields: &mut Fields| fields.number::<i64>(true).ok_or_else(garbled);
+    let required = |fields: &mut Fields| optional(fields)?.map(at).ok_or_else(garbled);
+    let absolute_deadline = optional(&mut fields)?.map(at);
+    let lease_token: Option<u64> = fields.number(false).ok_or_else(garbled)?;
+    let lease = match (lease_token, optional(&mut fields)?) {
         (Some(token), Some(until)) => Some(Lease {
             token,
             until: at(until),
@@ -950,17 +948,13 @@ fn decode_stored(stored: &[u8]) -> Result<Record> {
         (None, None) => None,
         _ => return Err(Error::decode("redis session has half a lease")),
     };
-    let required = |value: Option<i64>| value.map(at).ok_or_else(garbled);
-    if expires_at.is_none() {
-        return Err(garbled());
-    }
     Ok(Record {
-        version: version.ok_or_else(garbled)?,
+        version,
         user,
-        created_at: required(created_at)?,
-        accessed_at: required(accessed_at)?,
-        idle_deadline: required(idle_deadline)?,
-        absolute_deadline: absolute_deadline.map(at),
+        created_at: required(&mut fields)?,
+        accessed_at: required(&mut fields)?,
+        idle_deadline: required(&mut fields)?,
+        absolute_deadline,
         lease,
         data: fields.0.to_vec(),
     })

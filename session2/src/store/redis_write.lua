@@ -24,7 +24,8 @@ end
 
 -- A record to write is ARGV[first..first + 3]: its expiry, when Redis
 -- should drop the key (`PXAT`), its user ('' when none, else '+' and the
--- user) and the session's string (see the prelude). Its user, false for none.
+-- user) and the session's string (see the prelude). The record's user,
+-- false when it has none.
 local function new_user(first)
   local user = ARGV[first + 2]
   return user ~= '' and string.sub(user, 2)
@@ -46,10 +47,10 @@ local KEY_EXPIRY_SLACK_MS = 3600000
 -- (a number) and at version `expected`; whether it did. In Redis 7.0 each
 -- `redis.call` costs a script several times the command itself, so the
 -- write goes first and brings the old session back in the same command
--- (`SET … GET`); an old session that does not qualify is put back (a
--- missing one deleted), its key expiring as `write_record`'s caller would
--- have it. A hash of earlier builds makes `SET … GET` fail without writing:
--- it is read first.
+-- (`SET … GET`); an old session that does not qualify is put back, its key
+-- expiring as `key_expiry` in `store/redis.rs` would have it (a missing one
+-- is deleted; bytes that are no session keep the new key's expiry). A hash
+-- of earlier builds makes `SET … GET` fail without writing: it is read first.
 local function swap(hex, first, now, expected)
   local skey = sprefix .. hex
   local old = redis.pcall('SET', skey, ARGV[first + 3], 'PXAT', ARGV[first + 1], 'GET')
