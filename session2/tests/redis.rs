@@ -38,6 +38,29 @@ mod resp3 {
     session2::conformance_tests!(factory);
 }
 
+/// The suite again on a store built on the application's own connection
+/// ([`RedisStore::new`]), which saves and leases by script where a store
+/// that made its own connection uses transactions.
+mod by_script {
+    use std::sync::Arc;
+
+    use redis::aio::ConnectionManager;
+    use session2::store::RedisStore;
+    use session2::{SessionId, SessionStore};
+
+    async fn factory() -> Option<Arc<dyn SessionStore>> {
+        let prefix = format!("s2script-{}", SessionId::generate().key().fingerprint());
+        let client = redis::Client::open(super::redis_url()).expect("redis URL");
+        let connection =
+            session2::testing::require_server("redis", ConnectionManager::new(client).await)?;
+        let store = RedisStore::new(connection).with_prefix(prefix);
+        store.setup().await.expect("setup");
+        Some(Arc::new(store))
+    }
+
+    session2::conformance_tests!(factory);
+}
+
 fn redis_url() -> String {
     std::env::var("SESSION2_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
 }

@@ -222,7 +222,8 @@ mod cluster {
 }
 
 mod restart {
-    use session2::{Clock, Record, SessionId, SessionStore, SystemClock, store::RedisStore};
+    use session2::store::{LeaseOutcome, RedisStore};
+    use session2::{Clock, Lease, Record, SessionId, SessionStore, SystemClock};
 
     use super::*;
 
@@ -244,6 +245,18 @@ mod restart {
             let record = Record::new(now, now.saturating_add(Duration::from_secs(600)), None);
             store.create(&key, &record, now).await.unwrap();
             assert!(store.load(&key, now).await.unwrap().is_some());
+            // Saves and leases start the store's writer and its connection.
+            let saved = Record {
+                version: 2,
+                ..record.clone()
+            };
+            assert!(store.replace(&key, 1, &saved, now).await.unwrap());
+            let lease = Lease {
+                token: 1,
+                until: now.saturating_add(Duration::from_secs(5)),
+            };
+            let leased = store.lease(&key, lease, now).await.unwrap();
+            assert_eq!(leased, LeaseOutcome::Taken(saved.clone().with_lease(lease)));
 
             server.stop();
             let err = store.load(&key, now).await.unwrap_err();
@@ -258,6 +271,15 @@ mod restart {
                 );
                 assert!(store.count().await.unwrap_err().is_backend());
                 assert!(store.purge_expired(now).await.unwrap_err().is_backend());
+                let saving = store.replace(&key, 3, &saved, now).await;
+                assert!(saving.unwrap_err().is_backend());
+                assert!(
+                    store
+                        .lease(&key, lease, now)
+                        .await
+                        .unwrap_err()
+                        .is_backend()
+                );
             }
 
             let server = Server::start(port, dir.path(), &[]).expect("redis-server restarts");
@@ -275,8 +297,22 @@ mod restart {
             };
             assert_eq!(loaded, None);
             store.create(&key, &record, now).await.unwrap();
-            assert_eq!(store.load(&key, now).await.unwrap(), Some(record));
+            assert_eq!(store.load(&key, now).await.unwrap(), Some(record.clone()));
             assert_eq!(store.count().await.unwrap(), 1);
+            // The writer opens a new connection of its own.
+            assert!(store.replace(&key, 1, &saved, now).await.unwrap());
+            let leased = store.lease(&key, lease, now).await.unwrap();
+            assert_eq!(leased, LeaseOutcome::Taken(saved.clone().with_lease(lease)));
+
+            // A restart while the writer is idle costs the next save nothing.
+            server.stop();
+            let server = Server::start(port, dir.path(), &[]).expect("redis-server restarts");
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while let Err(err) = store.create(&key, &record, now).await {
+                assert!(Instant::now() < deadline, "never reconnected: {err}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            assert!(store.replace(&key, 1, &saved, now).await.unwrap());
             drop(server);
         });
     }
