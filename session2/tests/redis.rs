@@ -39,8 +39,8 @@ mod resp3 {
 }
 
 /// The suite again on a store built on the application's own connection
-/// ([`RedisStore::new`]), which saves and leases by script where a store
-/// that made its own connection uses transactions.
+/// ([`RedisStore::new`]), which leases by script where a store that made
+/// its own connection uses transactions.
 mod by_script {
     use std::sync::Arc;
 

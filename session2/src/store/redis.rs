@@ -33,7 +33,7 @@ use crate::{Error, Lease, Record, Result, SessionKey, Timestamp};
 
 mod transaction;
 
-use transaction::{LeaseJob, LeaseReply, RedisJob, Transactions};
+use transaction::{LeaseJob, LeaseReply, Transactions};
 
 const STORE: &str = "redis";
 const DEFAULT_PREFIX: &str = "session2";
@@ -428,33 +428,32 @@ impl ConnectionLike for Connection {
 /// [`count`](SessionStore::count) is exact: `ZCARD` of the key index after
 /// dropping the entries whose session Redis already expired.
 ///
-/// Concurrent saves are batched: a writer task (per runtime) makes the
-/// saves that queued while it wrote its last batch together, each a
-/// compare-and-swap made in order, as it would be alone (a later save of the
-/// same session sees the earlier one's write). How depends on the connection:
+/// Concurrent saves are batched: a writer task (per runtime) sends the
+/// saves that queued while its last script ran as one script, which makes
+/// each compare-and-swap in order, as its own script would (a later save of
+/// the same session sees the earlier one's write). The script's fixed cost,
+/// several times that of a `SET`, is then paid once per batch. It writes
+/// first (`SET … GET`) and puts back an old session that does not qualify,
+/// so a failed save shows in keyspace notifications as two writes. If the
+/// batch script fails (the server goes away), every save of it gets the
+/// error; a script that fails midway keeps the saves before the failure, as
+/// Redis keeps a script's writes, so a caller told of an error may find its
+/// save made, as after a reply lost on the network.
 ///
-/// - **A store that made its own connection** ([`RedisStore::connect`], or a
-///   URL through [`store::open`](crate::store::open)) batches leases too, and
-///   its writer opens a second connection, its own, to make each batch by
-///   optimistic transaction: one `WATCH` and `MGET` of the batch's sessions,
-///   the decisions in the application, and one `MULTI` … `EXEC` of the
-///   winners' `SET`s, which Redis runs only if no other client changed one
-///   of those sessions meanwhile. Redis runs native commands several times
-///   as fast as the scripts' `redis.call`s: a read-modify-write request cost
-///   Redis 56,400 instructions by script and 28,700 this way. A batch that
-///   other clients keep changing goes by script after three tries, and a
-///   session `MGET` cannot read (missing, or a hash of earlier builds) goes
-///   by script after the transaction.
-/// - **A store on the application's connection** ([`RedisStore::new`],
-///   [`RedisStore::from_cluster`]) sends each batch as one script, which
-///   writes first (`SET … GET`) and puts back an old session that does not
-///   qualify, so a failed save shows in keyspace notifications as two
-///   writes. Its leases go one script each.
-///
-/// If a batch fails (the server goes away), every save of it gets the
-/// error; Redis keeps what a transaction or script wrote before a failure
-/// midway, so a caller told of an error may find its save made, as after a
-/// reply lost on the network.
+/// Leases (of [`ExclusiveSession`](crate::ExclusiveSession)) read a session
+/// and write it back changed. A store that made its own connection
+/// ([`RedisStore::connect`], or a URL through
+/// [`store::open`](crate::store::open)) batches them too, in a second writer
+/// with a connection of its own, by optimistic transaction: one `WATCH` and
+/// `MGET` of the batch's sessions, the decisions in the application, and one
+/// `MULTI` … `EXEC` of the leases taken, which Redis runs only if no other
+/// client changed one of those sessions meanwhile (else the batch is read
+/// again; after three tries it goes by script). Redis runs those native
+/// commands far faster than a script's `redis.call`s and string work: an
+/// exclusive request cost Redis about 111,000 instructions with the lease
+/// script, and 41,000 this way. A store on the application's connection
+/// ([`RedisStore::new`], [`RedisStore::from_cluster`]) cannot own one, and
+/// takes each lease with one script.
 ///
 /// [`load`](SessionStore::load) is one `GET`. A session that cannot be
 /// decoded (or a foreign value under its key) fails it with a decode error
@@ -466,11 +465,14 @@ pub struct RedisStore {
     connection: Connection,
     keys: KeyNames,
     scripts: std::sync::Arc<Scripts>,
-    /// The client of a store that made its own connection: its writers
-    /// open theirs from it and save by transaction (see `transaction.rs`).
+    /// The client of a store that made its own connection: its lease
+    /// writers open theirs from it and lease by transaction (see
+    /// `redis/transaction.rs`).
     client: Option<redis::Client>,
-    /// The writers that batch saves (and, with a client, leases), shared by the clones.
-    writers: std::sync::Arc<Writers<RedisJob>>,
+    /// The writers that batch saves, shared by the clones.
+    writers: std::sync::Arc<Writers<SwapJob>>,
+    /// The writers that batch leases, with a client.
+    lease_writers: std::sync::Arc<Writers<LeaseJob>>,
     /// Sessions one purge script looks at: [`PURGE_BATCH`] (tests make it small).
     purge_batch: usize,
 }
@@ -541,9 +543,9 @@ pub(super) fn check_prefix(prefix: &str) -> Result<()> {
 
 impl RedisStore {
     /// A store on the application's own connection, with the default
-    /// prefix `session2`. It saves and leases by script: a store that
-    /// makes its own connection ([`RedisStore::connect`]) is faster, as it
-    /// can open a second one for its transactions.
+    /// prefix `session2`. It takes leases by script: a store that makes its
+    /// own connection ([`RedisStore::connect`]) takes them faster, as it can
+    /// open a second one for its transactions (see [`RedisStore`]).
     pub fn new(connection: ConnectionManager) -> Self {
         Self::with_connection(Connection::Single(connection))
     }
@@ -562,6 +564,7 @@ impl RedisStore {
             client: None,
             purge_batch: PURGE_BATCH,
             writers: std::sync::Arc::default(),
+            lease_writers: std::sync::Arc::default(),
         }
     }
 
@@ -577,7 +580,7 @@ impl RedisStore {
     /// Fails with a backend error when the server cannot be reached within
     /// a few seconds. The connection reconnects by itself if the server goes
     /// away later; calls made while it is down fail with backend errors.
-    /// The store's writer (the first save starts it) opens a second
+    /// The store's lease writer (the first lease starts it) opens a second
     /// connection for its transactions (see [`RedisStore`]).
     pub async fn connect(url: &str) -> Result<Self> {
         let client = redis::Client::open(url)
@@ -637,6 +640,7 @@ impl RedisStore {
         self.keys = KeyNames::new(prefix);
         // The writers of the store it was cloned from write under the old prefix.
         self.writers = std::sync::Arc::default();
+        self.lease_writers = std::sync::Arc::default();
         Ok(self)
     }
 
@@ -764,87 +768,67 @@ impl RedisStore {
     fn writer(&self) -> Self {
         Self {
             writers: std::sync::Arc::default(),
+            lease_writers: std::sync::Arc::default(),
             ..self.clone()
         }
     }
 
-    /// The writer: makes the queued jobs in batches until every queue
-    /// handle is gone, by transaction when the store has a client of its
-    /// own, else by script.
-    async fn write_batches(self, mut jobs: tokio::sync::mpsc::Receiver<RedisJob>) {
-        let mut transactions = self.client.clone().map(Transactions::new);
+    /// The writer: makes the queued saves in batches until every queue handle is gone.
+    async fn swap_batches(self, mut jobs: tokio::sync::mpsc::Receiver<SwapJob>) {
         let mut batch = Vec::with_capacity(MAX_SWAPS);
         while jobs.recv_many(&mut batch, MAX_SWAPS).await > 0 {
-            let jobs = std::mem::replace(&mut batch, Vec::with_capacity(MAX_SWAPS));
-            match &mut transactions {
-                Some(transactions) => transactions.write(&self, jobs).await,
-                None => self.write_by_script(jobs).await,
+            if batch.len() == 1 {
+                let job = batch.remove(0);
+                let swapped = self.replace_alone(&job).await;
+                let _ = job.reply.send(swapped);
+                continue;
             }
-        }
-    }
-
-    /// Makes `jobs` by script and answers each: the saves together in one
-    /// script when there is nothing else, else each alone, in order.
-    async fn write_by_script(&self, mut jobs: Vec<RedisJob>) {
-        if jobs.len() < 2 || jobs.iter().any(|job| matches!(job, RedisJob::Lease(_))) {
-            for job in jobs {
-                self.write_alone(job).await;
-            }
-            return;
-        }
-        let saves: Vec<SwapJob> = jobs
-            .drain(..)
-            .filter_map(|job| match job {
-                RedisJob::Save(save) => Some(save),
-                RedisJob::Lease(_) => None,
-            })
-            .collect();
-        match self.replace_many(&saves).await {
-            Ok(swapped) => {
-                for (job, swapped) in saves.into_iter().zip(swapped) {
-                    // A caller that gave up no longer listens; its save stands.
-                    let _ = job.reply.send(Ok(swapped));
+            match self.replace_many(&batch).await {
+                Ok(swapped) => {
+                    for (job, swapped) in batch.drain(..).zip(swapped) {
+                        // A caller that gave up no longer listens; its save stands.
+                        let _ = job.reply.send(Ok(swapped));
+                    }
                 }
-            }
-            Err(err) => answer_all(saves.into_iter().map(|job| job.reply), err),
-        }
-    }
-
-    /// Makes one job by script and answers it.
-    async fn write_alone(&self, job: RedisJob) {
-        // A caller that gave up no longer listens; what was written stands.
-        match job {
-            RedisJob::Save(job) => {
-                let saved = self.replace_alone(&job).await;
-                let _ = job.reply.send(saved);
-            }
-            RedisJob::Lease(job) => {
-                let leased = self.lease_by_script(&job.key, job.lease, job.now).await;
-                let _ = job.reply.send(leased);
+                Err(err) => answer_all(batch.drain(..).map(|job| job.reply), err),
             }
         }
     }
 
-    /// Queues `job` for the writer on the caller's runtime; outside a
-    /// runtime, makes it here and now.
-    async fn queue(&self, job: RedisJob) {
-        let start = |jobs| self.writer().write_batches(jobs);
-        if let Err(job) = self.writers.send(job, start).await {
-            self.write_alone(job).await;
+    /// The lease writer: tries the queued leases in batches, by
+    /// transaction on a connection of its own, until every queue handle is
+    /// gone.
+    async fn lease_batches(
+        self,
+        client: redis::Client,
+        mut jobs: tokio::sync::mpsc::Receiver<LeaseJob>,
+    ) {
+        let mut transactions = Transactions::new(client);
+        let mut batch = Vec::with_capacity(MAX_SWAPS);
+        while jobs.recv_many(&mut batch, MAX_SWAPS).await > 0 {
+            let leases = std::mem::replace(&mut batch, Vec::with_capacity(MAX_SWAPS));
+            transactions.lease(&self, leases).await;
         }
     }
 
-    /// Tries to take `lease` on `key` once: through the writer when it
-    /// makes transactions, else by the lease script.
+    /// Tries one lease by script and answers it.
+    async fn lease_alone(&self, job: LeaseJob) {
+        let leased = self.lease_by_script(&job.key, job.lease, job.now).await;
+        // A caller that gave up no longer listens; its lease stands until it runs out.
+        let _ = job.reply.send(leased);
+    }
+
+    /// Tries to take `lease` on `key` once: through the lease writer when
+    /// the store has a client of its own, else by the lease script.
     async fn lease_once(
         &self,
         key: &SessionKey,
         lease: Lease,
         now: Timestamp,
     ) -> Result<LeaseReply> {
-        if self.client.is_none() {
+        let Some(client) = &self.client else {
             return self.lease_by_script(key, lease, now).await;
-        }
+        };
         let (reply, outcome) = tokio::sync::oneshot::channel();
         let job = LeaseJob {
             key: *key,
@@ -852,8 +836,12 @@ impl RedisStore {
             now,
             reply,
         };
-        self.queue(RedisJob::Lease(job)).await;
-        answer(STORE, outcome).await
+        let start = |jobs| self.writer().lease_batches(client.clone(), jobs);
+        match self.lease_writers.send(job, start).await {
+            Ok(()) => answer(STORE, outcome).await,
+            // No tokio runtime to run a writer on: this lease goes alone.
+            Err(job) => self.lease_by_script(&job.key, job.lease, job.now).await,
+        }
     }
 
     /// Tries to take `lease` on `key` once, with the lease script.
@@ -1366,15 +1354,19 @@ impl SessionStore for RedisStore {
         now: Timestamp,
     ) -> Result<bool> {
         let (reply, outcome) = tokio::sync::oneshot::channel();
-        let job = RedisJob::Save(SwapJob {
+        let job = SwapJob {
             key: *key,
             expected_version,
             record: record.clone(),
             now,
             reply,
-        });
-        self.queue(job).await;
-        answer(STORE, outcome).await
+        };
+        let start = |jobs| self.writer().swap_batches(jobs);
+        match self.writers.send(job, start).await {
+            Ok(()) => answer(STORE, outcome).await,
+            // No tokio runtime to run a writer on: this save goes alone.
+            Err(job) => self.replace_alone(&job).await,
+        }
     }
 
     async fn lease(&self, key: &SessionKey, lease: Lease, now: Timestamp) -> Result<LeaseOutcome> {
@@ -1545,6 +1537,7 @@ mod tests {
         RedisStore {
             client: None,
             writers: std::sync::Arc::default(),
+            lease_writers: std::sync::Arc::default(),
             ..store
         }
     }
@@ -2268,40 +2261,13 @@ mod tests {
         }
     }
 
-    /// A reply a test waits for.
-    enum Reply {
-        Save(tokio::sync::oneshot::Receiver<Result<bool>>),
-        Lease(tokio::sync::oneshot::Receiver<Result<LeaseReply>>),
-    }
-
-    impl Reply {
-        /// The outcome, as text to compare.
-        async fn outcome(self) -> String {
-            match self {
-                Self::Save(reply) => format!("{:?}", reply.await.unwrap().unwrap()),
-                Self::Lease(reply) => format!("{:?}", reply.await.unwrap().unwrap()),
-            }
-        }
-    }
-
-    fn save_job(
+    /// A lease job on `key` for `token`, lasting 30 seconds from `now`, and
+    /// its outcome to come.
+    fn lease_job(
         key: SessionKey,
-        expected_version: u64,
-        record: Record,
+        token: u64,
         now: Timestamp,
-    ) -> (RedisJob, Reply) {
-        let (reply, outcome) = tokio::sync::oneshot::channel();
-        let job = SwapJob {
-            key,
-            expected_version,
-            record,
-            now,
-            reply,
-        };
-        (RedisJob::Save(job), Reply::Save(outcome))
-    }
-
-    fn lease_job(key: SessionKey, token: u64, now: Timestamp) -> (RedisJob, Reply) {
+    ) -> (LeaseJob, tokio::sync::oneshot::Receiver<Result<LeaseReply>>) {
         let (reply, outcome) = tokio::sync::oneshot::channel();
         let lease = Lease {
             token,
@@ -2313,7 +2279,18 @@ mod tests {
             now,
             reply,
         };
-        (RedisJob::Lease(job), Reply::Lease(outcome))
+        (job, outcome)
+    }
+
+    /// The outcomes of `replies`, as text to compare.
+    async fn outcomes(
+        replies: Vec<tokio::sync::oneshot::Receiver<Result<LeaseReply>>>,
+    ) -> Vec<String> {
+        let mut outcomes = Vec::new();
+        for reply in replies {
+            outcomes.push(format!("{:?}", reply.await.unwrap().unwrap()));
+        }
+        outcomes
     }
 
     async fn set_raw(store: &RedisStore, key: &SessionKey, value: &[u8]) {
@@ -2328,9 +2305,9 @@ mod tests {
             .unwrap();
     }
 
-    /// What `store` holds, as text to compare with another prefix's: each
-    /// session's value and every index.
-    async fn everything(store: &RedisStore, sessions: &[SessionKey]) -> Vec<String> {
+    /// Each of `sessions` as `store` holds it, with its key's type, as text
+    /// to compare with another prefix's.
+    async fn held(store: &RedisStore, sessions: &[SessionKey]) -> Vec<String> {
         let mut connection = store.connection.clone();
         let mut held = Vec::new();
         for key in sessions {
@@ -2349,133 +2326,76 @@ mod tests {
             } else {
                 None
             };
-            held.push(format!(
-                "{kind} {:?}",
-                value.map(|value| String::from_utf8_lossy(&value).into_owned())
-            ));
-        }
-        let keys = &store.keys;
-        let expiry: Vec<(String, f64)> = redis::cmd("ZRANGE")
-            .arg(&keys.expiry)
-            .arg(0)
-            .arg(-1)
-            .arg("WITHSCORES")
-            .query_async(&mut connection)
-            .await
-            .unwrap();
-        let listed: Vec<String> = redis::cmd("ZRANGE")
-            .arg(&keys.keys)
-            .arg(0)
-            .arg(-1)
-            .query_async(&mut connection)
-            .await
-            .unwrap();
-        let mut owners: Vec<(String, String)> = redis::cmd("HGETALL")
-            .arg(&keys.owners)
-            .query_async(&mut connection)
-            .await
-            .unwrap();
-        owners.sort();
-        held.push(format!("{expiry:?} {listed:?} {owners:?}"));
-        for user in ["ann", "bob"] {
-            let mut members: Vec<String> = redis::cmd("SMEMBERS")
-                .arg(keys.user(user))
-                .query_async(&mut connection)
-                .await
-                .unwrap();
-            members.sort();
-            held.push(format!("{user}: {members:?}"));
+            let value = value.map(|value| String::from_utf8_lossy(&value).into_owned());
+            held.push(format!("{kind} {value:?}"));
         }
         held
     }
 
     #[test]
-    fn a_transaction_decides_each_job_as_the_scripts_would() {
+    fn a_lease_transaction_decides_each_lease_as_the_script_would() {
         crate::testing::run(async {
             let Some(stores) = both_stores().await else {
                 return;
             };
             let now = crate::Clock::now(&crate::SystemClock);
             let after_expiry = now.saturating_add(Duration::from_secs(700));
-            let [live, owned, expired, missing, hash, foreign, leased] =
+            let [live, expired, missing, hash, foreign, leased, garbled] =
                 [(); 7].map(|()| crate::SessionId::generate().key());
-            let sessions = [live, owned, expired, missing, hash, foreign, leased];
+            let sessions = [live, expired, missing, hash, foreign, leased, garbled];
             let mut results = Vec::new();
             for store in stores {
                 let record = |version, data: &[u8]| record_at(now, version, data);
                 store.create(&live, &record(1, b"live"), now).await.unwrap();
-                let ann = Record {
-                    user: Some("ann".into()),
-                    ..record(1, b"ann's")
-                };
-                store.create(&owned, &ann, now).await.unwrap();
-                store
-                    .create(&expired, &record(1, b"expires"), now)
-                    .await
-                    .unwrap();
+                let expires = record(1, b"expires");
+                store.create(&expired, &expires, now).await.unwrap();
                 write_as_hash(&store, &hash, &record(1, b"hash")).await;
                 set_raw(&store, &foreign, b"not a session").await;
-                let held = record(1, b"leased").with_lease(Lease {
+                let held_lease = Lease {
                     token: 7,
                     until: now.saturating_add(Duration::from_secs(60)),
-                });
-                store.create(&leased, &held, now).await.unwrap();
-
-                let bob = Record {
-                    user: Some("bob".into()),
-                    ..record(3, b"bob's")
                 };
-                // Ann logs out, and the session expires sooner: both indexes move.
-                let sooner = Record {
-                    idle_deadline: now.saturating_add(Duration::from_secs(300)),
-                    ..record(2, b"anonymous")
-                };
+                let held_record = record(1, b"leased").with_lease(held_lease);
+                store.create(&leased, &held_record, now).await.unwrap();
+                // A head the script reads, and a tail it cannot.
+                set_raw(&store, &garbled, b"1|99999999999999|||x|y|z|").await;
                 let (jobs, replies): (Vec<_>, Vec<_>) = [
-                    save_job(live, 1, record(2, b"a"), now),
-                    save_job(live, 2, bob, now),
-                    save_job(live, 2, record(3, b"stale"), now),
                     lease_job(live, 1, now),
                     lease_job(live, 2, now),
-                    save_job(owned, 1, sooner, now),
-                    save_job(expired, 1, record(2, b"too late"), after_expiry),
-                    lease_job(expired, 3, after_expiry),
-                    save_job(missing, 1, record(2, b"missing"), now),
+                    lease_job(expired, 3, now),
+                    // A lease the batch took, then a lease once the session expired.
+                    lease_job(expired, 10, after_expiry),
                     lease_job(missing, 4, now),
-                    save_job(hash, 1, record(2, b"hash, saved"), now),
-                    lease_job(foreign, 5, now),
-                    save_job(foreign, 1, record(2, b"foreign"), now),
-                    lease_job(leased, 6, now),
-                    save_job(leased, 2, record(3, b"the holder's"), now),
+                    lease_job(hash, 5, now),
+                    lease_job(hash, 6, now),
+                    lease_job(foreign, 7, now),
+                    lease_job(leased, 8, now),
+                    lease_job(garbled, 9, now),
                 ]
                 .into_iter()
                 .unzip();
                 match store.client.clone() {
-                    Some(client) => Transactions::new(client).write(&store, jobs).await,
-                    None => store.write_by_script(jobs).await,
+                    Some(client) => Transactions::new(client).lease(&store, jobs).await,
+                    None => {
+                        for job in jobs {
+                            store.lease_alone(job).await;
+                        }
+                    }
                 }
-                let mut outcomes = Vec::new();
-                for reply in replies {
-                    outcomes.push(reply.outcome().await);
-                }
-                results.push((outcomes, everything(&store, &sessions).await));
+                results.push((outcomes(replies).await, held(&store, &sessions).await));
             }
             let (outcomes, held) = &results[0];
             let expected = [
-                "true",
-                "true",
-                "false",
                 "Decided(Taken(",
                 "Decided(Held(",
-                "true",
-                "false",
+                "Decided(Taken(",
                 "Decided(Missing)",
-                "false",
                 "Decided(Missing)",
-                "true",
-                "Unreadable",
-                "false",
+                "Decided(Taken(",
                 "Decided(Held(",
-                "true",
+                "Unreadable",
+                "Decided(Held(",
+                "Unreadable",
             ];
             assert_eq!(outcomes.len(), expected.len());
             for (outcome, expected) in outcomes.iter().zip(expected) {
@@ -2484,13 +2404,17 @@ mod tests {
                     "{outcome} is not {expected}…"
                 );
             }
-            assert!(held[3].starts_with("none"), "no session was made: {held:?}");
+            assert!(held[2].starts_with("none"), "no session was made: {held:?}");
+            assert!(
+                held[3].starts_with("string"),
+                "the hash became a string: {held:?}"
+            );
             assert_eq!(results[0], results[1], "by transaction, then by script");
         });
     }
 
-    /// A writer whose every read is followed by `interfere(read number)`,
-    /// as another client's writes would.
+    /// A lease writer whose every read is followed by `interfere(read
+    /// number)`, as another client's writes would.
     fn interfered(
         store: &RedisStore,
         interfere: impl Fn(usize, Connection) -> transaction::Interference + Send + 'static,
@@ -2539,30 +2463,37 @@ mod tests {
                     }
                 })
             });
-            let (jobs, replies): (Vec<_>, Vec<_>) = [
-                save_job(a, 1, record(2, b"ours"), now),
-                save_job(b, 1, record(2, b"b, saved"), now),
-            ]
-            .into_iter()
-            .unzip();
-            transactions.write(&store, jobs).await;
-            let mut outcomes = Vec::new();
-            for reply in replies {
-                outcomes.push(reply.outcome().await);
-            }
+            let (jobs, replies): (Vec<_>, Vec<_>) = [lease_job(a, 1, now), lease_job(b, 2, now)]
+                .into_iter()
+                .unzip();
+            let leases: Vec<Lease> = jobs.iter().map(|job| job.lease).collect();
+            transactions.lease(&store, jobs).await;
+            assert_eq!(reads.load(std::sync::atomic::Ordering::SeqCst), 2);
+            let taken = [
+                theirs.with_lease(leases[0]),
+                record(1, b"created").with_lease(leases[1]),
+            ];
+            let expected: Vec<String> = taken
+                .iter()
+                .map(|taken| {
+                    format!(
+                        "{:?}",
+                        LeaseReply::Decided(LeaseOutcome::Taken(taken.clone()))
+                    )
+                })
+                .collect();
             assert_eq!(
-                outcomes,
-                ["false", "true"],
+                outcomes(replies).await,
+                expected,
                 "decided on what the second read saw"
             );
-            assert_eq!(reads.load(std::sync::atomic::Ordering::SeqCst), 2);
-            assert_eq!(stored(&store, &a).await, Some(theirs));
-            assert_eq!(stored(&store, &b).await, Some(record(2, b"b, saved")));
+            assert_eq!(stored(&store, &a).await.as_ref(), Some(&taken[0]));
+            assert_eq!(stored(&store, &b).await.as_ref(), Some(&taken[1]));
         });
     }
 
     #[test]
-    fn a_batch_other_clients_keep_changing_is_made_by_script() {
+    fn a_batch_other_clients_keep_changing_is_leased_by_script() {
         crate::testing::run(async {
             let Some(store) = test_store().await else {
                 return;
@@ -2597,28 +2528,30 @@ mod tests {
                 })
             });
             let (jobs, replies): (Vec<_>, Vec<_>) = [
-                save_job(a, 1, record(2, b"a, saved"), now),
-                lease_job(b, 1, now),
-                save_job(b, 2, record(3, b"b, saved by its holder"), now),
+                lease_job(a, 1, now),
+                lease_job(b, 2, now),
+                lease_job(b, 3, now),
             ]
             .into_iter()
             .unzip();
-            transactions.write(&store, jobs).await;
-            let mut outcomes = Vec::new();
-            for reply in replies {
-                outcomes.push(reply.outcome().await);
-            }
-            assert_eq!(outcomes[0], "true");
-            assert!(outcomes[1].starts_with("Decided(Taken("), "{}", outcomes[1]);
-            assert_eq!(outcomes[2], "true");
+            let leases: Vec<Lease> = jobs.iter().map(|job| job.lease).collect();
+            transactions.lease(&store, jobs).await;
             assert_eq!(
                 reads.load(std::sync::atomic::Ordering::SeqCst),
                 transaction::ATTEMPTS
             );
-            assert_eq!(stored(&store, &a).await, Some(record(2, b"a, saved")));
+            let outcomes = outcomes(replies).await;
+            assert!(outcomes[0].starts_with("Decided(Taken("), "{}", outcomes[0]);
+            assert!(outcomes[1].starts_with("Decided(Taken("), "{}", outcomes[1]);
+            assert!(outcomes[2].starts_with("Decided(Held("), "{}", outcomes[2]);
+            let created = record(1, b"created");
+            assert_eq!(
+                stored(&store, &a).await,
+                Some(created.clone().with_lease(leases[0]))
+            );
             assert_eq!(
                 stored(&store, &b).await,
-                Some(record(3, b"b, saved by its holder"))
+                Some(created.with_lease(leases[1]))
             );
         });
     }

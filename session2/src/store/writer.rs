@@ -3,7 +3,7 @@
 //! and compare-and-swaps of PostgreSQL and MySQL (`store/batched_load.rs`,
 //! `store/batched_swap.rs`), PostgreSQL's batched leases
 //! (`store/batched_lease.rs`) and Redis's batched saves and leases
-//! (`store/redis/transaction.rs`).
+//! (`store/redis.rs`, `store/redis/transaction.rs`).
 //!
 //! A writer lives on the runtime of the callers that queue jobs for it: a
 //! writer on another runtime might never run, as a current-thread runtime
