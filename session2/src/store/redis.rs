@@ -991,32 +991,30 @@ fn in_memory(written: io::Result<()>) {
 
 /// Writes the session's string (see [`decode_stored`]).
 fn write_record(out: &mut impl io::Write, record: &Record) {
-    fn optional(out: &mut impl io::Write, value: Option<impl fmt::Display>) -> io::Result<()> {
+    /// A number and its `|`, by `itoa`: a record has up to nine, and
+    /// `write!` cost three times as much.
+    fn number(out: &mut impl io::Write, value: impl itoa::Integer) -> io::Result<()> {
+        out.write_all(itoa::Buffer::new().format(value).as_bytes())?;
+        out.write_all(b"|")
+    }
+    fn optional(out: &mut impl io::Write, value: Option<impl itoa::Integer>) -> io::Result<()> {
         match value {
-            Some(value) => write!(out, "{value}|"),
+            Some(value) => number(out, value),
             None => out.write_all(b"|"),
         }
     }
     let lease = record.lease;
     let mut write = || -> io::Result<()> {
-        write!(
-            out,
-            "{}|{}|",
-            record.version,
-            record.expires_at().as_millis()
-        )?;
+        number(out, record.version)?;
+        number(out, record.expires_at().as_millis())?;
         optional(out, record.user.as_ref().map(String::len))?;
         out.write_all(record.user.as_deref().unwrap_or_default().as_bytes())?;
         optional(out, record.absolute_deadline.map(Timestamp::as_millis))?;
         optional(out, lease.map(|lease| lease.token))?;
         optional(out, lease.map(|lease| lease.until.as_millis()))?;
-        write!(
-            out,
-            "{}|{}|{}|",
-            record.created_at.as_millis(),
-            record.accessed_at.as_millis(),
-            record.idle_deadline.as_millis()
-        )?;
+        number(out, record.created_at.as_millis())?;
+        number(out, record.accessed_at.as_millis())?;
+        number(out, record.idle_deadline.as_millis())?;
         out.write_all(&record.data)
     };
     in_memory(write());
