@@ -43,6 +43,8 @@ const PURGE_BATCH: usize = 1_000;
 const MAX_PAGE: usize = 100_000;
 /// The most saves one batch script makes.
 const MAX_SWAPS: usize = 256;
+/// The most leases one transaction tries.
+const MAX_LEASES: usize = 256;
 /// How long at most a session's key outlives the session in Redis: see
 /// [`key_expiry`].
 const KEY_EXPIRY_SLACK: Duration = Duration::from_secs(3600);
@@ -804,10 +806,9 @@ impl RedisStore {
         mut jobs: tokio::sync::mpsc::Receiver<LeaseJob>,
     ) {
         let mut transactions = Transactions::new(client);
-        let mut batch = Vec::with_capacity(MAX_SWAPS);
-        while jobs.recv_many(&mut batch, MAX_SWAPS).await > 0 {
-            let leases = std::mem::replace(&mut batch, Vec::with_capacity(MAX_SWAPS));
-            transactions.lease(&self, leases).await;
+        let mut batch = Vec::with_capacity(MAX_LEASES);
+        while jobs.recv_many(&mut batch, MAX_LEASES).await > 0 {
+            transactions.lease(&self, std::mem::take(&mut batch)).await;
         }
     }
 
@@ -1062,7 +1063,7 @@ fn decode_stored(stored: &[u8]) -> Result<Record> {
 
 /// What the scripts' `parse` reads of a session's string: its version,
 /// expiry and user.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Debug)]
 struct Head<'a> {
     version: u64,
     expires_at: i64,
