@@ -2429,6 +2429,16 @@ mod tests {
         (transactions, reads)
     }
 
+    /// Two sessions made at `now`, at version 1 with the data `created`.
+    async fn two_sessions(store: &RedisStore, now: Timestamp) -> [SessionKey; 2] {
+        let keys = [(); 2].map(|()| crate::SessionId::generate().key());
+        for key in &keys {
+            let created = record_at(now, 1, b"created");
+            store.create(key, &created, now).await.unwrap();
+        }
+        keys
+    }
+
     #[test]
     fn an_aborted_transaction_is_read_and_decided_again() {
         crate::testing::run(async {
@@ -2437,13 +2447,7 @@ mod tests {
             };
             let now = crate::Clock::now(&crate::SystemClock);
             let record = |version, data: &[u8]| record_at(now, version, data);
-            let [a, b] = [(); 2].map(|()| crate::SessionId::generate().key());
-            for key in [a, b] {
-                store
-                    .create(&key, &record(1, b"created"), now)
-                    .await
-                    .unwrap();
-            }
+            let [a, b] = two_sessions(&store, now).await;
             // Another client saves `a` between the first read and its transaction.
             let theirs = record(2, b"theirs");
             let (mut bytes, name) = (Vec::new(), store.session_key_name(&a));
@@ -2499,13 +2503,7 @@ mod tests {
             };
             let now = crate::Clock::now(&crate::SystemClock);
             let record = |version, data: &[u8]| record_at(now, version, data);
-            let [a, b] = [(); 2].map(|()| crate::SessionId::generate().key());
-            for key in [a, b] {
-                store
-                    .create(&key, &record(1, b"created"), now)
-                    .await
-                    .unwrap();
-            }
+            let [a, b] = two_sessions(&store, now).await;
             // Another client rewrites `b` as it was after every read: each
             // transaction is aborted.
             let name = store.session_key_name(&b);
