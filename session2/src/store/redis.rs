@@ -1037,10 +1037,10 @@ fn write_record(out: &mut impl io::Write, record: &Record) {
 fn decode_stored(stored: &[u8]) -> Result<Record> {
     let (head, mut fields) = decode_head(stored)?;
     let at = Timestamp::from_millis;
-    let optional = |fields: &mut Fields| fields.number::<i64>(true).ok_or_else(garbled);
+    let optional = |fields: &mut Fields| fields.signed().ok_or_else(garbled);
     let required = |fields: &mut Fields| optional(fields)?.map(at).ok_or_else(garbled);
     let absolute_deadline = optional(&mut fields)?.map(at);
-    let lease_token: Option<u64> = fields.number(false).ok_or_else(garbled)?;
+    let lease_token: Option<u64> = fields.unsigned().ok_or_else(garbled)?;
     let lease = match (lease_token, optional(&mut fields)?) {
         (Some(token), Some(until)) => Some(Lease {
             token,
@@ -1074,9 +1074,9 @@ struct Head<'a> {
 /// gives the fields after it.
 fn decode_head(stored: &[u8]) -> Result<(Head<'_>, Fields<'_>)> {
     let mut fields = Fields(stored);
-    let version: u64 = fields.number(false).flatten().ok_or_else(garbled)?;
-    let expires_at: i64 = fields.number(true).flatten().ok_or_else(garbled)?;
-    let user = match fields.number::<usize>(false).ok_or_else(garbled)? {
+    let version: u64 = fields.unsigned().flatten().ok_or_else(garbled)?;
+    let expires_at = fields.signed().flatten().ok_or_else(garbled)?;
+    let user = match fields.unsigned::<usize>().ok_or_else(garbled)? {
         Some(length) => {
             let user = fields.take(length).ok_or_else(garbled)?;
             let user = std::str::from_utf8(user)
@@ -1110,24 +1110,45 @@ impl<'a> Fields<'a> {
         Some(taken)
     }
 
-    /// The next field up to its `|`, as a decimal number the way the
-    /// scripts' patterns take it (`%d*`, or `%-?%d*` when `signed`):
-    /// `Some(None)` when empty, `None` when it is anything else.
-    fn number<T: std::str::FromStr>(&mut self, signed: bool) -> Option<Option<T>> {
+    /// The next field up to its `|`.
+    fn field(&mut self) -> Option<&'a [u8]> {
         let end = self.0.iter().position(|&byte| byte == b'|')?;
         let field = self.take(end)?;
         self.0 = &self.0[1..];
-        let digits = match field {
-            [] => return Some(None),
-            [b'-', digits @ ..] if signed => digits,
-            digits => digits,
-        };
-        if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
-            return None;
-        }
-        // ASCII digits and a sign: UTF-8, and a number unless out of range.
-        std::str::from_utf8(field).ok()?.parse().ok().map(Some)
+        Some(field)
     }
+
+    /// The next field as a decimal number the way the scripts' patterns
+    /// take it (`%d*`): `Some(None)` when empty, `None` when it is anything
+    /// else or out of `T`'s range.
+    fn unsigned<T: TryFrom<u64>>(&mut self) -> Option<Option<T>> {
+        match self.field()? {
+            [] => Some(None),
+            digits => T::try_from(decimal(digits)?).ok().map(Some),
+        }
+    }
+
+    /// The next field as a decimal number with an optional `-` (`%-?%d*`),
+    /// as [`unsigned`](Self::unsigned) reads it.
+    fn signed(&mut self) -> Option<Option<i64>> {
+        match self.field()? {
+            [] => Some(None),
+            [b'-', digits @ ..] => 0i64.checked_sub_unsigned(decimal(digits)?).map(Some),
+            digits => i64::try_from(decimal(digits)?).ok().map(Some),
+        }
+    }
+}
+
+/// The value of at least one ASCII digit, digit by digit: `str::parse` cost
+/// four times as much, on every load.
+fn decimal(digits: &[u8]) -> Option<u64> {
+    if digits.is_empty() {
+        return None;
+    }
+    digits.iter().try_fold(0u64, |value, &digit| {
+        let digit = digit.is_ascii_digit().then(|| u64::from(digit - b'0'))?;
+        value.checked_mul(10)?.checked_add(digit)
+    })
 }
 
 /// The fields of a session in the hash layout of earlier session2 builds,
@@ -1810,6 +1831,60 @@ mod tests {
                 }
             }
         });
+    }
+
+    /// A number field as `str::parse` reads it, after the checks of the
+    /// scripts' patterns: what [`Fields::unsigned`] and [`Fields::signed`]
+    /// must agree with.
+    fn parsed<T: std::str::FromStr>(field: &[u8], signed: bool) -> Option<Option<T>> {
+        let digits = match field {
+            [] => return Some(None),
+            [b'-', digits @ ..] if signed => digits,
+            digits => digits,
+        };
+        if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
+            return None;
+        }
+        std::str::from_utf8(field).ok()?.parse().ok().map(Some)
+    }
+
+    #[test]
+    fn number_fields_read_as_str_parse_reads_them() {
+        let fields: [&[u8]; 22] = [
+            b"",
+            b"0",
+            b"007",
+            b"1795743502991",
+            b"18446744073709551615",
+            b"18446744073709551616",
+            b"99999999999999999999999",
+            b"9223372036854775807",
+            b"9223372036854775808",
+            b"-9223372036854775808",
+            b"-9223372036854775809",
+            b"-0",
+            b"-",
+            b"--5",
+            b"+5",
+            b" 5",
+            b"5 ",
+            b"5a",
+            b"0x10",
+            b"1e3",
+            "\u{663}".as_bytes(),
+            b"\xff",
+        ];
+        for field in fields {
+            let with_bar = [field, b"|rest".as_slice()].concat();
+            let unsigned = Fields(&with_bar).unsigned::<u64>();
+            assert_eq!(unsigned, parsed::<u64>(field, false), "{field:?}");
+            let unsigned = Fields(&with_bar).unsigned::<usize>();
+            assert_eq!(unsigned, parsed::<usize>(field, false), "{field:?}");
+            let signed = Fields(&with_bar).signed();
+            assert_eq!(signed, parsed::<i64>(field, true), "{field:?}");
+            // A field with no `|` after it is cut short.
+            assert_eq!(Fields(field).signed(), None, "{field:?}");
+        }
     }
 
     #[test]
