@@ -4,8 +4,16 @@
 # database `test`) and Redis (127.0.0.1:6379). Starts each one that is not
 # answering, installs it from Debian's packages if it is missing, and waits
 # until it answers; installs Debian's chromium and chromium-driver for the
-# browser test. Idempotent: on a machine where all three run it only checks.
+# browser test (unless given `--no-browser`: the benchmark needs only the
+# databases). Idempotent: on a machine where all three run it only checks.
 set -euo pipefail
+
+browser=1
+case "${1:-}" in
+  "") ;;
+  --no-browser) browser=0 ;;
+  *) printf 'usage: %s [--no-browser]\n' "$0" >&2; exit 2 ;;
+esac
 
 log() { printf 'services: %s\n' "$*" >&2; }
 
@@ -104,5 +112,9 @@ ensure_browser() {
 ensure_redis
 ensure_postgres
 ensure_mariadb
-ensure_browser
-log "PostgreSQL, MariaDB and Redis answer on 127.0.0.1; Chromium and chromedriver are installed"
+if [ "$browser" = 1 ]; then
+  ensure_browser
+  log "PostgreSQL, MariaDB and Redis answer on 127.0.0.1; Chromium and chromedriver are installed"
+else
+  log "PostgreSQL, MariaDB and Redis answer on 127.0.0.1"
+fi
