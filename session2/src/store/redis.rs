@@ -1035,7 +1035,12 @@ fn write_record(out: &mut impl io::Write, record: &Record) {
 /// 1,300 instructions each), and a save is one `SET` of the string built
 /// by [`write_record`].
 fn decode_stored(stored: &[u8]) -> Result<Record> {
-    let (head, mut fields) = decode_head(stored)?;
+    let (head, fields) = decode_head(stored)?;
+    decode_rest(head, fields)
+}
+
+/// The record whose [`Head`] [`decode_head`] read, from the `fields` after it.
+fn decode_rest(head: Head<'_>, mut fields: Fields<'_>) -> Result<Record> {
     let at = Timestamp::from_millis;
     let optional = |fields: &mut Fields| fields.signed().ok_or_else(garbled);
     let required = |fields: &mut Fields| optional(fields)?.map(at).ok_or_else(garbled);

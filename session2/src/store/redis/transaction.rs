@@ -36,7 +36,7 @@ use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, Cmd, Pipeline, RedisWrite as _, Value};
 use tokio::sync::oneshot;
 
-use super::{RedisStore, STORE, decode_head, decode_stored, record_size, write_record};
+use super::{RedisStore, STORE, decode_head, decode_rest, record_size, write_record};
 use crate::store::LeaseOutcome;
 use crate::store::writer::answer_all;
 use crate::{Error, Lease, Record, Result, SessionKey, Timestamp};
@@ -192,8 +192,8 @@ impl Transactions {
         let decisions: Vec<Decision> = batch
             .iter()
             .map(|job| {
-                let (current, name) = (&mut current[slots[&job.key]], &names[slots[&job.key]]);
-                decide(&mut writes, current, name, job)
+                let slot = slots[&job.key];
+                decide(&mut writes, &mut current[slot], &names[slot], job)
             })
             .collect();
         #[cfg(test)]
@@ -243,7 +243,7 @@ fn decide(
         // The script's test: the expiry as stored, before the rest is read.
         Current::Stored(bytes) => match decode_head(bytes) {
             Ok((head, _)) if head.expires_at <= job.now.as_millis() => return missing,
-            Ok(_) => match decode_stored(bytes) {
+            Ok((head, rest)) => match decode_rest(head, rest) {
                 Ok(record) => record,
                 Err(_) => return Some(LeaseReply::Unreadable),
             },
