@@ -77,7 +77,7 @@ return 1
 const REPLACE: &str = script!(
     ["redis_write.lua"],
     r"
-return swap(ARGV[3], 6, tonumber(ARGV[4]), ARGV[5]) and 1 or 0
+return swap(ARGV[3], 6, ARGV[4] + 0, ARGV[5]) and 1 or 0
 "
 );
 
@@ -91,8 +91,12 @@ const REPLACE_MANY: &str = script!(
     ["redis_write.lua"],
     r"
 local swapped = {}
+-- Saves of a batch mostly share their millisecond: its number is reused
+-- (Lua strings are interned, so `~=` compares two pointers).
+local now_text, now
 for i = 3, #ARGV, 7 do
-  swapped[#swapped + 1] = swap(ARGV[i], i + 3, tonumber(ARGV[i + 1]), ARGV[i + 2]) and '1' or '0'
+  if ARGV[i + 1] ~= now_text then now_text = ARGV[i + 1]; now = now_text + 0 end
+  swapped[#swapped + 1] = swap(ARGV[i], i + 3, now, ARGV[i + 2]) and '1' or '0'
 end
 return table.concat(swapped)
 "
@@ -194,7 +198,7 @@ for i, hex in ipairs(due) do
   else
     record, version, expires_at, user = current(skey)
   end
-  if version and tonumber(expires_at) > now then
+  if version and expires_at + 0 > now then
     -- Its entry ran early (see `index_expiry`): move it to the real expiry.
     redis.call('ZADD', exp, expires_at, hex)
   else
@@ -1673,6 +1677,40 @@ mod tests {
             assert_eq!(stored(&store, &a).await, Some(record(3, b"a3")));
             store.delete(&a, None).await.unwrap();
             store.delete(&b, None).await.unwrap();
+        });
+    }
+
+    #[test]
+    fn a_batch_judges_each_save_at_its_own_now() {
+        crate::testing::run(async {
+            let Some(store) = test_store().await else {
+                return;
+            };
+            let created = crate::Clock::now(&crate::SystemClock);
+            // Each session expires 600 s after `created` (see `record_at`).
+            let expired = created.saturating_add(Duration::from_secs(600));
+            let live = created.saturating_add(Duration::from_secs(1));
+            let keys = [(); 4].map(|()| crate::SessionId::generate().key());
+            let mut jobs = Vec::new();
+            for (key, now) in keys.into_iter().zip([live, expired, expired, live]) {
+                store
+                    .create(&key, &record_at(created, 1, b"created"), created)
+                    .await
+                    .unwrap();
+                let (reply, _) = tokio::sync::oneshot::channel();
+                jobs.push(SwapJob {
+                    key,
+                    expected_version: 1,
+                    record: record_at(now, 2, b"saved"),
+                    now,
+                    reply,
+                });
+            }
+            let swapped = store.replace_many(&jobs).await.unwrap();
+            assert_eq!(swapped, [true, false, false, true]);
+            for key in keys {
+                store.delete(&key, None).await.unwrap();
+            }
         });
     }
 

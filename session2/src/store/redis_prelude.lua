@@ -12,6 +12,10 @@
 --   version|expires_at|user length|<user>absolute_deadline|lease_token|lease_until|created_at|accessed_at|idle_deadline|<data>
 -- The user length is '' when it has no user, and the absolute deadline and
 -- the lease are '' when absent. Numbers are decimal millis.
+--
+-- A string known to be a number becomes one by `s + 0`, not `tonumber(s)`:
+-- Lua 5.1's `tonumber` runs C's `strtod` on it twice, and `strtod` is the
+-- dearest step of a save.
 local exp, keys, owners = KEYS[1], KEYS[2], KEYS[3]
 local sprefix, uprefix = ARGV[1], ARGV[2]
 
@@ -38,7 +42,7 @@ local function parse(record)
   if not at then return nil end
   local user = false
   if user_length ~= '' then
-    local after = at + tonumber(user_length)
+    local after = at + user_length
     if after > #record + 1 then return nil end
     user = string.sub(record, at, after - 1)
     at = after

@@ -6,7 +6,7 @@
 -- moves it), never late, so a session whose expiry only moves forward costs
 -- one index write per idle period, not per save.
 local function index_expiry(hex, expires_at, old_expires)
-  if old_expires and old_expires <= tonumber(expires_at) then return end
+  if old_expires and old_expires <= expires_at + 0 then return end
   redis.call('ZADD', exp, expires_at, hex)
 end
 
@@ -59,10 +59,10 @@ local function swap(hex, first, now, expected)
     version, expires_at, user = parse(old)
   elseif old then
     old, version, expires_at, user = current(skey)
-    if not old or tonumber(expires_at) <= now or version ~= expected then return false end
+    if not old or expires_at + 0 <= now or version ~= expected then return false end
     redis.call('SET', skey, ARGV[first + 3], 'PXAT', ARGV[first + 1])
   end
-  local expires = tonumber(expires_at)
+  local expires = version and expires_at + 0
   if not version or expires <= now or version ~= expected then
     if not old then
       redis.call('DEL', skey)
