@@ -77,12 +77,13 @@ return 1
 const REPLACE: &str = script!(
     ["redis_write.lua"],
     r"
-return swap(ARGV[3], 6, ARGV[4] + 0, ARGV[5]) and 1 or 0
+return swap(sprefix .. ARGV[3], 6, ARGV[4] + 0, ARGV[5]) and 1 or 0
 "
 );
 
-/// ARGV[3..]: for each save, seven arguments: hex, now, expected version
-/// and the record (see [`push_record`]).
+/// ARGV[3..]: for each save, seven arguments: the session's key name (not
+/// its hex: a script that joins the two makes a new Lua string per save),
+/// now, expected version and the record (see [`push_record`]).
 /// Returns one string of `1` or `0` per save, in order: each is the
 /// `REPLACE` above, run after the ones before it (a later save of the same
 /// session sees the earlier one's write). One string, not an array: redis-rs
@@ -898,13 +899,21 @@ impl RedisStore {
     /// The saves of `jobs` in one script, in order; whether each won.
     async fn replace_many(&self, jobs: &[SwapJob]) -> Result<Vec<bool>> {
         let script = &self.scripts.replace_many;
-        // Per save: its hex key, now and expected version, then the record.
-        let bytes = jobs.iter().map(|job| 128 + record_size(&job.record)).sum();
+        // Per save: its key name, now and expected version, then the record.
+        let prefix = self.keys.session_prefix.as_bytes();
+        let bytes = jobs
+            .iter()
+            .map(|job| 128 + prefix.len() + record_size(&job.record))
+            .sum();
         let mut call = self.script_call(script, None, jobs.len() * (3 + RECORD_ARGS), bytes);
         for job in jobs {
-            call.arg(&job.key.hex_bytes()[..])
-                .arg(job.now.as_millis())
-                .arg(job.expected_version);
+            let mut name = call.writer_for_next_arg();
+            in_memory(
+                name.write_all(prefix)
+                    .and_then(|()| name.write_all(&job.key.hex_bytes())),
+            );
+            drop(name);
+            call.arg(job.now.as_millis()).arg(job.expected_version);
             push_record(&mut call, &job.record, job.now);
         }
         let swapped: Vec<u8> = self.call(script, &call, "replace sessions").await?;

@@ -43,7 +43,7 @@ end
 -- `store/redis.rs`).
 local KEY_EXPIRY_SLACK_MS = 3600000
 
--- Replaces session `hex` with ARGV[first..first + 3] if it is live at `now`
+-- Replaces the session under key `skey` with ARGV[first..first + 3] if it is live at `now`
 -- (a number) and at version `expected`; whether it did. In Redis 7.0 each
 -- `redis.call` costs a script several times the command itself, so the
 -- write goes first and brings the old session back in the same command
@@ -51,8 +51,7 @@ local KEY_EXPIRY_SLACK_MS = 3600000
 -- expiring as `key_expiry` in `store/redis.rs` would have it (a missing one
 -- is deleted; bytes that are no session keep the new key's expiry). A hash
 -- of earlier builds makes `SET … GET` fail without writing: it is read first.
-local function swap(hex, first, now, expected)
-  local skey = sprefix .. hex
+local function swap(skey, first, now, expected)
   local old = redis.pcall('SET', skey, ARGV[first + 3], 'PXAT', ARGV[first + 1], 'GET')
   local version, expires_at, user
   if type(old) == 'string' then
@@ -75,7 +74,12 @@ local function swap(hex, first, now, expected)
     end
     return false
   end
-  index_expiry(hex, ARGV[first], expires)
-  index_user(hex, user, new_user(first))
+  -- Most saves move no index entry, and so never need the hex key.
+  local saved_user = new_user(first)
+  if expires > ARGV[first] + 0 or user ~= saved_user then
+    local hex = string.sub(skey, #sprefix + 1)
+    index_expiry(hex, ARGV[first], expires)
+    index_user(hex, user, saved_user)
+  end
   return true
 end
