@@ -66,7 +66,7 @@ const CREATE: &str = script!(
     r"
 local hex = ARGV[3]
 local cur, _, expires_at = current(sprefix .. hex)
-if cur and tonumber(expires_at) > tonumber(ARGV[4]) then return 0 end
+if cur and expires_at + 0 > ARGV[4] + 0 then return 0 end
 if cur ~= nil then remove(hex) end
 create(hex, 5)
 return 1
@@ -111,13 +111,13 @@ const LEASE: &str = script!(
     r"
 local hex = ARGV[3]
 local skey = sprefix .. hex
-local now = tonumber(ARGV[4])
+local now = ARGV[4] + 0
 local record, digits, expires_at, _, at = current(skey)
 if record == false then return 3 end
-if not record or tonumber(expires_at) <= now then return 0 end
+if not record or expires_at + 0 <= now then return 0 end
 local absolute, lease_until, rest = string.match(record, '^(%-?%d*)|%d*|(%-?%d*)|()', at)
 if not rest then return 3 end
-if lease_until ~= '' and tonumber(lease_until) > now then return '1' .. record end
+if lease_until ~= '' and lease_until + 0 > now then return '1' .. record end
 -- The version is a decimal u64: add one digit by digit, beyond Lua's exact doubles.
 local i = #digits
 while i > 0 and string.sub(digits, i, i) == '9' do i = i - 1 end
@@ -155,13 +155,13 @@ const TOUCH: &str = script!(
 local hex = ARGV[3]
 local skey = sprefix .. hex
 local record, version, current_expiry, _, at = current(skey)
-if not record or tonumber(current_expiry) <= tonumber(ARGV[4]) then return 0 end
+if not record or current_expiry + 0 <= ARGV[4] + 0 then return 0 end
 -- Kept: the absolute deadline, the lease and created_at; then the two rewritten.
 local kept, absolute, rest = string.match(record, '^((%-?%d*)|%d*|%-?%d*|%-?%d+|)%-?%d+|%-?%d+|()', at)
 if not rest then return 0 end
 local expires_at, ttl_at = ARGV[5], ARGV[6]
-if absolute ~= '' and tonumber(absolute) < tonumber(expires_at) then expires_at, ttl_at = absolute, absolute end
-index_expiry(hex, expires_at, tonumber(current_expiry))
+if absolute ~= '' and absolute + 0 < expires_at + 0 then expires_at, ttl_at = absolute, absolute end
+index_expiry(hex, expires_at, current_expiry + 0)
 local touched = version .. '|' .. expires_at .. string.sub(record, #version + #current_expiry + 2, at - 1)
   .. kept .. ARGV[4] .. '|' .. ARGV[5] .. '|' .. string.sub(record, rest)
 redis.call('SET', skey, touched, 'PXAT', ttl_at)
@@ -177,8 +177,8 @@ return 1
 /// multi-key commands.
 const PURGE: &str = script!(
     r"
-local now = tonumber(ARGV[3])
-local due = redis.call('ZRANGEBYSCORE', exp, '-inf', ARGV[3], 'LIMIT', 0, tonumber(ARGV[4]))
+local now = ARGV[3] + 0
+local due = redis.call('ZRANGEBYSCORE', exp, '-inf', ARGV[3], 'LIMIT', 0, ARGV[4])
 if #due == 0 then return { 0, 0 } end
 local skeys = {}
 for i, hex in ipairs(due) do skeys[i] = sprefix .. hex end
@@ -237,7 +237,7 @@ const COUNT: &str = script!(
     ["redis_index.lua"],
     r"
 local time = redis.call('TIME')
-local server_now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+local server_now = time[1] * 1000 + math.floor(time[2] / 1000)
 for _, hex in ipairs(redis.call('ZRANGEBYSCORE', exp, '-inf', server_now)) do
   if redis.call('EXISTS', sprefix .. hex) == 0 then unindex(hex) end
 end
@@ -253,7 +253,7 @@ const LIST: &str = script!(
     r"
 local out = {}
 local start = ARGV[3]
-local want = tonumber(ARGV[4])
+local want = ARGV[4] + 0
 while #out < want do
   local batch = redis.call('ZRANGEBYLEX', keys, start, '+', 'LIMIT', 0, want - #out)
   if #batch == 0 then break end
