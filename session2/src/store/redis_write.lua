@@ -43,14 +43,15 @@ end
 -- `store/redis.rs`).
 local KEY_EXPIRY_SLACK_MS = 3600000
 
--- Replaces the session under key `skey` with ARGV[first..first + 3] if it is live at `now`
--- (a number) and at version `expected`; whether it did. In Redis 7.0 each
--- `redis.call` costs a script several times the command itself, so the
--- write goes first and brings the old session back in the same command
--- (`SET … GET`); an old session that does not qualify is put back, its key
--- expiring as `key_expiry` in `store/redis.rs` would have it (a missing one
--- is deleted; bytes that are no session keep the new key's expiry). A hash
--- of earlier builds makes `SET … GET` fail without writing: it is read first.
+-- Replaces the session under key `skey` with ARGV[first..first + 3] if it
+-- is live at `now` (a number) and at version `expected`; whether it did.
+-- In Redis 7.0 each `redis.call` costs a script several times the command
+-- itself, so the write goes first and brings the old session back in the
+-- same command (`SET … GET`); an old session that does not qualify is put
+-- back, its key expiring as `key_expiry` in `store/redis.rs` would have it
+-- (a missing one is deleted; bytes that are no session keep the new key's
+-- expiry). A hash of earlier builds makes `SET … GET` fail without
+-- writing: it is read first.
 local function swap(skey, first, now, expected)
   local old = redis.pcall('SET', skey, ARGV[first + 3], 'PXAT', ARGV[first + 1], 'GET')
   local version, expires_at, user
