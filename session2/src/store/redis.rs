@@ -1699,13 +1699,9 @@ mod tests {
             // Each session expires 600 s after `created` (see `record_at`).
             let expired = created.saturating_add(Duration::from_secs(600));
             let live = created.saturating_add(Duration::from_secs(1));
-            let keys = [(); 4].map(|()| crate::SessionId::generate().key());
+            let keys: [SessionKey; 4] = sessions(&store, created).await;
             let mut jobs = Vec::new();
             for (key, now) in keys.into_iter().zip([live, expired, expired, live]) {
-                store
-                    .create(&key, &record_at(created, 1, b"created"), created)
-                    .await
-                    .unwrap();
                 let (reply, _) = tokio::sync::oneshot::channel();
                 jobs.push(SwapJob {
                     key,
@@ -2556,9 +2552,9 @@ mod tests {
         (transactions, reads)
     }
 
-    /// Two sessions made at `now`, at version 1 with the data `created`.
-    async fn two_sessions(store: &RedisStore, now: Timestamp) -> [SessionKey; 2] {
-        let keys = [(); 2].map(|()| crate::SessionId::generate().key());
+    /// `N` sessions made at `now`, at version 1 with the data `created`.
+    async fn sessions<const N: usize>(store: &RedisStore, now: Timestamp) -> [SessionKey; N] {
+        let keys = [(); N].map(|()| crate::SessionId::generate().key());
         for key in &keys {
             let created = record_at(now, 1, b"created");
             store.create(key, &created, now).await.unwrap();
@@ -2574,7 +2570,7 @@ mod tests {
             };
             let now = crate::Clock::now(&crate::SystemClock);
             let record = |version, data: &[u8]| record_at(now, version, data);
-            let [a, b] = two_sessions(&store, now).await;
+            let [a, b] = sessions(&store, now).await;
             // Another client saves `a` between the first read and its transaction.
             let theirs = record(2, b"theirs");
             let (mut bytes, name) = (Vec::new(), store.session_key_name(&a));
@@ -2630,7 +2626,7 @@ mod tests {
             };
             let now = crate::Clock::now(&crate::SystemClock);
             let record = |version, data: &[u8]| record_at(now, version, data);
-            let [a, b] = two_sessions(&store, now).await;
+            let [a, b] = sessions(&store, now).await;
             // Another client rewrites `b` as it was after every read: each
             // transaction is aborted.
             let name = store.session_key_name(&b);
