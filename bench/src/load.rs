@@ -10,10 +10,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, anyhow};
-use http_body_util::{BodyExt, Empty};
-use hyper::body::Bytes;
-use hyper::{Method, Request, StatusCode};
+use axum::http::{Method, StatusCode};
 use serde::Serialize;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::TcpStream;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -119,57 +119,146 @@ fn pids_named(names: &[String]) -> Vec<u32> {
 }
 
 /// One keep-alive HTTP/1.1 connection with a cookie jar of one cookie.
+///
+/// It writes each request and reads its answer in the virtual user's own
+/// task, with `httparse` for the head: hyper's client runs each connection
+/// as a task of its own and hands every request and answer between the two
+/// tasks, which cost about as much CPU as a request to the benchmarked
+/// server. The load generator shares the 2 cores with the servers it
+/// measures, so what it spends is taken from both libraries alike.
 struct Connection {
     address: SocketAddr,
-    sender: Option<hyper::client::conn::http1::SendRequest<Empty<Bytes>>>,
+    stream: Option<TcpStream>,
     cookie: Option<String>,
+    /// Bytes read and not yet consumed: the answer being read.
+    buffer: Vec<u8>,
+}
+
+/// The most bytes an answer's head may take.
+const MAX_HEAD: usize = 16 * 1024;
+
+/// What one answer's head says.
+#[derive(Debug, PartialEq)]
+struct Head {
+    status: StatusCode,
+    /// The head's length in bytes, up to and including the blank line.
+    length: usize,
+    body_length: usize,
+    /// The cookie pair the answer sets, `Some(None)` when it revokes it.
+    cookie: Option<Option<String>>,
+    close: bool,
+}
+
+/// The answer head at the start of `bytes`; `None` while it is incomplete.
+fn parse_head(bytes: &[u8]) -> anyhow::Result<Option<Head>> {
+    let mut headers = [httparse::EMPTY_HEADER; 32];
+    let mut response = httparse::Response::new(&mut headers);
+    let httparse::Status::Complete(length) = response.parse(bytes)? else {
+        anyhow::ensure!(
+            bytes.len() < MAX_HEAD,
+            "an answer head over {MAX_HEAD} bytes"
+        );
+        return Ok(None);
+    };
+    let status = StatusCode::from_u16(response.code.context("no status")?)?;
+    let mut body_length = None;
+    let mut cookie = None;
+    let mut close = false;
+    for header in response.headers.iter() {
+        let value = std::str::from_utf8(header.value)?;
+        if header.name.eq_ignore_ascii_case("content-length") {
+            body_length = Some(value.trim().parse()?);
+        } else if header.name.eq_ignore_ascii_case("transfer-encoding") {
+            anyhow::bail!("a body of unknown length (transfer-encoding: {value})");
+        } else if header.name.eq_ignore_ascii_case("connection") {
+            close = value.trim().eq_ignore_ascii_case("close");
+        } else if header.name.eq_ignore_ascii_case("set-cookie") {
+            let pair = value.split(';').next().unwrap_or_default().trim();
+            let revoked = value.contains("Max-Age=0") || pair.ends_with('=');
+            cookie = Some((!revoked).then(|| pair.to_owned()));
+        }
+    }
+    Ok(Some(Head {
+        status,
+        length,
+        body_length: body_length.unwrap_or(0),
+        cookie,
+        close,
+    }))
 }
 
 impl Connection {
     fn new(address: SocketAddr) -> Self {
         Self {
             address,
-            sender: None,
+            stream: None,
             cookie: None,
+            buffer: Vec::with_capacity(1024),
         }
-    }
-
-    async fn sender(
-        &mut self,
-    ) -> anyhow::Result<&mut hyper::client::conn::http1::SendRequest<Empty<Bytes>>> {
-        if self.sender.as_ref().is_none_or(|sender| sender.is_closed()) {
-            let stream = tokio::net::TcpStream::connect(self.address).await?;
-            stream.set_nodelay(true)?;
-            let (sender, connection) =
-                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
-            tokio::spawn(connection);
-            self.sender = Some(sender);
-        }
-        Ok(self.sender.as_mut().expect("connected above"))
     }
 
     async fn call(&mut self, method: Method, path: &str) -> anyhow::Result<(StatusCode, String)> {
-        let mut request = Request::builder()
-            .method(method)
-            .uri(path)
-            .header("host", "127.0.0.1");
-        if let Some(cookie) = &self.cookie {
-            request = request.header("cookie", cookie);
+        let answer = self.exchange(method, path).await;
+        if answer.is_err() {
+            // What is left of a failed exchange would be read as the next answer.
+            self.stream = None;
         }
-        let request = request.body(Empty::new())?;
-        let sender = self.sender().await?;
-        sender.ready().await?;
-        let response = sender.send_request(request).await?;
-        let status = response.status();
-        for set_cookie in response.headers().get_all("set-cookie") {
-            let text = set_cookie.to_str()?;
-            let pair = text.split(';').next().unwrap_or_default().trim();
-            let revoked = text.contains("Max-Age=0") || pair.ends_with('=');
-            self.cookie = if revoked { None } else { Some(pair.to_owned()) };
-        }
-        let body = response.into_body().collect().await?.to_bytes();
-        Ok((status, String::from_utf8_lossy(&body).into_owned()))
+        answer
     }
+
+    async fn exchange(
+        &mut self,
+        method: Method,
+        path: &str,
+    ) -> anyhow::Result<(StatusCode, String)> {
+        if self.stream.is_none() {
+            let stream = TcpStream::connect(self.address).await?;
+            stream.set_nodelay(true)?;
+            self.stream = Some(stream);
+            self.buffer.clear();
+        }
+        let stream = self.stream.as_mut().expect("connected above");
+        let mut request = format!("{method} {path} HTTP/1.1\r\nhost: 127.0.0.1\r\n");
+        if let Some(cookie) = &self.cookie {
+            request.push_str("cookie: ");
+            request.push_str(cookie);
+            request.push_str("\r\n");
+        }
+        if method == Method::POST {
+            request.push_str("content-length: 0\r\n");
+        }
+        request.push_str("\r\n");
+        stream.write_all(request.as_bytes()).await?;
+        let head = loop {
+            if let Some(head) = parse_head(&self.buffer)? {
+                break head;
+            }
+            read_more(stream, &mut self.buffer).await?;
+        };
+        let end = head.length + head.body_length;
+        while self.buffer.len() < end {
+            read_more(stream, &mut self.buffer).await?;
+        }
+        let body = String::from_utf8_lossy(&self.buffer[head.length..end]).into_owned();
+        self.buffer.drain(..end);
+        if let Some(cookie) = head.cookie {
+            self.cookie = cookie;
+        }
+        if head.close {
+            self.stream = None;
+        }
+        Ok((head.status, body))
+    }
+}
+
+/// Reads what `stream` has into the end of `buffer`; an error at its end.
+async fn read_more(stream: &mut TcpStream, buffer: &mut Vec<u8>) -> anyhow::Result<()> {
+    buffer.reserve(1024);
+    anyhow::ensure!(
+        stream.read_buf(buffer).await? > 0,
+        "the server closed the connection"
+    );
+    Ok(())
 }
 
 struct Counters {
@@ -369,5 +458,52 @@ async fn virtual_user(
         if !correct && measured {
             counters.mismatches.fetch_add(1, Ordering::Relaxed);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_head_gives_status_length_and_cookie() {
+        let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nset-cookie: id=abc; Path=/; HttpOnly\r\n\r\n41";
+        let head = parse_head(answer).unwrap().unwrap();
+        assert_eq!(
+            head,
+            Head {
+                status: StatusCode::OK,
+                length: answer.len() - 2,
+                body_length: 2,
+                cookie: Some(Some("id=abc".to_owned())),
+                close: false,
+            }
+        );
+    }
+
+    #[test]
+    fn an_incomplete_head_waits_for_more() {
+        assert_eq!(parse_head(b"HTTP/1.1 200 OK\r\ncontent-le").unwrap(), None);
+    }
+
+    #[test]
+    fn a_revoked_cookie_and_a_closing_answer_are_seen() {
+        for revoking in ["id=; Max-Age=0", "id=; Path=/", "id=abc; Max-Age=0; Path=/"] {
+            let answer = format!(
+                "HTTP/1.1 303 See Other\r\nSet-Cookie: {revoking}\r\nConnection: close\r\n\r\n"
+            );
+            let head = parse_head(answer.as_bytes()).unwrap().unwrap();
+            assert_eq!(head.cookie, Some(None), "{revoking}");
+            assert!(head.close);
+            assert_eq!((head.status, head.body_length), (StatusCode::SEE_OTHER, 0));
+        }
+    }
+
+    #[test]
+    fn a_body_of_unknown_length_is_an_error() {
+        let answer = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n";
+        assert!(parse_head(answer).is_err());
+        let oversized = format!("HTTP/1.1 200 OK\r\nx: {}", "a".repeat(MAX_HEAD));
+        assert!(parse_head(oversized.as_bytes()).is_err());
     }
 }

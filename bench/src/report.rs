@@ -556,7 +556,7 @@ fn render(args: &AllArgs, results: &Results, took: Duration) -> String {
     );
     let _ = writeln!(
         out,
-        "- load: {} virtual users, each with its own keep-alive connection and cookie, closed loop; {} rounds of {:.1} s warm-up and {:.1} s measured per row; load generator, servers and databases share the machine",
+        "- load: {} virtual users, each with its own keep-alive connection and cookie, closed loop, each writing its requests and reading its answers in its own task; {} rounds of {:.1} s warm-up and {:.1} s measured per row; load generator, servers and databases share the machine",
         args.users, args.rounds, args.warmup, args.duration
     );
     let _ = writeln!(
