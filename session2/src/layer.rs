@@ -31,15 +31,18 @@
 //!     .layer(SessionLayer::new(SessionManager::new(MemoryStore::new())));
 //! ```
 
+use std::fmt;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 
-use futures_util::FutureExt;
+use futures_util::FutureExt as _;
+use futures_util::future::CatchUnwind;
 use http::header::{COOKIE, SET_COOKIE};
 use http::{HeaderValue, Request, Response, StatusCode};
+use pin_project_lite::pin_project;
 use tower_layer::Layer;
 use tower_service::Service;
 
@@ -82,15 +85,14 @@ pub(crate) struct RequestSessionHandle(pub(crate) Arc<RequestSession>);
 
 impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for SessionService<S>
 where
-    S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone + Send + 'static,
+    S: Service<Request<ReqBody>, Response = Response<ResBody>>,
     S::Future: Send + 'static,
     S::Error: Send + 'static,
-    ReqBody: Send + 'static,
     ResBody: Default + Send + 'static,
 {
     type Response = Response<ResBody>;
     type Error = S::Error;
-    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+    type Future = SessionFuture<S::Future, ResBody, S::Error>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -106,23 +108,105 @@ where
         request
             .extensions_mut()
             .insert(RequestSessionHandle(Arc::clone(&session)));
-        // The clone is not necessarily ready; keep the one that was polled.
-        let clone = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, clone);
-        Box::pin(async move {
-            let response = match AssertUnwindSafe(inner.call(request)).catch_unwind().await {
-                Ok(Ok(response)) => response,
-                Ok(Err(err)) => {
+        // Called here, on the service `poll_ready` readied, rather than on a
+        // clone inside the future: cloning a boxed axum route allocates.
+        let state = match std::panic::catch_unwind(AssertUnwindSafe(|| self.inner.call(request))) {
+            Ok(inner) => State::Running {
+                inner: AssertUnwindSafe(inner).catch_unwind(),
+                session,
+            },
+            Err(panic) => State::Finishing {
+                finish: Box::pin(async move {
                     finish_failed(&session).await;
-                    return Err(err);
+                    std::panic::resume_unwind(panic)
+                }),
+            },
+        };
+        SessionFuture { state }
+    }
+}
+
+type BoxedFinish<B, E> = Pin<Box<dyn Future<Output = Result<Response<B>, E>> + Send>>;
+
+pin_project! {
+    /// The future of one request through [`SessionService`]: the inner
+    /// service's response, then the session's save.
+    ///
+    /// A request whose handler never loaded its session completes with the
+    /// inner response and no further work; only a request that used its
+    /// session allocates the save's future.
+    pub struct SessionFuture<F, B, E> {
+        #[pin]
+        state: State<F, B, E>,
+    }
+}
+
+pin_project! {
+    #[project = StateProjection]
+    enum State<F, B, E> {
+        Running {
+            #[pin]
+            inner: CatchUnwind<AssertUnwindSafe<F>>,
+            session: Arc<RequestSession>,
+        },
+        Finishing {
+            finish: BoxedFinish<B, E>,
+        },
+        Done,
+    }
+}
+
+impl<F, B, E> fmt::Debug for SessionFuture<F, B, E> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SessionFuture").finish_non_exhaustive()
+    }
+}
+
+impl<F, B, E> Future for SessionFuture<F, B, E>
+where
+    F: Future<Output = Result<Response<B>, E>>,
+    B: Default + Send + 'static,
+    E: Send + 'static,
+{
+    type Output = Result<Response<B>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut state = self.project().state;
+        loop {
+            match state.as_mut().project() {
+                StateProjection::Running { inner, session } => {
+                    let answer = ready!(inner.poll(cx));
+                    if session.finish_unused() {
+                        state.set(State::Done);
+                        return Poll::Ready(match answer {
+                            Ok(answer) => answer,
+                            Err(panic) => std::panic::resume_unwind(panic),
+                        });
+                    }
+                    let session = Arc::clone(session);
+                    let finish: BoxedFinish<B, E> = match answer {
+                        Ok(Ok(response)) => {
+                            Box::pin(async move { finish(&session, response).await })
+                        }
+                        Ok(Err(err)) => Box::pin(async move {
+                            finish_failed(&session).await;
+                            Err(err)
+                        }),
+                        Err(panic) => Box::pin(async move {
+                            finish_failed(&session).await;
+                            std::panic::resume_unwind(panic)
+                        }),
+                    };
+                    state.set(State::Finishing { finish });
                 }
-                Err(panic) => {
-                    finish_failed(&session).await;
-                    std::panic::resume_unwind(panic);
+                StateProjection::Finishing { finish } => {
+                    let output = ready!(finish.as_mut().poll(cx));
+                    state.set(State::Done);
+                    return Poll::Ready(output);
                 }
-            };
-            finish(&session, response).await
-        })
+                StateProjection::Done => panic!("`SessionFuture` polled after it completed"),
+            }
+        }
     }
 }
 
@@ -161,5 +245,129 @@ async fn finish<ResBody: Default, E>(
                 .insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
             Ok(unavailable)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+    use crate::MemoryStore;
+
+    /// A service that counts its clones; `call` runs `respond` on the request.
+    struct Counted<R> {
+        clones: Arc<AtomicUsize>,
+        respond: R,
+    }
+
+    impl<R: Clone> Clone for Counted<R> {
+        fn clone(&self) -> Self {
+            self.clones.fetch_add(1, Ordering::SeqCst);
+            Self {
+                clones: Arc::clone(&self.clones),
+                respond: self.respond.clone(),
+            }
+        }
+    }
+
+    impl<R, F> Service<Request<()>> for Counted<R>
+    where
+        R: FnMut(Request<()>) -> F,
+        F: Future<Output = Result<Response<String>, &'static str>> + Send + 'static,
+    {
+        type Response = Response<String>;
+        type Error = &'static str;
+        type Future = F;
+
+        fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn call(&mut self, request: Request<()>) -> F {
+            (self.respond)(request)
+        }
+    }
+
+    fn service<R>(respond: R) -> (SessionService<Counted<R>>, Arc<AtomicUsize>) {
+        let clones = Arc::new(AtomicUsize::new(0));
+        let manager = SessionManager::new(MemoryStore::new());
+        let inner = Counted {
+            clones: Arc::clone(&clones),
+            respond,
+        };
+        (SessionLayer::new(manager).layer(inner), clones)
+    }
+
+    async fn send<S>(service: &mut S, cookie: Option<&str>) -> Result<Response<String>, S::Error>
+    where
+        S: Service<Request<()>, Response = Response<String>>,
+    {
+        std::future::poll_fn(|cx| service.poll_ready(cx)).await?;
+        let mut request = Request::new(());
+        if let Some(cookie) = cookie {
+            request
+                .headers_mut()
+                .insert(COOKIE, HeaderValue::from_str(cookie).unwrap());
+        }
+        service.call(request).await
+    }
+
+    #[tokio::test]
+    async fn requests_never_clone_the_inner_service() {
+        let (mut service, clones) = service(|request: Request<()>| {
+            let handle = request.extensions().get::<RequestSessionHandle>().cloned();
+            let uses_session = request.headers().contains_key(COOKIE);
+            async move {
+                if uses_session {
+                    let session = handle.unwrap().0.session().await.unwrap();
+                    let visits = session.get::<u64>("visits").unwrap().unwrap_or(0);
+                    session.insert("visits", visits + 1).unwrap();
+                    return Ok(Response::new(visits.to_string()));
+                }
+                Ok(Response::new(String::new()))
+            }
+        });
+        let anonymous = send(&mut service, None).await.unwrap();
+        assert!(anonymous.headers().get(SET_COOKIE).is_none());
+        // A cookie of another application marks the requests that use the session.
+        let created = send(&mut service, Some("other=1")).await.unwrap();
+        let cookie = created.headers()[SET_COOKIE].to_str().unwrap();
+        let pair = format!("other=1; {}", cookie.split(';').next().unwrap());
+        let again = send(&mut service, Some(&pair)).await.unwrap();
+        assert_eq!(again.body(), "1");
+        assert_eq!(clones.load(Ordering::SeqCst), 0);
+    }
+
+    #[tokio::test]
+    async fn a_panic_in_the_inner_call_surfaces_when_the_future_is_polled() {
+        let (mut service, _) = service(|_: Request<()>| -> std::future::Ready<_> {
+            panic!("inner call panic (expected by the test)")
+        });
+        std::future::poll_fn(|cx| service.poll_ready(cx))
+            .await
+            .unwrap();
+        let future = service.call(Request::new(()));
+        assert!(AssertUnwindSafe(future).catch_unwind().await.is_err());
+    }
+
+    #[tokio::test]
+    async fn an_inner_error_passes_through_and_saves_nothing() {
+        let (mut service, _) = service(|request: Request<()>| {
+            let handle = request.extensions().get::<RequestSessionHandle>().cloned();
+            let uses_session = request.headers().contains_key(COOKIE);
+            async move {
+                if uses_session {
+                    let session = handle.unwrap().0.session().await.unwrap();
+                    session.insert("lost", 1).unwrap();
+                }
+                Err::<Response<String>, _>("inner failure")
+            }
+        });
+        for cookie in [None, Some("other=1")] {
+            let answer = send(&mut service, cookie).await;
+            assert_eq!(answer.unwrap_err(), "inner failure", "{cookie:?}");
+        }
+        assert_eq!(service.manager.store().count().await.unwrap(), 0);
     }
 }

@@ -91,7 +91,7 @@ pub use crate::extract::{ExclusiveSession, SessionRejection};
 pub use crate::id::{SessionId, SessionKey};
 #[cfg(feature = "axum")]
 #[cfg_attr(docsrs, doc(cfg(feature = "axum")))]
-pub use crate::layer::{SessionLayer, SessionService};
+pub use crate::layer::{SessionFuture, SessionLayer, SessionService};
 pub use crate::manager::{Outcome, RequestSession, SessionManager};
 pub use crate::record::{Lease, RECORD_FORMAT, Record};
 pub use crate::session::Session;

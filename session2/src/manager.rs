@@ -605,6 +605,18 @@ impl RequestSession {
         }
     }
 
+    /// Finishes a request whose session was never loaded, which leaves
+    /// nothing to save or release, without the asynchronous
+    /// [`RequestSession::finish`]; whether it was such a request.
+    #[cfg(feature = "axum")]
+    pub(crate) fn finish_unused(&self) -> bool {
+        if self.loaded.get().is_some() {
+            return false;
+        }
+        self.finished.store(true, Ordering::SeqCst);
+        true
+    }
+
     /// Ends the request: saves the session if the outcome is a success and
     /// it changed, and returns the `Set-Cookie` header value to send.
     ///
