@@ -516,6 +516,16 @@ impl KeyNames {
         name
     }
 
+    /// Appends the name of `key`'s session as the next argument of `call`,
+    /// written in place rather than built as a `String` first.
+    fn push_session(&self, call: &mut Cmd, key: &SessionKey) {
+        let mut name = call.writer_for_next_arg();
+        in_memory(
+            name.write_all(self.session_prefix.as_bytes())
+                .and_then(|()| name.write_all(&key.hex_bytes())),
+        );
+    }
+
     fn user(&self, user: &str) -> Vec<u8> {
         let mut name = self.user_prefix.as_bytes().to_vec();
         name.extend_from_slice(user.as_bytes());
@@ -907,12 +917,7 @@ impl RedisStore {
             .sum();
         let mut call = self.script_call(script, None, jobs.len() * (3 + RECORD_ARGS), bytes);
         for job in jobs {
-            let mut name = call.writer_for_next_arg();
-            in_memory(
-                name.write_all(prefix)
-                    .and_then(|()| name.write_all(&job.key.hex_bytes())),
-            );
-            drop(name);
+            self.keys.push_session(&mut call, &job.key);
             call.arg(job.now.as_millis()).arg(job.expected_version);
             push_record(&mut call, &job.record, job.now);
         }
@@ -1342,9 +1347,10 @@ impl SessionStore for RedisStore {
 
     async fn load(&self, key: &SessionKey, now: Timestamp) -> Result<Option<Record>> {
         let mut connection = self.connection.clone();
-        let session = self.keys.session(key);
-        let mut read = Cmd::with_capacity(2, "GET".len() + session.len());
-        read.arg("GET").arg(session);
+        let name_length = self.keys.session_prefix.len() + 2 * std::mem::size_of::<SessionKey>();
+        let mut read = Cmd::with_capacity(2, "GET".len() + name_length);
+        read.arg("GET");
+        self.keys.push_session(&mut read, key);
         let decoded = match read.query_async(&mut connection).await {
             Ok(Value::Nil) => return Ok(None),
             Ok(Value::BulkString(stored)) => decode_stored(&stored).map(Some),
