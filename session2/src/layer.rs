@@ -313,19 +313,28 @@ mod tests {
         service.call(request).await
     }
 
+    /// The request's session if the handler is to use it: the tests send a
+    /// cookie (any cookie) to say so.
+    fn used_session(request: &Request<()>) -> Option<Arc<RequestSession>> {
+        let handle = request.extensions().get::<RequestSessionHandle>()?;
+        request
+            .headers()
+            .contains_key(COOKIE)
+            .then(|| Arc::clone(&handle.0))
+    }
+
     #[tokio::test]
     async fn requests_never_clone_the_inner_service() {
         let (mut service, clones) = service(|request: Request<()>| {
-            let handle = request.extensions().get::<RequestSessionHandle>().cloned();
-            let uses_session = request.headers().contains_key(COOKIE);
+            let used = used_session(&request);
             async move {
-                if uses_session {
-                    let session = handle.unwrap().0.session().await.unwrap();
-                    let visits = session.get::<u64>("visits").unwrap().unwrap_or(0);
-                    session.insert("visits", visits + 1).unwrap();
-                    return Ok(Response::new(visits.to_string()));
-                }
-                Ok(Response::new(String::new()))
+                let Some(used) = used else {
+                    return Ok(Response::new(String::new()));
+                };
+                let session = used.session().await.unwrap();
+                let visits = session.get::<u64>("visits").unwrap().unwrap_or(0);
+                session.insert("visits", visits + 1).unwrap();
+                Ok(Response::new(visits.to_string()))
             }
         });
         let anonymous = send(&mut service, None).await.unwrap();
@@ -354,12 +363,10 @@ mod tests {
     #[tokio::test]
     async fn an_inner_error_passes_through_and_saves_nothing() {
         let (mut service, _) = service(|request: Request<()>| {
-            let handle = request.extensions().get::<RequestSessionHandle>().cloned();
-            let uses_session = request.headers().contains_key(COOKIE);
+            let used = used_session(&request);
             async move {
-                if uses_session {
-                    let session = handle.unwrap().0.session().await.unwrap();
-                    session.insert("lost", 1).unwrap();
+                if let Some(used) = used {
+                    used.session().await.unwrap().insert("lost", 1).unwrap();
                 }
                 Err::<Response<String>, _>("inner failure")
             }
