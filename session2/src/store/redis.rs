@@ -413,9 +413,9 @@ impl ConnectionLike for Connection {
 /// ```
 ///
 /// (absent values are empty). A load is one `GET` (or a share of an
-/// `MGET`: see below), and a save one `SET` (see the batches below). That costs Redis and the client less than a
-/// hash's ten fields. The scripts read the metadata with Lua patterns and
-/// never decode the data.
+/// `MGET`: see below), and a save one `SET` (see the batches below). That
+/// costs Redis and the client less than a hash's ten fields. The scripts
+/// read the metadata with Lua patterns and never decode the data.
 /// Sessions that earlier session2 builds wrote as hashes are read as they
 /// are, and their next write replaces the hash with the string.
 ///
@@ -473,10 +473,9 @@ impl ConnectionLike for Connection {
 /// [`load`](SessionStore::load) reads the session's string: the loads that
 /// queue while the store's loader is busy go together in one `MGET` (a key
 /// it finds empty, which may hold a hash of an earlier build, is read again
-/// alone). A session that cannot be
-/// decoded (or a foreign value under its key) fails it with a decode error
-/// and is put in the expiry index as already due, so the next purge deletes
-/// it.
+/// alone). A session that cannot be decoded (or a foreign value under its
+/// key) fails it with a decode error and is put in the expiry index as
+/// already due, so the next purge deletes it.
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 #[derive(Clone)]
 pub struct RedisStore {
@@ -834,8 +833,8 @@ impl RedisStore {
                     if received == 0 {
                         break;
                     }
-                    let taken = std::mem::replace(&mut batch, Vec::with_capacity(MAX_LOADS));
-                    in_flight.push(self.load_together(taken));
+                    // `split_off` hands over exactly the jobs and keeps the capacity.
+                    in_flight.push(self.load_together(batch.split_off(0)));
                 }
             }
         }
