@@ -1011,11 +1011,10 @@ impl RedisStore {
     /// The saves of `jobs` in one script, in order; whether each won.
     async fn replace_many(&self, jobs: &[SwapJob]) -> Result<Vec<bool>> {
         let script = &self.scripts.replace_many;
-        // Per save: its key name, now and expected version, then the record.
-        let prefix = self.keys.session_prefix.as_bytes();
+        // Per save: its key name, now and expected version (room: 64 bytes), then the record.
         let bytes = jobs
             .iter()
-            .map(|job| 128 + prefix.len() + record_size(&job.record))
+            .map(|job| 64 + self.keys.session_length() + record_size(&job.record))
             .sum();
         let mut call = self.script_call(script, None, jobs.len() * (3 + RECORD_ARGS), bytes);
         for job in jobs {
