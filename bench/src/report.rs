@@ -35,7 +35,7 @@ pub(crate) struct AllArgs {
     redis: String,
     #[arg(long, default_value_t = 64)]
     users: usize,
-    #[arg(long, default_value_t = 0.5)]
+    #[arg(long, default_value_t = 0.3)]
     warmup: f64,
     #[arg(long, default_value_t = 2.0)]
     duration: f64,
@@ -337,7 +337,7 @@ pub(crate) async fn all(args: AllArgs) -> anyhow::Result<()> {
             store: urls.ours.clone(),
             sessions: 10_000,
             concurrency: 32,
-            seconds: 3.0,
+            seconds: 2.0,
         })
         .await
         {
@@ -779,7 +779,7 @@ fn render(args: &AllArgs, results: &Results, took: Duration) -> String {
     }
     let _ = writeln!(
         out,
-        "\nSQL stores: each figure is the mean of two runs on freshly seeded tables, in the order session2, raw, raw, session2. `purge_expired` deletes in batches of 100,000 rows on SQLite and MariaDB and in one statement on PostgreSQL, then moves the early expiry entries of live rows (none here)."
+        "\nSQL stores: each figure is the mean of two runs on freshly seeded tables, in the order session2, raw, raw, session2 (SQLite: fresh copies of one seeded database file). `purge_expired` deletes in batches of 100,000 rows on SQLite and MariaDB and in one statement on PostgreSQL, then moves the early expiry entries of live rows (none here)."
     );
     if results.purge.iter().any(|result| result.drained.is_some()) {
         let _ = writeln!(

@@ -130,7 +130,8 @@ pub(crate) async fn execute(url: &str, statements: &[String]) -> anyhow::Result<
 /// store, or with one raw `DELETE`, in the order store, raw, raw, store:
 /// whatever the server is still doing from the run before (a checkpoint,
 /// autovacuum, InnoDB's purge) falls on both alike. Each figure is the
-/// mean of its two runs.
+/// mean of its two runs. (SQLite: each run purges a fresh copy of one
+/// seeded database, see [`SqliteCopies`].)
 pub(crate) async fn purge(kind: &str, server_url: &str, count: u64) -> anyhow::Result<PurgeResult> {
     let suffix = std::process::id();
     let tables = [
@@ -138,7 +139,8 @@ pub(crate) async fn purge(kind: &str, server_url: &str, count: u64) -> anyhow::R
         format!("bench_purge_raw_{suffix}"),
     ];
     let result = purge_runs(kind, server_url, count, &tables).await;
-    if result.is_err() {
+    // SQLite's databases go with their files (see `SqliteCopies`).
+    if result.is_err() && kind != "sqlite" {
         // A failed run must not leave a million rows behind on the server.
         let drops: Vec<String> = tables
             .iter()
@@ -173,16 +175,28 @@ async fn purge_runs(
         Some(_) => Some(sqlx::MySqlConnection::connect(server_url).await?),
         None => None,
     };
+    let copies = match kind {
+        "sqlite" => Some(SqliteCopies::seeded(server_url, ours, count).await?),
+        _ => None,
+    };
     let mut purged = u64::MAX;
     for (table, through_store) in [(ours, true), (raw, false), (raw, false), (ours, true)] {
+        let (run_url, table) = match &copies {
+            // Every copy holds the template's table.
+            Some(copies) => (copies.fresh_run()?, ours),
+            None => (server_url.to_owned(), table),
+        };
+        let server_url = run_url.as_str();
         let store = session2::store::open(&format!("{server_url}{separator}table={table}")).await?;
         store.setup().await?;
-        let mut prepare = Vec::new();
-        if kind == "mysql" {
-            prepare.push("SET SESSION max_recursive_iterations = 100000000".to_owned());
+        if copies.is_none() {
+            let mut prepare = Vec::new();
+            if kind == "mysql" {
+                prepare.push("SET SESSION max_recursive_iterations = 100000000".to_owned());
+            }
+            prepare.push(seed_sql(kind, table, count));
+            execute(server_url, &prepare).await?;
         }
-        prepare.push(seed_sql(kind, table, count));
-        execute(server_url, &prepare).await?;
         // The previous run's background work must not fall on this one.
         let baseline = match &mut monitor {
             Some(monitor) => {
@@ -226,15 +240,17 @@ async fn purge_runs(
             *drained_seconds += started.elapsed().as_secs_f64() / 2.0;
         }
         drop(store);
-        let schema = format!("{table}_schema");
-        execute(
-            server_url,
-            &[
-                format!("DROP TABLE {table}"),
-                format!("DROP TABLE {schema}"),
-            ],
-        )
-        .await?;
+        if copies.is_none() {
+            let schema = format!("{table}_schema");
+            execute(
+                server_url,
+                &[
+                    format!("DROP TABLE {table}"),
+                    format!("DROP TABLE {schema}"),
+                ],
+            )
+            .await?;
+        }
     }
     Ok(PurgeResult {
         store: kind.to_owned(),
@@ -244,6 +260,61 @@ async fn purge_runs(
         raw_seconds,
         drained,
     })
+}
+
+/// SQLite's purge runs: a database seeded once (the template), and the
+/// copy of it each run purges. Seeding a million rows under random keys
+/// takes SQLite longer than purging them; a copy of the file takes a
+/// fraction of a second and gives every run the same pages.
+struct SqliteCopies {
+    template: PathBuf,
+    run: PathBuf,
+}
+
+impl SqliteCopies {
+    /// Seeds `count` expired rows into `table` of the database at `url`
+    /// (`sqlite:PATH`), which becomes the template.
+    async fn seeded(url: &str, table: &str, count: u64) -> anyhow::Result<Self> {
+        let template = PathBuf::from(
+            url.strip_prefix("sqlite:")
+                .ok_or_else(|| anyhow::anyhow!("not a sqlite: URL: {url}"))?,
+        );
+        let copies = Self {
+            run: template.with_extension("run.db"),
+            template,
+        };
+        let store = session2::store::open(&format!("{url}?table={table}")).await?;
+        store.setup().await?;
+        drop(store);
+        // The checkpoint moves every page out of the write-ahead log, so the
+        // database file alone holds the table.
+        let checkpoint = "PRAGMA wal_checkpoint(TRUNCATE)".to_owned();
+        execute(url, &[seed_sql("sqlite", table, count), checkpoint]).await?;
+        Ok(copies)
+    }
+
+    /// Replaces the run's database with a fresh copy of the template; its URL.
+    fn fresh_run(&self) -> anyhow::Result<String> {
+        remove_database(&self.run);
+        std::fs::copy(&self.template, &self.run)?;
+        Ok(format!("sqlite:{}", self.run.display()))
+    }
+}
+
+impl Drop for SqliteCopies {
+    fn drop(&mut self) {
+        remove_database(&self.template);
+        remove_database(&self.run);
+    }
+}
+
+/// Removes a SQLite database and its write-ahead log files, if there.
+fn remove_database(path: &Path) {
+    for suffix in ["", "-wal", "-shm"] {
+        let mut file = path.as_os_str().to_owned();
+        file.push(suffix);
+        let _ = std::fs::remove_file(file);
+    }
 }
 
 /// Sessions one seeding, deleting or sweeping script handles: at most a few
@@ -953,4 +1024,44 @@ pub(crate) fn render_directory(result: &DirectoryResult) -> String {
         result.raw_seconds,
         result.purge_seconds / result.raw_seconds,
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn rows(url: &str, table: &str) -> i64 {
+        let mut connection = sqlx::SqliteConnection::connect(url).await.unwrap();
+        sqlx::query_scalar(&format!("SELECT count(*) FROM {table}"))
+            .fetch_one(&mut connection)
+            .await
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn every_sqlite_run_purges_a_full_copy_and_the_files_go_afterwards() {
+        let dir = std::env::temp_dir().join(format!("session2-bench-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let template = dir.join("purge.db");
+        let url = format!("sqlite:{}", template.display());
+        let copies = SqliteCopies::seeded(&url, "seeded", 25).await.unwrap();
+        // A copy of the database file alone holds every row.
+        for _ in 0..2 {
+            let run = copies.fresh_run().unwrap();
+            assert_eq!(rows(&run, "seeded").await, 25);
+            execute(&run, &["DELETE FROM seeded".to_owned()])
+                .await
+                .unwrap();
+            assert_eq!(rows(&run, "seeded").await, 0);
+        }
+        assert_eq!(
+            rows(&url, "seeded").await,
+            25,
+            "runs leave the template alone"
+        );
+        let run = copies.run.clone();
+        drop(copies);
+        assert!(!template.exists() && !run.exists());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }
