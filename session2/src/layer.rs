@@ -132,9 +132,11 @@ pin_project! {
     /// The future of one request through [`SessionService`]: the inner
     /// service's response, then the session's save.
     ///
-    /// A request whose handler never loaded its session completes with the
-    /// inner response and no further work; only a request that used its
-    /// session allocates the save's future.
+    /// A request that needs nothing of the store at its end (its handler
+    /// never loaded the session, or only read a plain session whose touch
+    /// is not due) completes with the inner response and no further work;
+    /// only a request with something to save, touch or release allocates
+    /// the save's future.
     pub struct SessionFuture<F, B, E> {
         #[pin]
         state: State<F, B, E>,
@@ -176,7 +178,7 @@ where
             match state.as_mut().project() {
                 StateProjection::Running { inner, session } => {
                     let answer = ready!(inner.poll(cx));
-                    if session.finish_unused() {
+                    if session.finish_without_store() {
                         state.set(State::Done);
                         return Poll::Ready(match answer {
                             Ok(answer) => answer,

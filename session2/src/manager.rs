@@ -200,6 +200,13 @@ impl SessionManager {
         }
     }
 
+    /// Whether a session last accessed at `accessed_at` is to be touched
+    /// at `now`: touches are spaced by the touch interval, so that reads do
+    /// not write.
+    fn touch_due(&self, accessed_at: Timestamp, now: Timestamp) -> bool {
+        now.duration_since(accessed_at) >= self.inner.config.touch_interval
+    }
+
     /// Releases the lease `token` holds on `key`, if it still does, without
     /// changing anything else but the version.
     async fn release_lease(&self, key: &SessionKey, token: u64) -> Result<()> {
@@ -605,13 +612,33 @@ impl RequestSession {
         }
     }
 
-    /// Finishes a request whose session was never loaded, which leaves
-    /// nothing to save or release, without the asynchronous
-    /// [`RequestSession::finish`]; whether it was such a request.
+    /// Finishes, without the asynchronous [`RequestSession::finish`], a
+    /// request that needs nothing of the store at its end: its session was
+    /// never loaded, or it is a stored plain session the request left as
+    /// loaded, touched recently enough that no touch is due. Whether it
+    /// was such a request; for any other, `finish` must follow.
+    ///
+    /// Read-only requests are the common case, and `finish` would take
+    /// them through a boxed future only to find nothing to do.
     #[cfg(feature = "axum")]
-    pub(crate) fn finish_unused(&self) -> bool {
-        if self.loaded.get().is_some() {
-            return false;
+    pub(crate) fn finish_without_store(&self) -> bool {
+        if let Some(loaded) = self.loaded.get() {
+            // An exclusive session holds a lease (and this process's lock) to release.
+            if loaded.exclusive {
+                return false;
+            }
+            let state = loaded.session.lock();
+            // A session not stored is created, or its stale cookie revoked.
+            let Some(stored) = &state.stored else {
+                return false;
+            };
+            let manager = &self.manager;
+            if state.is_dirty()
+                || state.expired
+                || manager.touch_due(stored.record.accessed_at, manager.now())
+            {
+                return false;
+            }
         }
         self.finished.store(true, Ordering::SeqCst);
         true
@@ -754,7 +781,7 @@ impl RequestSession {
     ) -> Result<Option<String>> {
         let manager = &self.manager;
         let config = &manager.inner.config;
-        if now.duration_since(base.accessed_at) < config.touch_interval {
+        if !manager.touch_due(base.accessed_at, now) {
             return Ok(None);
         }
         let idle_deadline = now.saturating_add(config.idle_timeout);
@@ -1028,6 +1055,70 @@ mod tests {
         let manager = SessionManager::new(MemoryStore::new());
         let request = manager.start(Some("id=AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"));
         assert_eq!(request.finish(Outcome::Success).await.unwrap(), None);
+    }
+
+    /// What a request leaves to its finish decides whether the layer may
+    /// skip it: only a request whose session was never loaded, or a plain
+    /// session left as loaded and touched recently, needs nothing of the store.
+    #[cfg(feature = "axum")]
+    #[tokio::test]
+    async fn only_requests_that_leave_nothing_to_store_finish_without_it() {
+        let clock = ManualClock::starting_now();
+        let store = MemoryStore::new();
+        let manager = SessionManager::new(store.clone())
+            .with_clock(clock.clone())
+            .with_config(SessionConfig::default().with_touch_interval(Duration::from_secs(60)))
+            .unwrap();
+        let first = manager.start(None);
+        first.session().await.unwrap().insert("n", 1).unwrap();
+        let cookie = first.finish(Outcome::Success).await.unwrap().unwrap();
+        let header = cookie.split(';').next().unwrap().to_owned();
+        let id = SessionId::parse(header.split_once('=').unwrap().1).unwrap();
+        let stored = || async { store.load(&id.key(), manager.now()).await.unwrap().unwrap() };
+        let saved = stored().await;
+
+        let never_loaded = manager.start(Some(&header));
+        assert!(never_loaded.finish_without_store());
+        let read = manager.start(Some(&header));
+        assert_eq!(
+            read.session().await.unwrap().get::<i64>("n").unwrap(),
+            Some(1)
+        );
+        assert!(read.finish_without_store());
+        assert_eq!(
+            read.finish(Outcome::Success).await.unwrap(),
+            None,
+            "finished once"
+        );
+        assert_eq!(stored().await, saved);
+
+        type Change = fn(&Session);
+        let changes: [(&str, Change); 4] = [
+            ("insert", |session| session.insert("n", 2).unwrap()),
+            ("set_user", |session| session.set_user("ada")),
+            ("cycle_id", Session::cycle_id),
+            ("expire", Session::expire),
+        ];
+        for (name, change) in changes {
+            let request = manager.start(Some(&header));
+            change(&request.session().await.unwrap());
+            assert!(!request.finish_without_store(), "{name}");
+        }
+        let exclusive = manager.start(Some(&header));
+        exclusive.exclusive_session().await.unwrap();
+        assert!(!exclusive.finish_without_store(), "a lease to release");
+        exclusive.finish(Outcome::Success).await.unwrap();
+        let fresh = manager.start(None);
+        fresh.session().await.unwrap();
+        assert!(!fresh.finish_without_store(), "a session not stored");
+        let stale = manager.start(Some("id=AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"));
+        stale.session().await.unwrap();
+        assert!(!stale.finish_without_store(), "a cookie to revoke");
+
+        clock.advance(Duration::from_secs(61));
+        let due = manager.start(Some(&header));
+        due.session().await.unwrap();
+        assert!(!due.finish_without_store(), "a touch is due");
     }
 
     #[tokio::test]
