@@ -1057,6 +1057,17 @@ mod tests {
         assert_eq!(request.finish(Outcome::Success).await.unwrap(), None);
     }
 
+    /// Stores a session holding `n = 1` through `manager`; the `Cookie`
+    /// header that names it, and its id.
+    async fn stored_session(manager: &SessionManager) -> (String, SessionId) {
+        let first = manager.start(None);
+        first.session().await.unwrap().insert("n", 1).unwrap();
+        let cookie = first.finish(Outcome::Success).await.unwrap().unwrap();
+        let header = cookie.split(';').next().unwrap().to_owned();
+        let id = SessionId::parse(header.split_once('=').unwrap().1).unwrap();
+        (header, id)
+    }
+
     /// What a request leaves to its finish decides whether the layer may
     /// skip it: only a request whose session was never loaded, or a plain
     /// session left as loaded and touched recently, needs nothing of the store.
@@ -1069,11 +1080,7 @@ mod tests {
             .with_clock(clock.clone())
             .with_config(SessionConfig::default().with_touch_interval(Duration::from_secs(60)))
             .unwrap();
-        let first = manager.start(None);
-        first.session().await.unwrap().insert("n", 1).unwrap();
-        let cookie = first.finish(Outcome::Success).await.unwrap().unwrap();
-        let header = cookie.split(';').next().unwrap().to_owned();
-        let id = SessionId::parse(header.split_once('=').unwrap().1).unwrap();
+        let (header, id) = stored_session(&manager).await;
         let stored = || async { store.load(&id.key(), manager.now()).await.unwrap().unwrap() };
         let saved = stored().await;
 
@@ -1135,11 +1142,7 @@ mod tests {
     async fn a_second_finish_saves_nothing() {
         let store = MemoryStore::new();
         let manager = SessionManager::new(store.clone());
-        let first = manager.start(None);
-        first.session().await.unwrap().insert("n", 1).unwrap();
-        let cookie = first.finish(Outcome::Success).await.unwrap().unwrap();
-        let header = cookie.split(';').next().unwrap().to_owned();
-        let id = SessionId::parse(header.split_once('=').unwrap().1).unwrap();
+        let (header, id) = stored_session(&manager).await;
         let stored = || async { store.load(&id.key(), manager.now()).await.unwrap().unwrap() };
 
         let exclusive = manager.start(Some(&header));
