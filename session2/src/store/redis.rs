@@ -194,15 +194,23 @@ for i, hex in ipairs(due) do skeys[i] = sprefix .. hex end
 -- the command itself. It answers nil for a key that is missing or not a
 -- string (a hash of earlier builds), which is then read alone.
 local stored = redis.call('MGET', unpack(skeys))
-local gone, names, owned, by_user, unknown = {}, {}, {}, {}, {}
+-- Tables grow by index: `table.insert` is a global lookup and a C call
+-- per session. `gone` and `names` grow together, `n` long.
+local gone, names, owned, by_user, unknown, n = {}, {}, {}, {}, {}, 0
 local function owner(hex, user)
-  table.insert(owned, hex)
-  by_user[user] = by_user[user] or {}
-  table.insert(by_user[user], hex)
+  owned[#owned + 1] = hex
+  local hexes = by_user[user]
+  if not hexes then hexes = {}; by_user[user] = hexes end
+  hexes[#hexes + 1] = hex
 end
 for i, hex in ipairs(due) do
   local skey, record, version, expires_at, user = skeys[i], stored[i]
-  if record then
+  -- Most sessions have no user: one capture of the head decides them,
+  -- sparing the strings `parse` makes of the version and user length.
+  expires_at = record and string.match(record, '^%d+|(%-?%d+)||')
+  if expires_at then
+    version, user = true, false
+  elseif record then
     version, expires_at, user = parse(record)
   else
     record, version, expires_at, user = current(skey)
@@ -211,21 +219,21 @@ for i, hex in ipairs(due) do
     -- Its entry ran early (see `index_expiry`): move it to the real expiry.
     redis.call('ZADD', exp, expires_at, hex)
   else
-    table.insert(gone, hex)
-    table.insert(names, skey)
+    n = n + 1
+    gone[n], names[n] = hex, skey
     if user then
       owner(hex, user)
     elseif not version then
       -- Vanished or unreadable: only the owner index knows its user.
-      table.insert(unknown, hex)
+      unknown[#unknown + 1] = hex
     end
   end
 end
-if #gone == 0 then return { 0, #due } end
+if n == 0 then return { 0, #due } end
 local deleted = redis.call('DEL', unpack(names))
 -- The entries of `gone` are the first of the index now: the moved ones
 -- went past `now`, behind every entry not yet looked at.
-redis.call('ZREMRANGEBYRANK', exp, 0, #gone - 1)
+redis.call('ZREMRANGEBYRANK', exp, 0, n - 1)
 redis.call('ZREM', keys, unpack(gone))
 if #unknown > 0 then
   local users = redis.call('HMGET', owners, unpack(unknown))
