@@ -128,6 +128,10 @@ where
 
 type BoxedFinish<B, E> = Pin<Box<dyn Future<Output = Result<Response<B>, E>> + Send>>;
 
+/// The session's save after a response below 500: what
+/// [`RequestSession::finish`] returns, the `Set-Cookie` value if any.
+type BoxedSave = Pin<Box<dyn Future<Output = crate::Result<Option<String>>> + Send>>;
+
 pin_project! {
     /// The future of one request through [`SessionService`]: the inner
     /// service's response, then the session's save.
@@ -136,7 +140,9 @@ pin_project! {
     /// never loaded the session, or only read a plain session whose touch
     /// is not due) completes with the inner response and no further work;
     /// only a request with something to save, touch or release allocates
-    /// the save's future.
+    /// the save's future. The response waits for the save here, outside
+    /// that allocation, which keeps it small enough for the allocator's
+    /// per-thread cache.
     pub struct SessionFuture<F, B, E> {
         #[pin]
         state: State<F, B, E>,
@@ -150,6 +156,10 @@ pin_project! {
             #[pin]
             inner: CatchUnwind<AssertUnwindSafe<F>>,
             session: Arc<RequestSession>,
+        },
+        Saving {
+            save: BoxedSave,
+            response: Response<B>,
         },
         Finishing {
             finish: BoxedFinish<B, E>,
@@ -188,7 +198,12 @@ where
                     let session = Arc::clone(session);
                     let finish: BoxedFinish<B, E> = match answer {
                         Ok(Ok(response)) => {
-                            Box::pin(async move { finish(&session, response).await })
+                            let outcome = Outcome::from_status(response.status().as_u16());
+                            state.set(State::Saving {
+                                save: Box::pin(async move { session.finish(outcome).await }),
+                                response,
+                            });
+                            continue;
                         }
                         Ok(Err(err)) => Box::pin(async move {
                             finish_failed(&session).await;
@@ -200,6 +215,12 @@ where
                         }),
                     };
                     state.set(State::Finishing { finish });
+                }
+                StateProjection::Saving { save, response } => {
+                    let saved = ready!(save.as_mut().poll(cx));
+                    let response = std::mem::take(response);
+                    state.set(State::Done);
+                    return Poll::Ready(Ok(respond(response, saved)));
                 }
                 StateProjection::Finishing { finish } => {
                     let output = ready!(finish.as_mut().poll(cx));
@@ -218,15 +239,14 @@ async fn finish_failed(session: &RequestSession) {
     }
 }
 
-async fn finish<ResBody: Default, E>(
-    session: &RequestSession,
+/// The response after the session's save: with its `Set-Cookie`, or a 503
+/// if the save failed.
+fn respond<ResBody: Default>(
     mut response: Response<ResBody>,
-) -> Result<Response<ResBody>, E> {
-    match session
-        .finish(Outcome::from_status(response.status().as_u16()))
-        .await
-    {
-        Ok(None) => Ok(response),
+    saved: crate::Result<Option<String>>,
+) -> Response<ResBody> {
+    match saved {
+        Ok(None) => response,
         Ok(Some(cookie)) => {
             match HeaderValue::try_from(cookie) {
                 Ok(value) => {
@@ -236,7 +256,7 @@ async fn finish<ResBody: Default, E>(
                     tracing::error!(error = %err, "session cookie is not a valid header value")
                 }
             }
-            Ok(response)
+            response
         }
         Err(err) => {
             tracing::error!(error = %err, "session not saved; answering 503");
@@ -245,7 +265,7 @@ async fn finish<ResBody: Default, E>(
             unavailable
                 .headers_mut()
                 .insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
-            Ok(unavailable)
+            unavailable
         }
     }
 }

@@ -588,7 +588,8 @@ impl RequestSession {
                     if started.elapsed() >= config.lock_wait {
                         return Err(Error::lock_timeout(started.elapsed()));
                     }
-                    backoff.wait().await;
+                    // Boxed, as in `save`: only a held lease waits.
+                    Box::pin(backoff.wait()).await;
                     continue;
                 }
                 LeaseOutcome::Taken(leased) => leased,
@@ -744,7 +745,10 @@ impl RequestSession {
         if !dirty && changes.lease_token.is_none() {
             return self.touch(&id, &key, &base, now).await;
         }
-        self.save(id, key, base, changes, now).await
+        // Boxed: inline, the save's state (over 800 bytes) would make every
+        // finish future, and the layer's allocation of it, too big for the
+        // allocator's per-thread cache; two cached allocations cost less.
+        Box::pin(self.save(id, key, base, changes, now)).await
     }
 
     async fn create(&self, user: Option<String>, data: Vec<u8>, now: Timestamp) -> Result<String> {
@@ -817,7 +821,7 @@ impl RequestSession {
             key.as_bytes()[..8].try_into().expect("8 bytes"),
         ));
         for _ in 0..MAX_SAVE_ATTEMPTS {
-            let merged = match self.apply(&base, &mut changes, now) {
+            let mut merged = match self.apply(&base, &mut changes, now) {
                 Ok(merged) => merged,
                 Err(err) => {
                     tracing::warn!(session = %key.fingerprint(), error = %err, "session changed into unreadable data; changes dropped");
@@ -838,10 +842,9 @@ impl RequestSession {
             } else if changes.rotate {
                 let new_id = SessionId::generate();
                 let new_key = new_id.key();
-                let mut moved = merged;
-                moved.lease = None;
+                merged.lease = None;
                 if store
-                    .create(&new_key, &moved, now)
+                    .create(&new_key, &merged, now)
                     .await
                     .map_err(save_failed)?
                     == CreateOutcome::Created
@@ -852,7 +855,11 @@ impl RequestSession {
                         .map_err(save_failed)?
                     {
                         tracing::debug!(from = %key.fingerprint(), to = %new_key.fingerprint(), "session id renewed");
-                        return Ok(Some(manager.cookie(&new_id, Some(moved.expires_at()), now)));
+                        return Ok(Some(manager.cookie(
+                            &new_id,
+                            Some(merged.expires_at()),
+                            now,
+                        )));
                     }
                     // Someone wrote the old record meanwhile: undo and merge again.
                     store.delete(&new_key, None).await.map_err(save_failed)?;
@@ -875,7 +882,9 @@ impl RequestSession {
                 Err(err) if err.is_decode() => return Ok(None),
                 Err(err) => return Err(save_failed(err)),
             }
-            backoff.wait().await;
+            // Boxed: a timer would add 120 bytes to every save's state, for
+            // a wait only a lost race takes.
+            Box::pin(backoff.wait()).await;
         }
         Err(Error::backend(
             store.name(),
