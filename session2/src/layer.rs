@@ -196,25 +196,28 @@ where
                         });
                     }
                     let session = Arc::clone(session);
-                    let finish: BoxedFinish<B, E> = match answer {
+                    let next = match answer {
                         Ok(Ok(response)) => {
                             let outcome = Outcome::from_status(response.status().as_u16());
-                            state.set(State::Saving {
+                            State::Saving {
                                 save: Box::pin(async move { session.finish(outcome).await }),
                                 response,
-                            });
-                            continue;
+                            }
                         }
-                        Ok(Err(err)) => Box::pin(async move {
-                            finish_failed(&session).await;
-                            Err(err)
-                        }),
-                        Err(panic) => Box::pin(async move {
-                            finish_failed(&session).await;
-                            std::panic::resume_unwind(panic)
-                        }),
+                        Ok(Err(err)) => State::Finishing {
+                            finish: Box::pin(async move {
+                                finish_failed(&session).await;
+                                Err(err)
+                            }),
+                        },
+                        Err(panic) => State::Finishing {
+                            finish: Box::pin(async move {
+                                finish_failed(&session).await;
+                                std::panic::resume_unwind(panic)
+                            }),
+                        },
                     };
-                    state.set(State::Finishing { finish });
+                    state.set(next);
                 }
                 StateProjection::Saving { save, response } => {
                     let saved = ready!(save.as_mut().poll(cx));
