@@ -1118,34 +1118,76 @@ fn in_memory(written: io::Result<()>) {
 }
 
 /// Writes the session's string (see [`decode_stored`]).
+///
+/// The numbers around the user are gathered on the stack and go to `out`
+/// in two writes: a write into a command's argument costs more than
+/// formatting the number, and a record has nine.
 fn write_record(out: &mut impl io::Write, record: &Record) {
-    /// A number and its `|`, by `itoa`: a record has up to nine, and
-    /// `write!` cost three times as much.
-    fn number(out: &mut impl io::Write, value: impl itoa::Integer) -> io::Result<()> {
-        out.write_all(itoa::Buffer::new().format(value).as_bytes())?;
-        out.write_all(b"|")
-    }
-    fn optional(out: &mut impl io::Write, value: Option<impl itoa::Integer>) -> io::Result<()> {
-        match value {
-            Some(value) => number(out, value),
-            None => out.write_all(b"|"),
-        }
-    }
     let lease = record.lease;
+    let mut numbers = Numbers::default();
+    numbers.push(record.version);
+    numbers.push(record.expires_at().as_millis());
+    numbers.push_optional(record.user.as_ref().map(String::len));
     let mut write = || -> io::Result<()> {
-        number(out, record.version)?;
-        number(out, record.expires_at().as_millis())?;
-        optional(out, record.user.as_ref().map(String::len))?;
+        out.write_all(numbers.take())?;
         out.write_all(record.user.as_deref().unwrap_or_default().as_bytes())?;
-        optional(out, record.absolute_deadline.map(Timestamp::as_millis))?;
-        optional(out, lease.map(|lease| lease.token))?;
-        optional(out, lease.map(|lease| lease.until.as_millis()))?;
-        number(out, record.created_at.as_millis())?;
-        number(out, record.accessed_at.as_millis())?;
-        number(out, record.idle_deadline.as_millis())?;
+        numbers.push_optional(record.absolute_deadline.map(Timestamp::as_millis));
+        numbers.push_optional(lease.map(|lease| lease.token));
+        numbers.push_optional(lease.map(|lease| lease.until.as_millis()));
+        numbers.push(record.created_at.as_millis());
+        numbers.push(record.accessed_at.as_millis());
+        numbers.push(record.idle_deadline.as_millis());
+        out.write_all(numbers.take())?;
         out.write_all(&record.data)
     };
     in_memory(write());
+}
+
+/// Up to six decimal numbers, each followed by `|`, for [`write_record`].
+struct Numbers {
+    bytes: [u8; Self::CAPACITY],
+    len: usize,
+}
+
+impl Numbers {
+    /// Six of the longest (`-9223372036854775808|`, `18446744073709551615|`).
+    const CAPACITY: usize = 6 * 21;
+
+    /// Appends `value` and its `|`.
+    fn push(&mut self, value: impl itoa::Integer) {
+        let mut digits = itoa::Buffer::new();
+        let digits = digits.format(value).as_bytes();
+        let end = self.len + digits.len();
+        self.bytes[self.len..end].copy_from_slice(digits);
+        self.bytes[end] = b'|';
+        self.len = end + 1;
+    }
+
+    /// Appends `value` and its `|`, or the `|` alone for `None`.
+    fn push_optional(&mut self, value: Option<impl itoa::Integer>) {
+        match value {
+            Some(value) => self.push(value),
+            None => {
+                self.bytes[self.len] = b'|';
+                self.len += 1;
+            }
+        }
+    }
+
+    /// The numbers so far, leaving none.
+    fn take(&mut self) -> &[u8] {
+        let len = std::mem::take(&mut self.len);
+        &self.bytes[..len]
+    }
+}
+
+impl Default for Numbers {
+    fn default() -> Self {
+        Self {
+            bytes: [0; Self::CAPACITY],
+            len: 0,
+        }
+    }
 }
 
 /// Decodes a session's string as the scripts store it:
@@ -1989,6 +2031,25 @@ mod tests {
         shapes
     }
 
+    /// A record whose every number is at its longest in decimal: long
+    /// expired, so for encoding tests only.
+    fn longest_numbers() -> Record {
+        let earliest = Timestamp::from_millis(i64::MIN);
+        Record {
+            version: u64::MAX,
+            user: Some("u".repeat(1_000)),
+            created_at: earliest,
+            accessed_at: earliest,
+            idle_deadline: earliest,
+            absolute_deadline: Some(earliest),
+            lease: Some(Lease {
+                token: u64::MAX,
+                until: earliest,
+            }),
+            data: crate::record::EMPTY_DATA.to_vec(),
+        }
+    }
+
     #[test]
     fn a_record_goes_in_four_arguments_and_reads_back() {
         let now = Timestamp::from_millis(1_000_000);
@@ -2002,13 +2063,16 @@ mod tests {
                 })
                 .collect::<Vec<_>>()
         };
-        for record in every_shape(now) {
+        for record in every_shape(now).into_iter().chain([longest_numbers()]) {
             let args = args(&record);
             let text = |number: i64| number.to_string().into_bytes();
             let expires_at = record.expires_at();
             assert_eq!(args.len(), RECORD_ARGS);
             assert_eq!(args[0], text(expires_at.as_millis()));
-            assert_eq!(args[1], text(key_expiry(expires_at, now).as_millis()));
+            assert_eq!(
+                args[1],
+                text(key_expiry(expires_at, now).as_millis().max(1))
+            );
             let user = record.user.as_ref().map(|user| format!("+{user}"));
             assert_eq!(args[2], user.unwrap_or_default().into_bytes());
             assert!(args.iter().map(Vec::len).sum::<usize>() <= record_size(&record));
