@@ -157,11 +157,15 @@ impl Transactions {
     ) -> Result<Option<Vec<Decision>>> {
         let mut slots: HashMap<SessionKey, usize> = HashMap::with_capacity(batch.len());
         let mut names = Vec::with_capacity(batch.len());
+        // Per slot, how many leases of the batch are yet to be decided.
+        let mut undecided = Vec::with_capacity(batch.len());
         for job in batch {
-            slots.entry(job.key).or_insert_with(|| {
+            let slot = *slots.entry(job.key).or_insert_with(|| {
                 names.push(store.keys.session(&job.key));
+                undecided.push(0);
                 names.len() - 1
             });
+            undecided[slot] += 1;
         }
         let mut read = Pipeline::with_capacity(2);
         read.cmd("WATCH").arg(&names).ignore();
@@ -193,7 +197,9 @@ impl Transactions {
             .iter()
             .map(|job| {
                 let slot = slots[&job.key];
-                decide(&mut writes, &mut current[slot], &names[slot], job)
+                undecided[slot] -= 1;
+                let later = undecided[slot] > 0;
+                decide(&mut writes, &mut current[slot], later, &names[slot], job)
             })
             .collect();
         #[cfg(test)]
@@ -230,10 +236,12 @@ impl Transactions {
 }
 
 /// Decides a lease on the session `name` as the lease script does, and
-/// queues its write.
+/// queues its write. Only when `later` leases of the batch read the
+/// session after this one does `current` keep a copy of what it wrote.
 fn decide(
     writes: &mut Pipeline,
     current: &mut Current<'_>,
+    later: bool,
     name: &str,
     job: &LeaseJob,
 ) -> Decision {
@@ -261,6 +269,8 @@ fn decide(
     write_record(&mut set.writer_for_next_arg(), &leased);
     set.arg("KEEPTTL");
     writes.add_command(set).ignore();
-    *current = Current::Leased(leased.clone());
+    if later {
+        *current = Current::Leased(leased.clone());
+    }
     Some(LeaseReply::Decided(LeaseOutcome::Taken(leased)))
 }
