@@ -43,12 +43,16 @@ pub(crate) struct AllArgs {
     /// medians. 0 skips the HTTP benchmarks.
     #[arg(long, default_value_t = 3)]
     rounds: usize,
+    /// Runs of each contention row (e): they count lost updates, which
+    /// one run shows as well as three, and the run must fit 15 minutes.
+    #[arg(long, default_value_t = 1)]
+    contention_rounds: usize,
     /// Expired sessions to purge on each SQL store and Redis (0 skips the scale runs).
     #[arg(long, default_value_t = 1_000_000)]
     purge_sessions: u64,
     /// Sessions in the directory store's scale run (0 skips it): a million
     /// take about 7 minutes on a disk that discards freed blocks at once.
-    #[arg(long, default_value_t = 200_000)]
+    #[arg(long, default_value_t = 100_000)]
     directory_sessions: u64,
     /// Where to write the report.
     #[arg(long, default_value = "BENCHMARKS.md")]
@@ -164,6 +168,14 @@ const ALL_WORKLOADS: [Workload; 7] = [
     Workload::ContentionExclusive,
 ];
 
+/// How many times each row of `workload` runs.
+fn rounds_of(args: &AllArgs, workload: Workload) -> usize {
+    match workload {
+        Workload::Contention | Workload::ContentionExclusive => args.contention_rounds,
+        _ => args.rounds,
+    }
+}
+
 /// The processes of each store's server, charged for their CPU per request.
 fn store_processes(store: &str) -> Vec<String> {
     let names: &[&str] = match store {
@@ -243,6 +255,9 @@ pub(crate) async fn all(args: AllArgs) -> anyhow::Result<()> {
     let scratch = std::env::temp_dir().join(format!("session2-bench-{}", std::process::id()));
     std::fs::create_dir_all(&scratch)?;
     let mut results = Results::default();
+    // Every line of progress says when it came, so a run over its time
+    // shows which part grew.
+    let at = || format!("[{:>4.0} s]", started.elapsed().as_secs_f64());
     for name in &args.stores {
         let urls = store_urls(&args, name, &scratch)?;
         if matches!(name.as_str(), "postgres" | "mysql")
@@ -292,7 +307,7 @@ pub(crate) async fn all(args: AllArgs) -> anyhow::Result<()> {
                     runs: Vec::new(),
                 })
                 .collect();
-            for round in 0..args.rounds {
+            for round in 0..rounds_of(&args, workload) {
                 // Alternate who goes first, so neither always runs on a warmer machine.
                 let order: Vec<usize> = if round % 2 == 0 {
                     (0..rows.len()).collect()
@@ -320,7 +335,8 @@ pub(crate) async fn all(args: AllArgs) -> anyhow::Result<()> {
             for row in rows {
                 let result = row.median();
                 eprintln!(
-                    "{name} {:?} {workload:?}: {:.0} req/s, p99 {} µs, cpu {:?} µs, {} errors, {} mismatches, {} lost",
+                    "{} {name} {:?} {workload:?}: {:.0} req/s, p99 {} µs, cpu {:?} µs, {} errors, {} mismatches, {} lost",
+                    at(),
                     row.library,
                     result.requests_per_second,
                     result.p99_us,
@@ -342,12 +358,13 @@ pub(crate) async fn all(args: AllArgs) -> anyhow::Result<()> {
         .await
         {
             Ok(result) => {
-                eprintln!("{name} store: {result:?}");
+                eprintln!("{} {name} store: {result:?}", at());
                 results.store.push(result);
             }
             Err(err) => eprintln!("store benchmark on {name} failed: {err:#}"),
         }
         if let Some(raw) = raw_figure(&args, name, &scratch) {
+            eprintln!("{} {name} raw: {raw}", at());
             results.raw.push((name.clone(), raw));
         }
     }
@@ -364,7 +381,7 @@ pub(crate) async fn all(args: AllArgs) -> anyhow::Result<()> {
             };
             match crate::scale::purge(name, &server_url, args.purge_sessions).await {
                 Ok(result) => {
-                    eprintln!("{name} purge: {result:?}");
+                    eprintln!("{} {name} purge: {result:?}", at());
                     results.purge.push(result);
                 }
                 Err(err) => eprintln!("purge benchmark on {name} failed: {err:#}"),
@@ -373,7 +390,7 @@ pub(crate) async fn all(args: AllArgs) -> anyhow::Result<()> {
         if args.stores.iter().any(|name| name == "redis") {
             match crate::scale::redis_purge(&args.redis, args.purge_sessions).await {
                 Ok(result) => {
-                    eprintln!("redis purge: {result:?}");
+                    eprintln!("{} redis purge: {result:?}", at());
                     results.purge.push(result);
                 }
                 Err(err) => eprintln!("purge benchmark on redis failed: {err:#}"),
@@ -383,7 +400,7 @@ pub(crate) async fn all(args: AllArgs) -> anyhow::Result<()> {
     if args.directory_sessions > 0 {
         match crate::scale::directory(&scratch, args.directory_sessions).await {
             Ok(result) => {
-                eprintln!("directory scale: {result:?}");
+                eprintln!("{} directory scale: {result:?}", at());
                 results.directory = Some(result);
             }
             Err(err) => eprintln!("directory benchmark failed: {err:#}"),
@@ -556,8 +573,8 @@ fn render(args: &AllArgs, results: &Results, took: Duration) -> String {
     );
     let _ = writeln!(
         out,
-        "- load: {} virtual users, each with its own keep-alive connection and cookie, closed loop, each writing its requests and reading its answers in its own task; {} rounds of {:.1} s warm-up and {:.1} s measured per row; load generator, servers and databases share the machine",
-        args.users, args.rounds, args.warmup, args.duration
+        "- load: {} virtual users, each with its own keep-alive connection and cookie, closed loop, each writing its requests and reading its answers in its own task; {} rounds of {:.1} s warm-up and {:.1} s measured per row ({} for the contention rows of (e)); load generator, servers and databases share the machine",
+        args.users, args.rounds, args.warmup, args.duration, args.contention_rounds
     );
     let _ = writeln!(
         out,
@@ -700,8 +717,13 @@ fn render(args: &AllArgs, results: &Results, took: Duration) -> String {
     );
     let _ = writeln!(
         out,
-        "Lost updates are added up over the {} runs.\n",
-        args.rounds
+        "{} of {:.1} s per row (after {:.1} s of warm-up); lost updates are added up over them.\n",
+        match args.contention_rounds {
+            1 => "One run".to_owned(),
+            rounds => format!("{rounds} runs"),
+        },
+        args.duration,
+        args.warmup
     );
     let _ = writeln!(
         out,
@@ -828,3 +850,30 @@ fn short_store(url: &str) -> &str {
 
 const TOWER_SESSIONS_VERSION: &str =
     "0.14 (tower-sessions-sqlx-store 0.15, tower-sessions-redis-store 0.16)";
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser as _;
+
+    use super::*;
+
+    fn parsed(args: &[&str]) -> AllArgs {
+        let cli = crate::Cli::parse_from(["session2-bench", "all"].iter().chain(args));
+        match cli.command {
+            crate::Command::All(args) => args,
+            other => panic!("parsed as {other:?}"),
+        }
+    }
+
+    #[test]
+    fn contention_rows_run_their_own_number_of_rounds() {
+        let defaults = parsed(&[]);
+        assert_eq!(rounds_of(&defaults, Workload::Rmw), 3);
+        assert_eq!(rounds_of(&defaults, Workload::Anon), 3);
+        assert_eq!(rounds_of(&defaults, Workload::Contention), 1);
+        assert_eq!(rounds_of(&defaults, Workload::ContentionExclusive), 1);
+        let chosen = parsed(&["--rounds", "5", "--contention-rounds", "2"]);
+        assert_eq!(rounds_of(&chosen, Workload::Mix), 5);
+        assert_eq!(rounds_of(&chosen, Workload::ContentionExclusive), 2);
+    }
+}
