@@ -715,15 +715,17 @@ fn render(args: &AllArgs, results: &Results, took: Duration) -> String {
         "### (e) contention: {} users share one session, read-modify-write\n",
         args.users
     );
+    let (runs, summed) = match args.contention_rounds {
+        1 => ("One run".to_owned(), ""),
+        rounds => (
+            format!("{rounds} runs"),
+            "; lost updates are added up over them",
+        ),
+    };
     let _ = writeln!(
         out,
-        "{} of {:.1} s per row (after {:.1} s of warm-up); lost updates are added up over them.\n",
-        match args.contention_rounds {
-            1 => "One run".to_owned(),
-            rounds => format!("{rounds} runs"),
-        },
-        args.duration,
-        args.warmup
+        "{runs} of {:.1} s per row (after {:.1} s of warm-up){summed}.\n",
+        args.duration, args.warmup
     );
     let _ = writeln!(
         out,
@@ -875,5 +877,14 @@ mod tests {
         let chosen = parsed(&["--rounds", "5", "--contention-rounds", "2"]);
         assert_eq!(rounds_of(&chosen, Workload::Mix), 5);
         assert_eq!(rounds_of(&chosen, Workload::ContentionExclusive), 2);
+    }
+
+    #[test]
+    fn the_report_says_how_often_the_contention_rows_ran() {
+        let report = |args: &[&str]| render(&parsed(args), &Results::default(), Duration::ZERO);
+        assert!(report(&[]).contains("One run of 2.0 s per row (after 0.3 s of warm-up).\n"));
+        assert!(report(&["--contention-rounds", "3"]).contains(
+            "3 runs of 2.0 s per row (after 0.3 s of warm-up); lost updates are added up over them.\n"
+        ));
     }
 }
