@@ -257,18 +257,22 @@ pub(crate) async fn all(args: AllArgs) -> anyhow::Result<()> {
     let mut results = Results::default();
     // Every line of progress says when it came, so a run over its time
     // shows which part grew.
-    let at = || format!("[{:>4.0} s]", started.elapsed().as_secs_f64());
+    macro_rules! progress {
+        ($($line:tt)*) => {
+            eprintln!("[{:>4.0} s] {}", started.elapsed().as_secs_f64(), format_args!($($line)*))
+        };
+    }
     for name in &args.stores {
         let urls = store_urls(&args, name, &scratch)?;
         if matches!(name.as_str(), "postgres" | "mysql")
             && let Err(err) = drop_session_tables(&urls.theirs).await
         {
-            eprintln!("could not drop the session tables on {name}: {err:#}");
+            progress!("could not drop the session tables on {name}: {err:#}");
         }
         if name == "redis"
             && let Err(err) = purge_every_session(&urls.ours).await
         {
-            eprintln!("could not clear session2's bench prefix on redis: {err:#}");
+            progress!("could not clear session2's bench prefix on redis: {err:#}");
         }
         // All three servers run side by side, so the libraries can take
         // turns on each row: drift of the machine hits both alike.
@@ -280,7 +284,7 @@ pub(crate) async fn all(args: AllArgs) -> anyhow::Result<()> {
         ] {
             match Server::start(library, url) {
                 Ok(server) => servers.push((library, server)),
-                Err(err) => eprintln!("skipping {library:?} on {name}: {err:#}"),
+                Err(err) => progress!("skipping {library:?} on {name}: {err:#}"),
             }
         }
         let workloads = if args.rounds == 0 {
@@ -334,9 +338,8 @@ pub(crate) async fn all(args: AllArgs) -> anyhow::Result<()> {
             }
             for row in rows {
                 let result = row.median();
-                eprintln!(
-                    "{} {name} {:?} {workload:?}: {:.0} req/s, p99 {} µs, cpu {:?} µs, {} errors, {} mismatches, {} lost",
-                    at(),
+                progress!(
+                    "{name} {:?} {workload:?}: {:.0} req/s, p99 {} µs, cpu {:?} µs, {} errors, {} mismatches, {} lost",
                     row.library,
                     result.requests_per_second,
                     result.p99_us,
@@ -358,13 +361,13 @@ pub(crate) async fn all(args: AllArgs) -> anyhow::Result<()> {
         .await
         {
             Ok(result) => {
-                eprintln!("{} {name} store: {result:?}", at());
+                progress!("{name} store: {result:?}");
                 results.store.push(result);
             }
-            Err(err) => eprintln!("store benchmark on {name} failed: {err:#}"),
+            Err(err) => progress!("store benchmark on {name} failed: {err:#}"),
         }
         if let Some(raw) = raw_figure(&args, name, &scratch) {
-            eprintln!("{} {name} raw: {raw}", at());
+            progress!("{name} raw: {raw}");
             results.raw.push((name.clone(), raw));
         }
     }
@@ -381,29 +384,29 @@ pub(crate) async fn all(args: AllArgs) -> anyhow::Result<()> {
             };
             match crate::scale::purge(name, &server_url, args.purge_sessions).await {
                 Ok(result) => {
-                    eprintln!("{} {name} purge: {result:?}", at());
+                    progress!("{name} purge: {result:?}");
                     results.purge.push(result);
                 }
-                Err(err) => eprintln!("purge benchmark on {name} failed: {err:#}"),
+                Err(err) => progress!("purge benchmark on {name} failed: {err:#}"),
             }
         }
         if args.stores.iter().any(|name| name == "redis") {
             match crate::scale::redis_purge(&args.redis, args.purge_sessions).await {
                 Ok(result) => {
-                    eprintln!("{} redis purge: {result:?}", at());
+                    progress!("redis purge: {result:?}");
                     results.purge.push(result);
                 }
-                Err(err) => eprintln!("purge benchmark on redis failed: {err:#}"),
+                Err(err) => progress!("purge benchmark on redis failed: {err:#}"),
             }
         }
     }
     if args.directory_sessions > 0 {
         match crate::scale::directory(&scratch, args.directory_sessions).await {
             Ok(result) => {
-                eprintln!("{} directory scale: {result:?}", at());
+                progress!("directory scale: {result:?}");
                 results.directory = Some(result);
             }
-            Err(err) => eprintln!("directory benchmark failed: {err:#}"),
+            Err(err) => progress!("directory benchmark failed: {err:#}"),
         }
     }
     for library in ["session2", "tower-sessions"] {
