@@ -53,6 +53,8 @@ use std::sync::LazyLock;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
+use tokio::sync::OwnedMutexGuard;
+
 use crate::record::{decode_data, encode_data};
 use crate::session::{SessionState, Stored};
 use crate::store::{CreateOutcome, LeaseOutcome};
@@ -77,6 +79,9 @@ struct Inner {
     cookie_name: String,
     clock: Arc<dyn Clock>,
     local_locks: Arc<KeyLocks>,
+    /// Plain saves that lost a compare-and-swap queue here, each passing
+    /// the record it wrote to the next (see `RequestSession::save`).
+    save_queues: Arc<KeyLocks<Option<Record>>>,
 }
 
 impl fmt::Debug for SessionManager {
@@ -124,6 +129,7 @@ impl SessionManager {
                 config,
                 clock: Arc::new(SystemClock),
                 local_locks: Arc::default(),
+                save_queues: Arc::default(),
             }),
         }
     }
@@ -154,6 +160,7 @@ impl SessionManager {
             cookie_name: self.inner.cookie_name.clone(),
             clock: Arc::clone(&self.inner.clock),
             local_locks: Arc::clone(&self.inner.local_locks),
+            save_queues: Arc::clone(&self.inner.save_queues),
         };
         change(&mut inner);
         Self {
@@ -804,7 +811,14 @@ impl RequestSession {
     }
 
     /// Applies `changes` onto the stored session by compare-and-swap,
-    /// reloading and reapplying on conflict; moves it to a new id if asked.
+    /// reapplying them on conflict; moves it to a new id if asked.
+    ///
+    /// A save that lost the race joins this process's queue for the
+    /// session, so that saves of a hot session (a page's parallel requests)
+    /// follow each other instead of racing and backing off: each head of
+    /// the queue starts from the record the one before it wrote, usually
+    /// the stored one, and so needs one write. Compare-and-swap still
+    /// decides: a record another process wrote meanwhile is reloaded.
     async fn save(
         &self,
         id: SessionId,
@@ -820,6 +834,12 @@ impl RequestSession {
         let mut backoff = Backoff::new(u64::from_le_bytes(
             key.as_bytes()[..8].try_into().expect("8 bytes"),
         ));
+        // Once saves of this session queue in this process, racing them
+        // would only make the head of the queue lose and wait: join it.
+        let mut queue = SaveQueue::Outside;
+        if let Some(lock) = manager.inner.save_queues.existing(&key) {
+            queue = self.join_queue(lock, &mut base, now).await;
+        }
         for _ in 0..MAX_SAVE_ATTEMPTS {
             let mut merged = match self.apply(&base, &mut changes, now) {
                 Ok(merged) => merged,
@@ -836,6 +856,7 @@ impl RequestSession {
                     .await
                     .map_err(save_failed)?
                 {
+                    queue.pass_on(None);
                     let had_cookie = !matches!(self.incoming, Incoming::Absent);
                     return Ok(had_cookie.then(|| manager.revocation_cookie()));
                 }
@@ -854,6 +875,7 @@ impl RequestSession {
                         .await
                         .map_err(save_failed)?
                     {
+                        queue.pass_on(None);
                         tracing::debug!(from = %key.fingerprint(), to = %new_key.fingerprint(), "session id renewed");
                         return Ok(Some(manager.cookie(
                             &new_id,
@@ -870,9 +892,25 @@ impl RequestSession {
                 .map_err(save_failed)?
             {
                 let refresh = manager.inner.config.lifetime == CookieLifetime::Persistent;
-                return Ok(refresh.then(|| manager.cookie(&id, Some(merged.expires_at()), now)));
+                let cookie = refresh.then(|| manager.cookie(&id, Some(merged.expires_at()), now));
+                queue.pass_on(Some(merged));
+                return Ok(cookie);
             }
-            // Lost a race: merge again onto the latest version, if there still is one.
+            // Lost a race. The first time, queue behind this process's other
+            // saves of the session; the record the last of them wrote, if
+            // newer than `base`, is most likely the stored one. The race
+            // just lost is over, so the reload after joining does not wait.
+            let joined = matches!(queue, SaveQueue::Outside);
+            if joined {
+                let version = base.version;
+                queue = self
+                    .join_queue(manager.inner.save_queues.lock_for(&key), &mut base, now)
+                    .await;
+                if base.version != version {
+                    continue;
+                }
+            }
+            // Merge again onto the latest version, if there still is one.
             match store.load(&key, now).await {
                 Ok(Some(latest)) if !manager.is_expired(&latest, now) => base = latest,
                 Ok(_) => {
@@ -882,14 +920,42 @@ impl RequestSession {
                 Err(err) if err.is_decode() => return Ok(None),
                 Err(err) => return Err(save_failed(err)),
             }
-            // Boxed: a timer would add 120 bytes to every save's state, for
-            // a wait only a lost race takes.
-            Box::pin(backoff.wait()).await;
+            if !joined {
+                // Boxed: a timer would add 120 bytes to every save's state,
+                // for a wait only a lost race takes.
+                Box::pin(backoff.wait()).await;
+            }
         }
         Err(Error::backend(
             store.name(),
             "too many concurrent writers on one session; changes dropped",
         ))
+    }
+
+    /// Waits, at most the lock wait, to head this process's queue of saves
+    /// of the session `lock` belongs to; makes `base` the record the save
+    /// before wrote, if that is newer and live.
+    async fn join_queue(
+        &self,
+        lock: Arc<tokio::sync::Mutex<Option<Record>>>,
+        base: &mut Record,
+        now: Timestamp,
+    ) -> SaveQueue {
+        let manager = &self.manager;
+        let wait = manager.inner.config.lock_wait;
+        // Boxed, as the backoff: only a save that queues waits here.
+        let Ok(mut head) = Box::pin(tokio::time::timeout(wait, lock.lock_owned())).await else {
+            // A queue this slow has a store that fails or hangs: go on
+            // alone, as if there were none.
+            return SaveQueue::GaveUp;
+        };
+        if let Some(written) = head
+            .take()
+            .filter(|written| written.version > base.version && !manager.is_expired(written, now))
+        {
+            *base = written;
+        }
+        SaveQueue::Head(head)
     }
 
     /// The record that results from applying `changes` onto `base`. The
@@ -992,6 +1058,27 @@ fn lease_token() -> u64 {
     NEXT.fetch_add(1, Ordering::Relaxed)
 }
 
+/// Where a plain save stands in this process's queue for its session.
+enum SaveQueue {
+    /// Not queued: it has lost no race yet.
+    Outside,
+    /// At the head of the queue, holding for the next save the record the
+    /// last one wrote, if it is still stored.
+    Head(OwnedMutexGuard<Option<Record>>),
+    /// It waited the lock wait without reaching the head: it races alone.
+    GaveUp,
+}
+
+impl SaveQueue {
+    /// Leaves the next save in the queue `written`, the record now stored
+    /// under the session's key, or `None` when the session left the key.
+    fn pass_on(&mut self, written: Option<Record>) {
+        if let Self::Head(head) = self {
+            **head = written;
+        }
+    }
+}
+
 /// Jittered exponential backoff for lock waits and save retries.
 struct Backoff {
     next: Duration,
@@ -1075,6 +1162,196 @@ mod tests {
         let header = cookie.split(';').next().unwrap().to_owned();
         let id = SessionId::parse(header.split_once('=').unwrap().1).unwrap();
         (header, id)
+    }
+
+    /// A memory store that counts loads and replaces, and yields before
+    /// each, as a store across a network would.
+    #[derive(Clone, Debug, Default)]
+    struct Counting {
+        inner: MemoryStore,
+        loads: Arc<AtomicU64>,
+        replaces: Arc<AtomicU64>,
+    }
+
+    #[async_trait::async_trait]
+    impl SessionStore for Counting {
+        fn name(&self) -> &'static str {
+            "counting"
+        }
+        fn capabilities(&self) -> crate::store::Capabilities {
+            self.inner.capabilities()
+        }
+        async fn setup(&self) -> Result<()> {
+            self.inner.setup().await
+        }
+        async fn load(&self, key: &SessionKey, now: Timestamp) -> Result<Option<Record>> {
+            self.loads.fetch_add(1, Ordering::SeqCst);
+            tokio::task::yield_now().await;
+            self.inner.load(key, now).await
+        }
+        async fn create(
+            &self,
+            key: &SessionKey,
+            record: &Record,
+            now: Timestamp,
+        ) -> Result<CreateOutcome> {
+            self.inner.create(key, record, now).await
+        }
+        async fn replace(
+            &self,
+            key: &SessionKey,
+            expected_version: u64,
+            record: &Record,
+            now: Timestamp,
+        ) -> Result<bool> {
+            self.replaces.fetch_add(1, Ordering::SeqCst);
+            tokio::task::yield_now().await;
+            self.inner.replace(key, expected_version, record, now).await
+        }
+        async fn delete(&self, key: &SessionKey, expected_version: Option<u64>) -> Result<bool> {
+            self.inner.delete(key, expected_version).await
+        }
+        async fn touch(
+            &self,
+            key: &SessionKey,
+            accessed_at: Timestamp,
+            idle_deadline: Timestamp,
+        ) -> Result<bool> {
+            self.inner.touch(key, accessed_at, idle_deadline).await
+        }
+        async fn purge_expired(&self, now: Timestamp) -> Result<u64> {
+            self.inner.purge_expired(now).await
+        }
+        async fn list(
+            &self,
+            after: Option<&SessionKey>,
+            limit: usize,
+        ) -> Result<crate::store::Page> {
+            self.inner.list(after, limit).await
+        }
+        async fn count(&self) -> Result<u64> {
+            self.inner.count().await
+        }
+        async fn find_by_user(
+            &self,
+            user: &str,
+            now: Timestamp,
+        ) -> Result<Vec<(SessionKey, Record)>> {
+            self.inner.find_by_user(user, now).await
+        }
+    }
+
+    /// Starts `count` requests of the session `cookie` names, each loading
+    /// it and setting its own key (`k0`, `k1`, …) before any finishes.
+    async fn parallel_requests(
+        manager: &SessionManager,
+        cookie: &str,
+        count: usize,
+    ) -> Vec<Arc<RequestSession>> {
+        let mut requests = Vec::new();
+        for index in 0..count {
+            let request = Arc::new(manager.start(Some(cookie)));
+            let session = request.session().await.unwrap();
+            session.insert(format!("k{index}"), index).unwrap();
+            requests.push(request);
+        }
+        requests
+    }
+
+    /// Parallel requests of one session (a page's calls to an API): the
+    /// first save wins, each other loses once, queues, and writes onto the
+    /// record the one before it wrote; only the head of the queue reloads.
+    #[tokio::test]
+    async fn saves_of_a_hot_session_queue_and_each_writes_once() {
+        let store = Counting::default();
+        let manager = SessionManager::new(store.clone());
+        let (cookie, id) = stored_session(&manager).await;
+        let requests = parallel_requests(&manager, &cookie, 16).await;
+        let (loads, replaces) = (
+            store.loads.load(Ordering::SeqCst),
+            store.replaces.load(Ordering::SeqCst),
+        );
+        let mut finishing = tokio::task::JoinSet::new();
+        for request in &requests {
+            let request = Arc::clone(request);
+            finishing.spawn(async move { request.finish(Outcome::Success).await.unwrap() });
+        }
+        finishing.join_all().await;
+        assert_eq!(store.loads.load(Ordering::SeqCst) - loads, 1, "reloads");
+        assert_eq!(
+            store.replaces.load(Ordering::SeqCst) - replaces,
+            16 + 15,
+            "writes"
+        );
+        let stored = store
+            .inner
+            .load(&id.key(), manager.now())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(stored.version, 1 + 16);
+        let data = decode_data(&stored.data).unwrap();
+        for index in 0..16 {
+            assert_eq!(
+                data[&format!("k{index}")].get(),
+                index.to_string(),
+                "k{index}"
+            );
+        }
+        assert!(manager.inner.save_queues.existing(&id.key()).is_none());
+    }
+
+    /// A save of a session whose saves queue in this process waits its
+    /// turn rather than racing the head, and starts from what the head wrote.
+    #[tokio::test]
+    async fn a_save_joins_the_queue_its_session_already_has() {
+        let store = Counting::default();
+        let manager = SessionManager::new(store.clone());
+        let (cookie, id) = stored_session(&manager).await;
+        let [late] = <[_; 1]>::try_from(parallel_requests(&manager, &cookie, 1).await)
+            .unwrap_or_else(|_| unreachable!());
+        let queue = manager.inner.save_queues.lock_for(&id.key());
+        let mut head = Arc::clone(&queue).lock_owned().await;
+        let replaces = store.replaces.load(Ordering::SeqCst);
+        let waiting = tokio::spawn(async move { late.finish(Outcome::Success).await.unwrap() });
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        assert!(!waiting.is_finished());
+        assert_eq!(
+            store.replaces.load(Ordering::SeqCst),
+            replaces,
+            "it raced the head"
+        );
+        // The head writes, then passes on what it wrote.
+        let now = manager.now();
+        let mut written = store.inner.load(&id.key(), now).await.unwrap().unwrap();
+        written.version += 1;
+        written.data = br#"{"head":true,"n":1}"#.to_vec();
+        assert!(
+            store
+                .inner
+                .replace(&id.key(), written.version - 1, &written, now)
+                .await
+                .unwrap()
+        );
+        *head = Some(written);
+        let loads = store.loads.load(Ordering::SeqCst);
+        drop(head);
+        waiting.await.unwrap();
+        assert_eq!(store.loads.load(Ordering::SeqCst), loads, "it reloaded");
+        assert_eq!(store.replaces.load(Ordering::SeqCst), replaces + 1);
+        let stored = store
+            .inner
+            .load(&id.key(), manager.now())
+            .await
+            .unwrap()
+            .unwrap();
+        let data = decode_data(&stored.data).unwrap();
+        assert!(
+            data.contains_key("k0") && data.contains_key("head"),
+            "{data:?}"
+        );
     }
 
     /// What a request leaves to its finish decides whether the layer may

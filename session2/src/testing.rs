@@ -66,6 +66,7 @@ macro_rules! conformance_tests {
             oversized_session_is_refused_at_insert,
             no_raw_session_id_reaches_the_store,
             merge_keeps_keys_of_concurrent_requests,
+            a_hot_session_keeps_every_parallel_change,
             logout_wins_over_a_slow_request,
             expiry_follows_the_clock,
             lease_excludes_a_second_holder_and_expires,
@@ -1082,6 +1083,47 @@ pub mod cases {
         assert_eq!(session.get::<i64>("a").unwrap(), Some(1));
         assert_eq!(session.get::<i64>("b").unwrap(), Some(2));
         assert_eq!(session.get::<i64>("base").unwrap(), None);
+    }
+
+    /// Parallel requests of one session from two processes (two managers
+    /// on one store), all loaded before any saves, keep every change, each
+    /// written once: saves queued in one process start from what the one
+    /// before wrote, and compare-and-swap still catches the other process.
+    pub async fn a_hot_session_keeps_every_parallel_change(store: Arc<dyn SessionStore>) {
+        const REQUESTS: i64 = 24;
+        let clock = ManualClock::starting_now();
+        let ours = manager(&store, &clock);
+        let theirs = manager(&store, &clock);
+        let set_cookie = request_setting(&ours, None, "base", 0).await.unwrap();
+        let cookie = cookie_pair(&set_cookie);
+        let key = SessionId::parse(&cookie_value(&set_cookie)).unwrap().key();
+        let mut requests = Vec::new();
+        for index in 0..REQUESTS {
+            let manager = if index % 3 == 0 { &theirs } else { &ours };
+            let request = Arc::new(manager.start(Some(&cookie)));
+            let session = request.session().await.unwrap();
+            session.insert(format!("k{index}"), index).unwrap();
+            requests.push(request);
+        }
+        let loaded = store.load(&key, clock.now()).await.unwrap().unwrap();
+        let saves: Vec<_> = requests
+            .into_iter()
+            .map(|request| tokio::spawn(async move { request.finish(Outcome::Success).await }))
+            .collect();
+        for save in saves {
+            save.await.unwrap().unwrap();
+        }
+        let saved = store.load(&key, clock.now()).await.unwrap().unwrap();
+        assert_eq!(saved.version, loaded.version + REQUESTS as u64);
+        let check = ours.start(Some(&cookie));
+        let session = check.session().await.unwrap();
+        assert_eq!(session.get::<i64>("base").unwrap(), Some(0));
+        for index in 0..REQUESTS {
+            assert_eq!(
+                session.get::<i64>(&format!("k{index}")).unwrap(),
+                Some(index)
+            );
+        }
     }
 
     /// A request that loaded before a logout cannot bring the session back.
