@@ -78,7 +78,9 @@ struct Inner {
     config: SessionConfig,
     cookie_name: String,
     clock: Arc<dyn Clock>,
-    local_locks: Arc<KeyLocks>,
+    /// Exclusive requests of one session queue here; each may pass its
+    /// lease to the next (see `Handoff`).
+    local_locks: Arc<KeyLocks<LocalTurn>>,
     /// Plain saves that lost a compare-and-swap queue here, each passing
     /// the record it wrote to the next (see `RequestSession::save`).
     save_queues: Arc<KeyLocks<Option<Record>>>,
@@ -444,7 +446,7 @@ pub struct RequestSession {
     loaded: tokio::sync::OnceCell<Loaded>,
     /// This process's lock on the session, held by an exclusive session
     /// from before it takes the lease until after it releases it.
-    local_guard: std::sync::Mutex<Option<tokio::sync::OwnedMutexGuard<()>>>,
+    local_guard: std::sync::Mutex<Option<OwnedMutexGuard<LocalTurn>>>,
     finished: AtomicBool,
 }
 
@@ -472,6 +474,9 @@ struct ChangeSet {
     user: Option<Option<String>>,
     rotate: bool,
     lease_token: Option<u64>,
+    /// Whether the save keeps the lease, renewed, for the next exclusive
+    /// request of the session in this process (see `Handoff`).
+    hand_off: bool,
 }
 
 impl RequestSession {
@@ -552,15 +557,47 @@ impl RequestSession {
         let token = lease_token();
         let started = tokio::time::Instant::now();
         let local = manager.inner.local_locks.lock_for(&key);
-        let guard = tokio::time::timeout(config.lock_wait, local.lock_owned())
+        let mut guard = tokio::time::timeout(config.lock_wait, local.lock_owned())
             .await
             .map_err(|_| Error::lock_timeout(started.elapsed()))?;
+        let adopted = (guard.handoff.take()).and_then(|handoff| self.adopt(id, key, handoff));
+        guard.chain = if adopted.is_some() {
+            guard.chain + 1
+        } else {
+            0
+        };
         *lock_ignoring_poison(&self.local_guard) = Some(guard);
+        if let Some(state) = adopted {
+            return Ok(state);
+        }
         let result = self.take_lease(id, key, token, started).await;
         if result.is_err() {
             lock_ignoring_poison(&self.local_guard).take();
         }
         result
+    }
+
+    /// The session as the exclusive request before this one left it, with
+    /// its lease, if that lease still binds; `None` sends this request to
+    /// the store for a lease of its own.
+    fn adopt(&self, id: &SessionId, key: SessionKey, handoff: Handoff) -> Option<SessionState> {
+        let manager = &self.manager;
+        let now = manager.now();
+        let (record, token) = handoff.take(now)?;
+        // Unlike a fresh lease, the handed record cannot have expired by
+        // the store's clock without its lease having done so first.
+        let data = manager.live_data(&key, &record, now)?;
+        let mut state = SessionState::loaded(
+            Stored {
+                id: id.clone(),
+                key,
+                record,
+            },
+            data,
+            manager.inner.config.max_session_size,
+        );
+        state.lease_token = Some(token);
+        Some(state)
     }
 
     /// Loads the session and takes its lease in the store in one step,
@@ -694,6 +731,10 @@ impl RequestSession {
                 user: state.user_changed.then(|| state.user.clone()),
                 rotate: state.rotate,
                 lease_token: state.lease_token,
+                hand_off: state.lease_token.is_some()
+                    && !state.rotate
+                    && outcome == Outcome::Success
+                    && self.successor_waits(),
             };
             // The request is over: the stored bytes go to the save, uncopied.
             let stored = state.stored.as_mut().map(|stored| {
@@ -893,7 +934,10 @@ impl RequestSession {
             {
                 let refresh = manager.inner.config.lifetime == CookieLifetime::Persistent;
                 let cookie = refresh.then(|| manager.cookie(&id, Some(merged.expires_at()), now));
-                queue.pass_on(Some(merged));
+                queue.pass_on(Some(&merged));
+                if let Some(token) = changes.lease_token.filter(|_| changes.hand_off) {
+                    self.hand_off(key, merged, token);
+                }
                 return Ok(cookie);
             }
             // Lost a race. The first time, queue behind this process's other
@@ -930,6 +974,29 @@ impl RequestSession {
             store.name(),
             "too many concurrent writers on one session; changes dropped",
         ))
+    }
+
+    /// Whether another exclusive request of the session waits in this
+    /// process for the lease this request holds, and may have it handed on.
+    fn successor_waits(&self) -> bool {
+        lock_ignoring_poison(&self.local_guard)
+            .as_ref()
+            .is_some_and(|turn| {
+                turn.chain < MAX_HANDOFFS && Arc::strong_count(OwnedMutexGuard::mutex(turn)) > 1
+            })
+    }
+
+    /// Leaves `record`, just written with the lease `token` kept, to the
+    /// next exclusive request of the session in this process.
+    fn hand_off(&self, key: SessionKey, record: Record, token: u64) {
+        if let Some(turn) = lock_ignoring_poison(&self.local_guard).as_mut() {
+            turn.handoff = Some(Handoff {
+                manager: self.manager.clone(),
+                key,
+                record: Some(record),
+                token,
+            });
+        }
     }
 
     /// Waits, at most the lock wait, to head this process's queue of saves
@@ -991,11 +1058,14 @@ impl RequestSession {
         if let Some(user) = &changes.user {
             merged.user.clone_from(user);
         }
-        if merged
+        if let Some(lease) = merged
             .lease
-            .is_some_and(|lease| Some(lease.token) == changes.lease_token)
+            .filter(|lease| Some(lease.token) == changes.lease_token)
         {
-            merged.lease = None;
+            merged.lease = changes.hand_off.then(|| Lease {
+                token: lease.token,
+                until: now.saturating_add(config.lease_duration),
+            });
         }
         merged.version = base.version + 1;
         merged.accessed_at = now;
@@ -1023,15 +1093,7 @@ impl Drop for RequestSession {
             }
         };
         let guard = lock_ignoring_poison(&self.local_guard).take();
-        let manager = self.manager.clone();
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            runtime.spawn(async move {
-                if let Err(err) = manager.release_lease(&key, token).await {
-                    tracing::warn!(session = %key.fingerprint(), error = %err, "failed to release an abandoned lease");
-                }
-                drop(guard);
-            });
-        }
+        release_in_background(self.manager.clone(), key, token, guard);
     }
 }
 
@@ -1058,6 +1120,74 @@ fn lease_token() -> u64 {
     NEXT.fetch_add(1, Ordering::Relaxed)
 }
 
+/// How many exclusive requests in a row may hold a session's lease by
+/// hand-off before one gives it back to the store, so that other processes
+/// waiting for it get their turn.
+const MAX_HANDOFFS: u32 = 32;
+
+/// What the lock of one session's exclusive requests in this process guards.
+#[derive(Debug, Default)]
+struct LocalTurn {
+    /// The lease the request before passed on, until this one takes it.
+    handoff: Option<Handoff>,
+    /// How many requests in a row, the holder included, hold the lease by hand-off.
+    chain: u32,
+}
+
+/// A lease an exclusive request kept at its save, renewed, for the next
+/// exclusive request of the session in this process, with the record it
+/// wrote: the next one then needs no round trip for a lease. Dropped
+/// untaken (the next one went away), it releases the lease in the background.
+#[derive(Debug)]
+struct Handoff {
+    manager: SessionManager,
+    key: SessionKey,
+    /// `None` once taken.
+    record: Option<Record>,
+    token: u64,
+}
+
+impl Handoff {
+    /// The record and the lease's token, if the lease is still this one's
+    /// and binds at `now`; otherwise the lease goes back to the store.
+    fn take(mut self, now: Timestamp) -> Option<(Record, u64)> {
+        let token = self.token;
+        let record = self.record.take_if(|record| {
+            record
+                .lease
+                .is_some_and(|lease| lease.token == token && lease.until > now)
+        })?;
+        Some((record, token))
+    }
+}
+
+impl Drop for Handoff {
+    fn drop(&mut self) {
+        if self.record.is_some() {
+            release_in_background(self.manager.clone(), self.key, self.token, ());
+        }
+    }
+}
+
+/// Releases the lease `token` holds on `key`, if it still does, in a task
+/// of the current runtime (none, none released: the lease then expires),
+/// and drops `after` once done.
+fn release_in_background<T: Send + 'static>(
+    manager: SessionManager,
+    key: SessionKey,
+    token: u64,
+    after: T,
+) {
+    if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+        runtime.spawn(async move {
+            if let Err(err) = manager.release_lease(&key, token).await {
+                tracing::warn!(session = %key.fingerprint(), error = %err, "failed to release an abandoned lease");
+            }
+            drop(after);
+        });
+    }
+}
+
 /// Where a plain save stands in this process's queue for its session.
 enum SaveQueue {
     /// Not queued: it has lost no race yet.
@@ -1072,9 +1202,9 @@ enum SaveQueue {
 impl SaveQueue {
     /// Leaves the next save in the queue `written`, the record now stored
     /// under the session's key, or `None` when the session left the key.
-    fn pass_on(&mut self, written: Option<Record>) {
+    fn pass_on(&mut self, written: Option<&Record>) {
         if let Self::Head(head) = self {
-            **head = written;
+            **head = written.cloned();
         }
     }
 }
@@ -1171,6 +1301,7 @@ mod tests {
         inner: MemoryStore,
         loads: Arc<AtomicU64>,
         replaces: Arc<AtomicU64>,
+        leases: Arc<AtomicU64>,
     }
 
     #[async_trait::async_trait]
@@ -1207,6 +1338,16 @@ mod tests {
             self.replaces.fetch_add(1, Ordering::SeqCst);
             tokio::task::yield_now().await;
             self.inner.replace(key, expected_version, record, now).await
+        }
+        async fn lease(
+            &self,
+            key: &SessionKey,
+            lease: Lease,
+            now: Timestamp,
+        ) -> Result<LeaseOutcome> {
+            self.leases.fetch_add(1, Ordering::SeqCst);
+            tokio::task::yield_now().await;
+            self.inner.lease(key, lease, now).await
         }
         async fn delete(&self, key: &SessionKey, expected_version: Option<u64>) -> Result<bool> {
             self.inner.delete(key, expected_version).await
@@ -1352,6 +1493,129 @@ mod tests {
             data.contains_key("k0") && data.contains_key("head"),
             "{data:?}"
         );
+    }
+
+    /// Runs `count` exclusive requests of the session `cookie` names at
+    /// once, each adding one to `n`, and waits for all of them.
+    async fn exclusive_increments(manager: &SessionManager, cookie: &str, count: usize) {
+        let mut requests = tokio::task::JoinSet::new();
+        for _ in 0..count {
+            let (manager, cookie) = (manager.clone(), cookie.to_owned());
+            requests.spawn(async move {
+                let request = manager.start(Some(&cookie));
+                let session = request.exclusive_session().await.unwrap();
+                let n = session.get::<i64>("n").unwrap().unwrap();
+                session.insert("n", n + 1).unwrap();
+                request.finish(Outcome::Success).await.unwrap();
+            });
+        }
+        requests.join_all().await;
+    }
+
+    /// Exclusive requests queued for one session in one process pass the
+    /// lease on with the record, each sparing a lease from the store, and
+    /// give it back to the store after `MAX_HANDOFFS` in a row.
+    #[tokio::test]
+    async fn queued_exclusive_requests_pass_the_lease_on_a_while() {
+        let store = Counting::default();
+        let manager = SessionManager::new(store.clone());
+        let (cookie, id) = stored_session(&manager).await;
+        let count = MAX_HANDOFFS as usize + 8;
+        exclusive_increments(&manager, &cookie, count).await;
+        assert_eq!(store.leases.load(Ordering::SeqCst), 2);
+        let stored = store
+            .inner
+            .load(&id.key(), manager.now())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(stored.lease, None, "the last request keeps its lease");
+        assert_eq!(
+            decode_data(&stored.data).unwrap()["n"].get(),
+            (1 + count).to_string()
+        );
+    }
+
+    /// A lease handed on that expired before the next request could take
+    /// it is not used: that request leases the session from the store.
+    #[tokio::test]
+    async fn a_lease_handed_on_too_late_is_taken_afresh() {
+        let clock = ManualClock::starting_now();
+        let store = Counting::default();
+        let manager = SessionManager::new(store.clone()).with_clock(clock.clone());
+        let (cookie, id) = stored_session(&manager).await;
+        let first = manager.start(Some(&cookie));
+        first
+            .exclusive_session()
+            .await
+            .unwrap()
+            .insert("n", 2)
+            .unwrap();
+        let next_manager = manager.clone();
+        let next = tokio::spawn(async move {
+            let request = next_manager.start(Some(&cookie));
+            let session = request.exclusive_session().await.unwrap();
+            let n = session.get::<i64>("n").unwrap().unwrap();
+            session.insert("n", n + 1).unwrap();
+            request.finish(Outcome::Success).await.unwrap();
+        });
+        tokio::task::yield_now().await;
+        first.finish(Outcome::Success).await.unwrap();
+        let handed = store
+            .inner
+            .load(&id.key(), manager.now())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(handed.lease.is_some(), "the lease was not handed on");
+        clock.advance(manager.config().lease_duration + Duration::from_secs(1));
+        next.await.unwrap();
+        assert_eq!(store.leases.load(Ordering::SeqCst), 2);
+        let stored = store
+            .inner
+            .load(&id.key(), manager.now())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(stored.lease, None);
+        assert_eq!(decode_data(&stored.data).unwrap()["n"].get(), "3");
+    }
+
+    /// A lease handed on that nobody takes goes back to the store.
+    #[tokio::test]
+    async fn an_untaken_handoff_releases_its_lease() {
+        let store = Counting::default();
+        let manager = SessionManager::new(store.clone());
+        let (_, id) = stored_session(&manager).await;
+        let (key, now) = (id.key(), manager.now());
+        let lease = Lease {
+            token: 7,
+            until: now.saturating_add(Duration::from_secs(10)),
+        };
+        let LeaseOutcome::Taken(record) = store.inner.lease(&key, lease, now).await.unwrap() else {
+            panic!("not leased");
+        };
+        drop(Handoff {
+            manager: manager.clone(),
+            key,
+            record: Some(record),
+            token: 7,
+        });
+        for _ in 0..100 {
+            if store
+                .inner
+                .load(&key, now)
+                .await
+                .unwrap()
+                .unwrap()
+                .lease
+                .is_none()
+            {
+                return;
+            }
+            tokio::task::yield_now().await;
+        }
+        panic!("the lease is still held");
     }
 
     /// What a request leaves to its finish decides whether the layer may

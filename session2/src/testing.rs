@@ -1333,16 +1333,21 @@ pub mod cases {
         );
     }
 
-    /// 32 concurrent read-modify-write requests through the exclusive session
-    /// end at exactly 32.
+    /// 32 concurrent read-modify-write requests through the exclusive
+    /// session, from two processes (two managers on one store), end at
+    /// exactly 32: each process passes the lease on between its own
+    /// requests, and the lease still excludes the other process.
     pub async fn exclusive_increments_lose_nothing(store: Arc<dyn SessionStore>) {
-        let manager = SessionManager::from_arc(Arc::clone(&store))
-            .with_config(SessionConfig::default().with_lock_wait(Duration::from_secs(60)))
-            .unwrap();
+        let process = || {
+            SessionManager::from_arc(Arc::clone(&store))
+                .with_config(SessionConfig::default().with_lock_wait(Duration::from_secs(60)))
+                .unwrap()
+        };
+        let (manager, other) = (process(), process());
         let cookie = cookie_pair(&request_setting(&manager, None, "n", 0).await.unwrap());
         let tasks: Vec<_> = (0..32)
-            .map(|_| {
-                let manager = manager.clone();
+            .map(|index| {
+                let manager = if index % 2 == 0 { &manager } else { &other }.clone();
                 let cookie = cookie.clone();
                 tokio::spawn(async move {
                     let request = manager.start(Some(&cookie));
