@@ -304,3 +304,40 @@ async fn store_flags_let_an_application_refuse_a_store() {
     assert!(memory.capabilities().is_thread_safe);
     assert!(directory.capabilities().is_multiprocess_safe);
 }
+
+/// The layer around the whole router, not around each route, serves
+/// sessions the same; a path no route matches passes through untouched.
+#[tokio::test]
+async fn the_layer_may_wrap_the_whole_router() {
+    use tower_layer::Layer as _;
+
+    let routes = Router::new()
+        .route("/set/{key}/{value}", post(set_key))
+        .route("/get/{key}", get(get_key));
+    let app = SessionLayer::new(plain_http(MemoryStore::new())).layer(routes);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        axum::serve(
+            listener,
+            axum::ServiceExt::<axum::extract::Request>::into_make_service(app),
+        )
+        .await
+        .unwrap()
+    });
+    let client = client();
+    let set = client
+        .post(format!("http://{address}/set/n/7"))
+        .send()
+        .await
+        .unwrap();
+    assert!(set.headers().get(SET_COOKIE).is_some());
+    assert_eq!(text(&client, format!("http://{address}/get/n")).await, "7");
+    let missing = client
+        .get(format!("http://{address}/nowhere"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(missing.status(), StatusCode::NOT_FOUND);
+    assert!(missing.headers().get(SET_COOKIE).is_none());
+}
