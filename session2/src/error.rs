@@ -51,13 +51,8 @@ impl Error {
     }
 
     /// The same kind and message, without the source: for each of several
-    /// callers one failure reaches (the batching stores' writers).
-    #[cfg(any(
-        feature = "sqlite",
-        feature = "postgres",
-        feature = "mysql",
-        feature = "redis"
-    ))]
+    /// callers one failure reaches (the batching stores' writers, a batch
+    /// of saves of one session).
     pub(crate) fn duplicate(&self) -> Self {
         Self::new(self.kind, self.message.clone())
     }

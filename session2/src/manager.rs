@@ -81,9 +81,9 @@ struct Inner {
     /// Exclusive requests of one session queue here; each may pass its
     /// lease to the next (see `Handoff`).
     local_locks: Arc<KeyLocks<LocalTurn>>,
-    /// Plain saves that lost a compare-and-swap queue here, each passing
-    /// the record it wrote to the next (see `RequestSession::save`).
-    save_queues: Arc<KeyLocks<Option<Record>>>,
+    /// Plain saves that lost a compare-and-swap wait here to be written
+    /// together (see `SessionManager::write_batches`).
+    save_batches: Arc<KeyLocks<Batch>>,
 }
 
 impl fmt::Debug for SessionManager {
@@ -131,7 +131,7 @@ impl SessionManager {
                 config,
                 clock: Arc::new(SystemClock),
                 local_locks: Arc::default(),
-                save_queues: Arc::default(),
+                save_batches: Arc::default(),
             }),
         }
     }
@@ -162,7 +162,7 @@ impl SessionManager {
             cookie_name: self.inner.cookie_name.clone(),
             clock: Arc::clone(&self.inner.clock),
             local_locks: Arc::clone(&self.inner.local_locks),
-            save_queues: Arc::clone(&self.inner.save_queues),
+            save_batches: Arc::clone(&self.inner.save_batches),
         };
         change(&mut inner);
         Self {
@@ -207,6 +207,147 @@ impl SessionManager {
             local_guard: std::sync::Mutex::new(None),
             finished: AtomicBool::new(false),
         }
+    }
+
+    /// Writes the batch of saves of the session `key`, and the saves that
+    /// gather meanwhile, until none waits: each round merges every waiting
+    /// save's changes, in order, onto the record the round before wrote
+    /// (else a fresh load) and writes them by one compare-and-swap.
+    async fn write_batches(&self, key: &SessionKey, batch: &tokio::sync::Mutex<Batch>) {
+        let mut written = None;
+        let mut backoff = Backoff::new(u64::from_le_bytes(
+            key.as_bytes()[..8].try_into().expect("8 bytes"),
+        ));
+        let mut writer = Writer(Some(batch));
+        loop {
+            let saves = {
+                let mut waiting = batch.lock().await;
+                if waiting.saves.is_empty() {
+                    waiting.writing = false;
+                    writer.0 = None;
+                    return;
+                }
+                std::mem::take(&mut waiting.saves)
+            };
+            let (mut changes, outcomes): (Vec<_>, Vec<_>) = saves.into_iter().unzip();
+            let result = self
+                .write_batch(key, &mut written, &mut changes, &mut backoff)
+                .await;
+            for outcome in outcomes {
+                // A request that went away no longer waits for its outcome.
+                let _ = outcome.send(match &result {
+                    Ok(done) => Ok(*done),
+                    Err(err) => Err(err.duplicate()),
+                });
+            }
+        }
+    }
+
+    /// One round of `write_batches`: `written` is the record the round
+    /// before wrote, if any, and becomes the one this round writes.
+    async fn write_batch(
+        &self,
+        key: &SessionKey,
+        written: &mut Option<Record>,
+        changes: &mut [ChangeSet],
+        backoff: &mut Backoff,
+    ) -> Result<Written> {
+        let store = &self.inner.store;
+        let save_failed = |err: Error| err.context("failed to save session");
+        let now = self.now();
+        let mut base = written.take();
+        for attempt in 0..MAX_SAVE_ATTEMPTS {
+            let current = match base.take().filter(|record| !self.is_expired(record, now)) {
+                Some(record) => record,
+                None => match store.load(key, now).await {
+                    Ok(Some(latest)) if !self.is_expired(&latest, now) => latest,
+                    Ok(_) => return Ok(Written::Dropped),
+                    Err(err) if err.is_decode() => return Ok(Written::Dropped),
+                    Err(err) => return Err(save_failed(err)),
+                },
+            };
+            let merged = match self.apply(&current, changes, now) {
+                Ok(merged) => merged,
+                Err(err) => {
+                    tracing::warn!(session = %key.fingerprint(), error = %err, "session changed into unreadable data; changes dropped");
+                    return Ok(Written::Dropped);
+                }
+            };
+            if !has_info(&merged) {
+                if store
+                    .delete(key, Some(current.version))
+                    .await
+                    .map_err(save_failed)?
+                {
+                    return Ok(Written::Deleted);
+                }
+            } else if store
+                .replace(key, current.version, &merged, now)
+                .await
+                .map_err(save_failed)?
+            {
+                let expires_at = merged.expires_at();
+                *written = Some(merged);
+                return Ok(Written::Saved(expires_at));
+            }
+            // Another process wrote: reload, at once the first time.
+            if attempt > 0 {
+                Box::pin(backoff.wait()).await;
+            }
+        }
+        Err(too_many_writers(store.name()))
+    }
+
+    /// The record that results from applying `changes`, in order, onto
+    /// `base`, one version higher. A lone change set's first call takes
+    /// its `encoded_on`, a shortcut for the version its request loaded;
+    /// any other merges onto `base` key by key, which is right for any
+    /// version.
+    fn apply(&self, base: &Record, changes: &mut [ChangeSet], now: Timestamp) -> Result<Record> {
+        let config = &self.inner.config;
+        let encoded_on = match changes {
+            [only] => only.encoded_on.take(),
+            _ => None,
+        };
+        let data = match encoded_on {
+            _ if changes.iter().all(|changes| changes.data.is_empty()) => base.data.clone(),
+            Some((version, encoded)) if version == base.version => encoded,
+            _ => {
+                let mut data = decode_data(&base.data)?;
+                for (key, value) in changes.iter().flat_map(|changes| &changes.data) {
+                    match value {
+                        Some(value) => data.insert(key.clone(), value.clone()),
+                        None => data.remove(key),
+                    };
+                }
+                encode_data(&data)
+            }
+        };
+        let mut merged = Record {
+            version: base.version + 1,
+            user: base.user.clone(),
+            created_at: base.created_at,
+            accessed_at: now,
+            idle_deadline: now.saturating_add(config.idle_timeout),
+            absolute_deadline: base.absolute_deadline,
+            lease: base.lease,
+            data,
+        };
+        for user in changes.iter().filter_map(|changes| changes.user.as_ref()) {
+            merged.user.clone_from(user);
+        }
+        if let Some((lease, changes)) = merged.lease.and_then(|lease| {
+            let holder = changes
+                .iter()
+                .find(|changes| changes.lease_token == Some(lease.token))?;
+            Some((lease, holder))
+        }) {
+            merged.lease = changes.hand_off.then(|| Lease {
+                token: lease.token,
+                until: now.saturating_add(config.lease_duration),
+            });
+        }
+        Ok(merged)
     }
 
     /// Whether a session last accessed at `accessed_at` is to be touched
@@ -852,14 +993,12 @@ impl RequestSession {
     }
 
     /// Applies `changes` onto the stored session by compare-and-swap,
-    /// reapplying them on conflict; moves it to a new id if asked.
+    /// reloading and reapplying on conflict; moves it to a new id if asked.
     ///
-    /// A save that lost the race joins this process's queue for the
-    /// session, so that saves of a hot session (a page's parallel requests)
-    /// follow each other instead of racing and backing off: each head of
-    /// the queue starts from the record the one before it wrote, usually
-    /// the stored one, and so needs one write. Compare-and-swap still
-    /// decides: a record another process wrote meanwhile is reloaded.
+    /// A plain save that lost the race goes to this process's batch of
+    /// saves of the session, as does any plain save while a batch is being
+    /// written: a hot session (a page's parallel requests) then costs one
+    /// write per batch, not a race and a backoff per save.
     async fn save(
         &self,
         id: SessionId,
@@ -870,36 +1009,33 @@ impl RequestSession {
     ) -> Result<Option<String>> {
         let manager = &self.manager;
         let store = &manager.inner.store;
+        let batches = &manager.inner.save_batches;
         let save_failed = |err: Error| err.context("failed to save session");
+        let batched = changes.lease_token.is_none() && !changes.rotate;
+        if batched && let Some(batch) = batches.existing(&key) {
+            // Boxed, as the backoff below: only a hot session's saves wait here.
+            return Box::pin(self.save_in_batch(&id, &key, batch, changes)).await;
+        }
         // Any seed will do for jitter; the key spares a system call.
         let mut backoff = Backoff::new(u64::from_le_bytes(
             key.as_bytes()[..8].try_into().expect("8 bytes"),
         ));
-        // Once saves of this session queue in this process, racing them
-        // would only make the head of the queue lose and wait: join it.
-        let mut queue = SaveQueue::Outside;
-        if let Some(lock) = manager.inner.save_queues.existing(&key) {
-            queue = self.join_queue(lock, &mut base, now).await;
-        }
         for _ in 0..MAX_SAVE_ATTEMPTS {
-            let mut merged = match self.apply(&base, &mut changes, now) {
+            let mut merged = match manager.apply(&base, std::slice::from_mut(&mut changes), now) {
                 Ok(merged) => merged,
                 Err(err) => {
                     tracing::warn!(session = %key.fingerprint(), error = %err, "session changed into unreadable data; changes dropped");
                     return Ok(None);
                 }
             };
-            let has_info = merged.user.is_some() || merged.data != crate::record::EMPTY_DATA;
-            if !has_info {
+            if !has_info(&merged) {
                 // Nothing left to keep: the session ends, as if never stored.
                 if store
                     .delete(&key, Some(base.version))
                     .await
                     .map_err(save_failed)?
                 {
-                    queue.pass_on(None);
-                    let had_cookie = !matches!(self.incoming, Incoming::Absent);
-                    return Ok(had_cookie.then(|| manager.revocation_cookie()));
+                    return Ok(self.revocation());
                 }
             } else if changes.rotate {
                 let new_id = SessionId::generate();
@@ -916,7 +1052,6 @@ impl RequestSession {
                         .await
                         .map_err(save_failed)?
                     {
-                        queue.pass_on(None);
                         tracing::debug!(from = %key.fingerprint(), to = %new_key.fingerprint(), "session id renewed");
                         return Ok(Some(manager.cookie(
                             &new_id,
@@ -932,29 +1067,17 @@ impl RequestSession {
                 .await
                 .map_err(save_failed)?
             {
-                let refresh = manager.inner.config.lifetime == CookieLifetime::Persistent;
-                let cookie = refresh.then(|| manager.cookie(&id, Some(merged.expires_at()), now));
-                queue.pass_on(Some(&merged));
+                let cookie = self.refresh_cookie(&id, merged.expires_at(), now);
                 if let Some(token) = changes.lease_token.filter(|_| changes.hand_off) {
                     self.hand_off(key, merged, token);
                 }
                 return Ok(cookie);
             }
-            // Lost a race. The first time, queue behind this process's other
-            // saves of the session; the record the last of them wrote, if
-            // newer than `base`, is most likely the stored one. The race
-            // just lost is over, so the reload after joining does not wait.
-            let joined = matches!(queue, SaveQueue::Outside);
-            if joined {
-                let version = base.version;
-                queue = self
-                    .join_queue(manager.inner.save_queues.lock_for(&key), &mut base, now)
-                    .await;
-                if base.version != version {
-                    continue;
-                }
+            if batched {
+                let batch = batches.lock_for(&key);
+                return Box::pin(self.save_in_batch(&id, &key, batch, changes)).await;
             }
-            // Merge again onto the latest version, if there still is one.
+            // Lost a race: merge again onto the latest version, if there still is one.
             match store.load(&key, now).await {
                 Ok(Some(latest)) if !manager.is_expired(&latest, now) => base = latest,
                 Ok(_) => {
@@ -964,16 +1087,69 @@ impl RequestSession {
                 Err(err) if err.is_decode() => return Ok(None),
                 Err(err) => return Err(save_failed(err)),
             }
-            if !joined {
-                // Boxed: a timer would add 120 bytes to every save's state,
-                // for a wait only a lost race takes.
-                Box::pin(backoff.wait()).await;
+            // Boxed: a timer would add 120 bytes to every save's state, for
+            // a wait only a lost race takes.
+            Box::pin(backoff.wait()).await;
+        }
+        Err(too_many_writers(store.name()))
+    }
+
+    /// Hands `changes` to this process's batch of saves of the session and
+    /// waits for the batch's write; starts the batch's writer if none runs.
+    async fn save_in_batch(
+        &self,
+        id: &SessionId,
+        key: &SessionKey,
+        batch: Arc<tokio::sync::Mutex<Batch>>,
+        changes: ChangeSet,
+    ) -> Result<Option<String>> {
+        let (outcome, written) = tokio::sync::oneshot::channel();
+        let start_writer = {
+            let mut waiting = batch.lock().await;
+            waiting.saves.push((changes, outcome));
+            !std::mem::replace(&mut waiting.writing, true)
+        };
+        if start_writer {
+            let (manager, key) = (self.manager.clone(), *key);
+            let write = async move { manager.write_batches(&key, &batch).await };
+            match tokio::runtime::Handle::try_current() {
+                // A task of its own: a client that goes away does not take
+                // the other requests' saves with it.
+                Ok(runtime) => drop(runtime.spawn(write)),
+                Err(_) => Box::pin(write).await,
             }
         }
-        Err(Error::backend(
-            store.name(),
-            "too many concurrent writers on one session; changes dropped",
-        ))
+        match written.await {
+            Ok(Ok(Written::Saved(expires_at))) => {
+                Ok(self.refresh_cookie(id, expires_at, self.manager.now()))
+            }
+            Ok(Ok(Written::Deleted)) => Ok(self.revocation()),
+            Ok(Ok(Written::Dropped)) => Ok(None),
+            Ok(Err(err)) => Err(err),
+            Err(_) => Err(Error::backend(
+                self.manager.inner.store.name(),
+                "the batch of saves was abandoned; changes dropped",
+            )),
+        }
+    }
+
+    /// The cookie to send after a save that moved the session's expiry to
+    /// `expires_at`: one for persistent cookies, none for session cookies.
+    fn refresh_cookie(
+        &self,
+        id: &SessionId,
+        expires_at: Timestamp,
+        now: Timestamp,
+    ) -> Option<String> {
+        let manager = &self.manager;
+        (manager.inner.config.lifetime == CookieLifetime::Persistent)
+            .then(|| manager.cookie(id, Some(expires_at), now))
+    }
+
+    /// The cookie that revokes the one the request came with, if any.
+    fn revocation(&self) -> Option<String> {
+        let had_cookie = !matches!(self.incoming, Incoming::Absent);
+        had_cookie.then(|| self.manager.revocation_cookie())
     }
 
     /// Whether another exclusive request of the session waits in this
@@ -997,80 +1173,6 @@ impl RequestSession {
                 token,
             });
         }
-    }
-
-    /// Waits, at most the lock wait, to head this process's queue of saves
-    /// of the session `lock` belongs to; makes `base` the record the save
-    /// before wrote, if that is newer and live.
-    async fn join_queue(
-        &self,
-        lock: Arc<tokio::sync::Mutex<Option<Record>>>,
-        base: &mut Record,
-        now: Timestamp,
-    ) -> SaveQueue {
-        let manager = &self.manager;
-        let wait = manager.inner.config.lock_wait;
-        // Boxed, as the backoff: only a save that queues waits here.
-        let Ok(mut head) = Box::pin(tokio::time::timeout(wait, lock.lock_owned())).await else {
-            // A queue this slow has a store that fails or hangs: go on
-            // alone, as if there were none.
-            return SaveQueue::GaveUp;
-        };
-        if let Some(written) = head
-            .take()
-            .filter(|written| written.version > base.version && !manager.is_expired(written, now))
-        {
-            *base = written;
-        }
-        SaveQueue::Head(head)
-    }
-
-    /// The record that results from applying `changes` onto `base`. The
-    /// first call takes `changes.encoded_on`, a shortcut for the version
-    /// the request loaded; a retry merges onto the reloaded `base` key by
-    /// key, which is right for any version.
-    fn apply(&self, base: &Record, changes: &mut ChangeSet, now: Timestamp) -> Result<Record> {
-        let config = &self.manager.inner.config;
-        let data = match changes.encoded_on.take() {
-            _ if changes.data.is_empty() => base.data.clone(),
-            Some((version, encoded)) if version == base.version => encoded,
-            _ => {
-                let mut data = decode_data(&base.data)?;
-                for (key, value) in &changes.data {
-                    match value {
-                        Some(value) => data.insert(key.clone(), value.clone()),
-                        None => data.remove(key),
-                    };
-                }
-                encode_data(&data)
-            }
-        };
-        let mut merged = Record {
-            version: base.version,
-            user: base.user.clone(),
-            created_at: base.created_at,
-            accessed_at: base.accessed_at,
-            idle_deadline: base.idle_deadline,
-            absolute_deadline: base.absolute_deadline,
-            lease: base.lease,
-            data,
-        };
-        if let Some(user) = &changes.user {
-            merged.user.clone_from(user);
-        }
-        if let Some(lease) = merged
-            .lease
-            .filter(|lease| Some(lease.token) == changes.lease_token)
-        {
-            merged.lease = changes.hand_off.then(|| Lease {
-                token: lease.token,
-                until: now.saturating_add(config.lease_duration),
-            });
-        }
-        merged.version = base.version + 1;
-        merged.accessed_at = now;
-        merged.idle_deadline = now.saturating_add(config.idle_timeout);
-        Ok(merged)
     }
 }
 
@@ -1188,25 +1290,60 @@ fn release_in_background<T: Send + 'static>(
     }
 }
 
-/// Where a plain save stands in this process's queue for its session.
-enum SaveQueue {
-    /// Not queued: it has lost no race yet.
-    Outside,
-    /// At the head of the queue, holding for the next save the record the
-    /// last one wrote, if it is still stored.
-    Head(OwnedMutexGuard<Option<Record>>),
-    /// It waited the lock wait without reaching the head: it races alone.
-    GaveUp,
+/// Plain saves of one session waiting in this process to be written
+/// together (see `SessionManager::write_batches`).
+#[derive(Default)]
+struct Batch {
+    /// Each save's changes, and where its outcome goes.
+    saves: Vec<(ChangeSet, tokio::sync::oneshot::Sender<Result<Written>>)>,
+    /// Whether a writer is at work on the session's saves.
+    writing: bool,
 }
 
-impl SaveQueue {
-    /// Leaves the next save in the queue `written`, the record now stored
-    /// under the session's key, or `None` when the session left the key.
-    fn pass_on(&mut self, written: Option<&Record>) {
-        if let Self::Head(head) = self {
-            **head = written.cloned();
+impl fmt::Debug for Batch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Batch")
+            .field("saves", &self.saves.len())
+            .field("writing", &self.writing)
+            .finish()
+    }
+}
+
+/// The writer of a `Batch` until it leaves the batch as it should; dropped
+/// midway (its task cancelled, or a panic), it fails the waiting saves
+/// and lets the next save start a writer, rather than leave them waiting.
+struct Writer<'a>(Option<&'a tokio::sync::Mutex<Batch>>);
+
+impl Drop for Writer<'_> {
+    fn drop(&mut self) {
+        if let Some(mut batch) = self.0.and_then(|batch| batch.try_lock().ok()) {
+            batch.writing = false;
+            batch.saves.clear();
         }
     }
+}
+
+/// What a batch's write did with the session.
+#[derive(Clone, Copy, Debug)]
+enum Written {
+    /// Stored, expiring at this time.
+    Saved(Timestamp),
+    /// Deleted: nothing was left in it.
+    Deleted,
+    /// Not stored: the session was gone, or its stored data unreadable.
+    Dropped,
+}
+
+/// Whether `record` holds anything worth storing: a user or some data.
+fn has_info(record: &Record) -> bool {
+    record.user.is_some() || record.data != crate::record::EMPTY_DATA
+}
+
+fn too_many_writers(store: &str) -> Error {
+    Error::backend(
+        store,
+        "too many concurrent writers on one session; changes dropped",
+    )
 }
 
 /// Jittered exponential backoff for lock waits and save retries.
@@ -1400,14 +1537,20 @@ mod tests {
     }
 
     /// Parallel requests of one session (a page's calls to an API): the
-    /// first save wins, each other loses once, queues, and writes onto the
-    /// record the one before it wrote; only the head of the queue reloads.
+    /// first save wins, the others lose once and go to the session's batch,
+    /// written together by one load and one compare-and-swap.
     #[tokio::test]
-    async fn saves_of_a_hot_session_queue_and_each_writes_once() {
+    async fn parallel_saves_of_a_hot_session_are_written_together() {
         let store = Counting::default();
         let manager = SessionManager::new(store.clone());
         let (cookie, id) = stored_session(&manager).await;
         let requests = parallel_requests(&manager, &cookie, 16).await;
+        let loaded = store
+            .inner
+            .load(&id.key(), manager.now())
+            .await
+            .unwrap()
+            .unwrap();
         let (loads, replaces) = (
             store.loads.load(Ordering::SeqCst),
             store.replaces.load(Ordering::SeqCst),
@@ -1421,7 +1564,7 @@ mod tests {
         assert_eq!(store.loads.load(Ordering::SeqCst) - loads, 1, "reloads");
         assert_eq!(
             store.replaces.load(Ordering::SeqCst) - replaces,
-            16 + 15,
+            16 + 1,
             "writes"
         );
         let stored = store
@@ -1430,7 +1573,7 @@ mod tests {
             .await
             .unwrap()
             .unwrap();
-        assert_eq!(stored.version, 1 + 16);
+        assert_eq!(stored.version, loaded.version + 2);
         let data = decode_data(&stored.data).unwrap();
         for index in 0..16 {
             assert_eq!(
@@ -1439,20 +1582,20 @@ mod tests {
                 "k{index}"
             );
         }
-        assert!(manager.inner.save_queues.existing(&id.key()).is_none());
+        assert!(manager.inner.save_batches.existing(&id.key()).is_none());
     }
 
-    /// A save of a session whose saves queue in this process waits its
-    /// turn rather than racing the head, and starts from what the head wrote.
+    /// A save of a session whose batch is being written joins the batch
+    /// rather than racing its writer.
     #[tokio::test]
-    async fn a_save_joins_the_queue_its_session_already_has() {
+    async fn a_save_joins_the_batch_its_session_already_has() {
         let store = Counting::default();
         let manager = SessionManager::new(store.clone());
         let (cookie, id) = stored_session(&manager).await;
         let [late] = <[_; 1]>::try_from(parallel_requests(&manager, &cookie, 1).await)
             .unwrap_or_else(|_| unreachable!());
-        let queue = manager.inner.save_queues.lock_for(&id.key());
-        let mut head = Arc::clone(&queue).lock_owned().await;
+        let batch = manager.inner.save_batches.lock_for(&id.key());
+        batch.lock().await.writing = true;
         let replaces = store.replaces.load(Ordering::SeqCst);
         let waiting = tokio::spawn(async move { late.finish(Outcome::Success).await.unwrap() });
         for _ in 0..10 {
@@ -1462,25 +1605,11 @@ mod tests {
         assert_eq!(
             store.replaces.load(Ordering::SeqCst),
             replaces,
-            "it raced the head"
+            "it raced the writer"
         );
-        // The head writes, then passes on what it wrote.
-        let now = manager.now();
-        let mut written = store.inner.load(&id.key(), now).await.unwrap().unwrap();
-        written.version += 1;
-        written.data = br#"{"head":true,"n":1}"#.to_vec();
-        assert!(
-            store
-                .inner
-                .replace(&id.key(), written.version - 1, &written, now)
-                .await
-                .unwrap()
-        );
-        *head = Some(written);
-        let loads = store.loads.load(Ordering::SeqCst);
-        drop(head);
+        assert_eq!(batch.lock().await.saves.len(), 1);
+        manager.write_batches(&id.key(), &batch).await;
         waiting.await.unwrap();
-        assert_eq!(store.loads.load(Ordering::SeqCst), loads, "it reloaded");
         assert_eq!(store.replaces.load(Ordering::SeqCst), replaces + 1);
         let stored = store
             .inner
@@ -1490,9 +1619,63 @@ mod tests {
             .unwrap();
         let data = decode_data(&stored.data).unwrap();
         assert!(
-            data.contains_key("k0") && data.contains_key("head"),
+            data.contains_key("k0") && data.contains_key("n"),
             "{data:?}"
         );
+    }
+
+    /// A batch's writer dropped midway fails the saves it took and lets
+    /// the next save start a writer of its own.
+    #[tokio::test]
+    async fn a_writer_dropped_midway_fails_its_saves_and_frees_the_batch() {
+        let store = Counting::default();
+        let manager = SessionManager::new(store.clone());
+        let (cookie, id) = stored_session(&manager).await;
+        let [first, second] = <[_; 2]>::try_from(parallel_requests(&manager, &cookie, 2).await)
+            .unwrap_or_else(|_| unreachable!());
+        let batch = manager.inner.save_batches.lock_for(&id.key());
+        batch.lock().await.writing = true;
+        let waiting = tokio::spawn(async move { first.finish(Outcome::Success).await });
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(
+            batch.lock().await.saves.len(),
+            1,
+            "it did not join the batch"
+        );
+        // A writer that stops at its first await (the load) and is dropped.
+        let key = id.key();
+        let mut writer = Box::pin(manager.write_batches(&key, &batch));
+        assert!(futures_poll_once(writer.as_mut()).await.is_pending());
+        drop(writer);
+        // A bound on the wait, so that a regression fails instead of hanging.
+        let failed = tokio::time::timeout(Duration::from_secs(10), waiting).await;
+        assert!(
+            failed
+                .expect("the save still waits")
+                .unwrap()
+                .unwrap_err()
+                .is_backend()
+        );
+        assert!(!batch.lock().await.writing);
+        drop(batch);
+        second.finish(Outcome::Success).await.unwrap();
+        let stored = store
+            .inner
+            .load(&id.key(), manager.now())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(decode_data(&stored.data).unwrap().contains_key("k1"));
+    }
+
+    /// Polls `future` once; whether it finished.
+    async fn futures_poll_once<F: Future>(
+        future: std::pin::Pin<&mut F>,
+    ) -> std::task::Poll<F::Output> {
+        let mut future = Some(future);
+        std::future::poll_fn(|cx| std::task::Poll::Ready(future.take().unwrap().poll(cx))).await
     }
 
     /// Runs `count` exclusive requests of the session `cookie` names at

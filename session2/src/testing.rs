@@ -1086,9 +1086,10 @@ pub mod cases {
     }
 
     /// Parallel requests of one session from two processes (two managers
-    /// on one store), all loaded before any saves, keep every change, each
-    /// written once: saves queued in one process start from what the one
-    /// before wrote, and compare-and-swap still catches the other process.
+    /// on one store), all loaded before any saves, keep every change, with
+    /// no more writes than requests: saves batched in one process are
+    /// written together, and compare-and-swap still catches the other
+    /// process.
     pub async fn a_hot_session_keeps_every_parallel_change(store: Arc<dyn SessionStore>) {
         const REQUESTS: i64 = 24;
         let clock = ManualClock::starting_now();
@@ -1114,7 +1115,7 @@ pub mod cases {
             save.await.unwrap().unwrap();
         }
         let saved = store.load(&key, clock.now()).await.unwrap().unwrap();
-        assert_eq!(saved.version, loaded.version + REQUESTS as u64);
+        assert!(saved.version <= loaded.version + REQUESTS as u64);
         let check = ours.start(Some(&cookie));
         let session = check.session().await.unwrap();
         assert_eq!(session.get::<i64>("base").unwrap(), Some(0));

@@ -1,13 +1,13 @@
 //! In-process locks per session key.
 //!
-//! Requests for one session that run in the same process queue here, first
-//! come first served, instead of racing each other in the store: exclusive
-//! requests for the lease, plain requests for their save once they lost a
-//! compare-and-swap. Only the head of a queue contends in the store, with
-//! the requests of other processes. A lock guards a value its holders pass
-//! on to each other. Entries die with their last user, and dead entries are
-//! swept as the map grows, so it never holds more than about twice the
-//! sessions in use.
+//! Requests for one session that run in the same process meet here
+//! instead of racing each other in the store: exclusive requests queue for
+//! the lease, first come first served, and only the head contends in the
+//! store with other processes; plain saves that lost a compare-and-swap
+//! gather in a batch written together. A lock guards a value its holders
+//! share (a lease handed on, a batch). Entries die with their last user,
+//! and dead entries are swept as the map grows, so it never holds more
+//! than about twice the sessions in use.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
