@@ -586,7 +586,8 @@ pub struct RequestSession {
     incoming: Incoming,
     loaded: tokio::sync::OnceCell<Loaded>,
     /// This process's lock on the session, held by an exclusive session
-    /// from before it takes the lease until after it releases it.
+    /// from before it takes the lease (or is handed it) until after it
+    /// releases it (or hands it on).
     local_guard: std::sync::Mutex<Option<OwnedMutexGuard<LocalTurn>>>,
     finished: AtomicBool,
 }
@@ -1272,8 +1273,8 @@ impl Drop for Handoff {
 }
 
 /// Releases the lease `token` holds on `key`, if it still does, in a task
-/// of the current runtime (none, none released: the lease then expires),
-/// and drops `after` once done.
+/// of the current runtime, and drops `after` once done. Outside a runtime
+/// nothing is released: the lease then expires on its own.
 fn release_in_background<T: Send + 'static>(
     manager: SessionManager,
     key: SessionKey,
