@@ -55,7 +55,7 @@ use std::time::Duration;
 
 use tokio::sync::OwnedMutexGuard;
 
-use crate::record::{decode_data, encode_data};
+use crate::record::{DataMap, decode_data, encode_data};
 use crate::session::{SessionState, Stored};
 use crate::store::{CreateOutcome, LeaseOutcome};
 use crate::util::key_locks::KeyLocks;
@@ -488,7 +488,7 @@ impl SessionManager {
         &self,
         key: &SessionKey,
         now: Timestamp,
-    ) -> Result<Option<(Record, crate::record::DataMap)>> {
+    ) -> Result<Option<(Record, DataMap)>> {
         let record = match self.inner.store.load(key, now).await {
             Ok(Some(record)) => record,
             Ok(None) => return Ok(None),
@@ -502,12 +502,7 @@ impl SessionManager {
     }
 
     /// The data of `record` if it is live by this manager's settings and readable.
-    fn live_data(
-        &self,
-        key: &SessionKey,
-        record: &Record,
-        now: Timestamp,
-    ) -> Option<crate::record::DataMap> {
+    fn live_data(&self, key: &SessionKey, record: &Record, now: Timestamp) -> Option<DataMap> {
         if self.is_expired(record, now) {
             return None;
         }
@@ -675,17 +670,30 @@ impl RequestSession {
         };
         let key = id.key();
         Ok(match manager.load_live(&key, manager.now()).await? {
-            Some((record, data)) => SessionState::loaded(
-                Stored {
-                    id: id.clone(),
-                    key,
-                    record,
-                },
-                data,
-                manager.inner.config.max_session_size,
-            ),
+            Some((record, data)) => self.stored_state(id, key, record, data, None),
             None => manager.fresh_state(),
         })
+    }
+
+    /// The state of the stored session `record` under `key`, its data
+    /// decoded, holding the lease `lease_token` if any.
+    fn stored_state(
+        &self,
+        id: &SessionId,
+        key: SessionKey,
+        record: Record,
+        data: DataMap,
+        lease_token: Option<u64>,
+    ) -> SessionState {
+        let max_size = self.manager.inner.config.max_session_size;
+        let stored = Stored {
+            id: id.clone(),
+            key,
+            record,
+        };
+        let mut state = SessionState::loaded(stored, data, max_size);
+        state.lease_token = lease_token;
+        state
     }
 
     async fn load_exclusive(&self) -> Result<SessionState> {
@@ -726,20 +734,12 @@ impl RequestSession {
         let manager = &self.manager;
         let now = manager.now();
         let (record, token) = handoff.take(now)?;
-        // Unlike a fresh lease, the handed record cannot have expired by
-        // the store's clock without its lease having done so first.
-        let data = manager.live_data(&key, &record, now)?;
-        let mut state = SessionState::loaded(
-            Stored {
-                id: id.clone(),
-                key,
-                record,
-            },
-            data,
-            manager.inner.config.max_session_size,
-        );
-        state.lease_token = Some(token);
-        Some(state)
+        // Expired meanwhile (its absolute deadline passed): as in
+        // `take_lease`, the lease on it does no harm; start afresh.
+        Some(match manager.live_data(&key, &record, now) {
+            Some(data) => self.stored_state(id, key, record, data, Some(token)),
+            None => manager.fresh_state(),
+        })
     }
 
     /// Loads the session and takes its lease in the store in one step,
@@ -785,17 +785,7 @@ impl RequestSession {
             let Some(data) = manager.live_data(&key, &leased, now) else {
                 return Ok(manager.fresh_state());
             };
-            let mut state = SessionState::loaded(
-                Stored {
-                    id: id.clone(),
-                    key,
-                    record: leased,
-                },
-                data,
-                config.max_session_size,
-            );
-            state.lease_token = Some(token);
-            return Ok(state);
+            return Ok(self.stored_state(id, key, leased, data, Some(token)));
         }
     }
 

@@ -18,7 +18,7 @@ use crate::SessionKey;
 /// clone of a manager; a key's value starts as `T::default()` whenever its
 /// entry is new.
 #[derive(Debug)]
-pub(crate) struct KeyLocks<T = ()> {
+pub(crate) struct KeyLocks<T> {
     state: Mutex<State<T>>,
 }
 
