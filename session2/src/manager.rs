@@ -1432,6 +1432,14 @@ mod tests {
         leases: Arc<AtomicU64>,
     }
 
+    impl Counting {
+        /// The record `id` names, as stored now.
+        async fn stored(&self, id: &SessionId, manager: &SessionManager) -> Record {
+            let record = self.inner.load(&id.key(), manager.now()).await.unwrap();
+            record.expect("a stored session")
+        }
+    }
+
     #[async_trait::async_trait]
     impl SessionStore for Counting {
         fn name(&self) -> &'static str {
@@ -1536,12 +1544,7 @@ mod tests {
         let manager = SessionManager::new(store.clone());
         let (cookie, id) = stored_session(&manager).await;
         let requests = parallel_requests(&manager, &cookie, 16).await;
-        let loaded = store
-            .inner
-            .load(&id.key(), manager.now())
-            .await
-            .unwrap()
-            .unwrap();
+        let loaded = store.stored(&id, &manager).await;
         let (loads, replaces) = (
             store.loads.load(Ordering::SeqCst),
             store.replaces.load(Ordering::SeqCst),
@@ -1558,12 +1561,7 @@ mod tests {
             16 + 1,
             "writes"
         );
-        let stored = store
-            .inner
-            .load(&id.key(), manager.now())
-            .await
-            .unwrap()
-            .unwrap();
+        let stored = store.stored(&id, &manager).await;
         assert_eq!(stored.version, loaded.version + 2);
         let data = decode_data(&stored.data).unwrap();
         for index in 0..16 {
@@ -1602,12 +1600,7 @@ mod tests {
         manager.write_batches(&id.key(), &batch).await;
         waiting.await.unwrap();
         assert_eq!(store.replaces.load(Ordering::SeqCst), replaces + 1);
-        let stored = store
-            .inner
-            .load(&id.key(), manager.now())
-            .await
-            .unwrap()
-            .unwrap();
+        let stored = store.stored(&id, &manager).await;
         let data = decode_data(&stored.data).unwrap();
         assert!(
             data.contains_key("k0") && data.contains_key("n"),
@@ -1652,12 +1645,7 @@ mod tests {
         assert!(!batch.lock().await.writing);
         drop(batch);
         second.finish(Outcome::Success).await.unwrap();
-        let stored = store
-            .inner
-            .load(&id.key(), manager.now())
-            .await
-            .unwrap()
-            .unwrap();
+        let stored = store.stored(&id, &manager).await;
         assert!(decode_data(&stored.data).unwrap().contains_key("k1"));
     }
 
@@ -1697,12 +1685,7 @@ mod tests {
         let count = MAX_HANDOFFS as usize + 8;
         exclusive_increments(&manager, &cookie, count).await;
         assert_eq!(store.leases.load(Ordering::SeqCst), 2);
-        let stored = store
-            .inner
-            .load(&id.key(), manager.now())
-            .await
-            .unwrap()
-            .unwrap();
+        let stored = store.stored(&id, &manager).await;
         assert_eq!(stored.lease, None, "the last request keeps its lease");
         assert_eq!(
             decode_data(&stored.data).unwrap()["n"].get(),
@@ -1735,24 +1718,45 @@ mod tests {
         });
         tokio::task::yield_now().await;
         first.finish(Outcome::Success).await.unwrap();
-        let handed = store
-            .inner
-            .load(&id.key(), manager.now())
-            .await
-            .unwrap()
-            .unwrap();
+        let handed = store.stored(&id, &manager).await;
         assert!(handed.lease.is_some(), "the lease was not handed on");
         clock.advance(manager.config().lease_duration + Duration::from_secs(1));
         next.await.unwrap();
         assert_eq!(store.leases.load(Ordering::SeqCst), 2);
-        let stored = store
-            .inner
-            .load(&id.key(), manager.now())
-            .await
-            .unwrap()
-            .unwrap();
+        let stored = store.stored(&id, &manager).await;
         assert_eq!(stored.lease, None);
         assert_eq!(decode_data(&stored.data).unwrap()["n"].get(), "3");
+    }
+
+    /// A session handed on whose absolute deadline passed before the next
+    /// request took it gives that request a fresh session, with no lease.
+    #[tokio::test]
+    async fn a_session_handed_on_past_its_deadline_starts_afresh() {
+        let clock = ManualClock::starting_now();
+        let store = Counting::default();
+        let config = SessionConfig::default().with_absolute_timeout(Some(Duration::from_secs(5)));
+        let manager = SessionManager::new(store.clone())
+            .with_clock(clock.clone())
+            .with_config(config)
+            .unwrap();
+        let (cookie, _) = stored_session(&manager).await;
+        let first = manager.start(Some(&cookie));
+        first
+            .exclusive_session()
+            .await
+            .unwrap()
+            .insert("n", 2)
+            .unwrap();
+        let next_manager = manager.clone();
+        let next = tokio::spawn(async move {
+            let request = next_manager.start(Some(&cookie));
+            request.exclusive_session().await.unwrap().is_new()
+        });
+        tokio::task::yield_now().await;
+        first.finish(Outcome::Success).await.unwrap();
+        clock.advance(Duration::from_secs(6));
+        assert!(next.await.unwrap(), "the expired session was handed on");
+        assert_eq!(store.leases.load(Ordering::SeqCst), 1);
     }
 
     /// A lease handed on that nobody takes goes back to the store.
