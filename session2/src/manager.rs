@@ -273,22 +273,11 @@ impl SessionManager {
                     return Ok(Written::Dropped);
                 }
             };
-            if !has_info(&merged) {
-                if store
-                    .delete(key, Some(current.version))
-                    .await
-                    .map_err(save_failed)?
-                {
-                    return Ok(Written::Deleted);
+            if let Some(done) = self.write_over(key, current.version, &merged, now).await? {
+                if let Written::Saved(_) = done {
+                    *written = Some(merged);
                 }
-            } else if store
-                .replace(key, current.version, &merged, now)
-                .await
-                .map_err(save_failed)?
-            {
-                let expires_at = merged.expires_at();
-                *written = Some(merged);
-                return Ok(Written::Saved(expires_at));
+                return Ok(done);
             }
             // Another process wrote: reload, at once the first time.
             if attempt > 0 {
@@ -296,6 +285,32 @@ impl SessionManager {
             }
         }
         Err(too_many_writers(store.name()))
+    }
+
+    /// Writes `merged` over version `expected` of the session `key` by
+    /// compare-and-swap, or deletes the session when nothing is left in
+    /// it (as if never stored); `None` when another write came first.
+    async fn write_over(
+        &self,
+        key: &SessionKey,
+        expected: u64,
+        merged: &Record,
+        now: Timestamp,
+    ) -> Result<Option<Written>> {
+        let store = &self.inner.store;
+        let save_failed = |err: Error| err.context("failed to save session");
+        if !has_info(merged) {
+            let deleted = store
+                .delete(key, Some(expected))
+                .await
+                .map_err(save_failed)?;
+            return Ok(deleted.then_some(Written::Deleted));
+        }
+        let replaced = store
+            .replace(key, expected, merged, now)
+            .await
+            .map_err(save_failed)?;
+        Ok(replaced.then(|| Written::Saved(merged.expires_at())))
     }
 
     /// The record that results from applying `changes`, in order, onto
@@ -1019,16 +1034,7 @@ impl RequestSession {
                     return Ok(None);
                 }
             };
-            if !has_info(&merged) {
-                // Nothing left to keep: the session ends, as if never stored.
-                if store
-                    .delete(&key, Some(base.version))
-                    .await
-                    .map_err(save_failed)?
-                {
-                    return Ok(self.revocation());
-                }
-            } else if changes.rotate {
+            if changes.rotate && has_info(&merged) {
                 let new_id = SessionId::generate();
                 let new_key = new_id.key();
                 merged.lease = None;
@@ -1053,16 +1059,18 @@ impl RequestSession {
                     // Someone wrote the old record meanwhile: undo and merge again.
                     store.delete(&new_key, None).await.map_err(save_failed)?;
                 }
-            } else if store
-                .replace(&key, base.version, &merged, now)
-                .await
-                .map_err(save_failed)?
-            {
-                let cookie = self.refresh_cookie(&id, merged.expires_at(), now);
-                if let Some(token) = changes.lease_token.filter(|_| changes.hand_off) {
-                    self.hand_off(key, merged, token);
+            } else {
+                match manager.write_over(&key, base.version, &merged, now).await? {
+                    Some(Written::Saved(expires_at)) => {
+                        let cookie = self.refresh_cookie(&id, expires_at, now);
+                        if let Some(token) = changes.lease_token.filter(|_| changes.hand_off) {
+                            self.hand_off(key, merged, token);
+                        }
+                        return Ok(cookie);
+                    }
+                    Some(Written::Deleted) => return Ok(self.revocation()),
+                    Some(Written::Dropped) | None => {}
                 }
-                return Ok(cookie);
             }
             if batched {
                 let batch = batches.lock_for(&key);
