@@ -1701,6 +1701,33 @@ mod tests {
         );
     }
 
+    /// An exclusive request of the session `cookie` names sets `n` to 2
+    /// while a second one queues behind it, then finishes, handing the
+    /// lease on; the second, as a task that runs `then` on its session
+    /// once it has one.
+    async fn hand_on<T, F>(
+        manager: &SessionManager,
+        cookie: &str,
+        then: impl FnOnce(RequestSession, Session) -> F + Send + 'static,
+    ) -> tokio::task::JoinHandle<T>
+    where
+        F: Future<Output = T> + Send + 'static,
+        T: Send + 'static,
+    {
+        let first = manager.start(Some(cookie));
+        let session = first.exclusive_session().await.unwrap();
+        session.insert("n", 2).unwrap();
+        let (manager, cookie) = (manager.clone(), cookie.to_owned());
+        let next = tokio::spawn(async move {
+            let request = manager.start(Some(&cookie));
+            let session = request.exclusive_session().await.unwrap();
+            then(request, session).await
+        });
+        tokio::task::yield_now().await;
+        first.finish(Outcome::Success).await.unwrap();
+        next
+    }
+
     /// A lease handed on that expired before the next request could take
     /// it is not used: that request leases the session from the store.
     #[tokio::test]
@@ -1709,23 +1736,12 @@ mod tests {
         let store = Counting::default();
         let manager = SessionManager::new(store.clone()).with_clock(clock.clone());
         let (cookie, id) = stored_session(&manager).await;
-        let first = manager.start(Some(&cookie));
-        first
-            .exclusive_session()
-            .await
-            .unwrap()
-            .insert("n", 2)
-            .unwrap();
-        let next_manager = manager.clone();
-        let next = tokio::spawn(async move {
-            let request = next_manager.start(Some(&cookie));
-            let session = request.exclusive_session().await.unwrap();
+        let next = hand_on(&manager, &cookie, |request, session| async move {
             let n = session.get::<i64>("n").unwrap().unwrap();
             session.insert("n", n + 1).unwrap();
             request.finish(Outcome::Success).await.unwrap();
-        });
-        tokio::task::yield_now().await;
-        first.finish(Outcome::Success).await.unwrap();
+        })
+        .await;
         let handed = store.stored(&id, &manager).await;
         assert!(handed.lease.is_some(), "the lease was not handed on");
         clock.advance(manager.config().lease_duration + Duration::from_secs(1));
@@ -1748,20 +1764,12 @@ mod tests {
             .with_config(config)
             .unwrap();
         let (cookie, _) = stored_session(&manager).await;
-        let first = manager.start(Some(&cookie));
-        first
-            .exclusive_session()
-            .await
-            .unwrap()
-            .insert("n", 2)
-            .unwrap();
-        let next_manager = manager.clone();
-        let next = tokio::spawn(async move {
-            let request = next_manager.start(Some(&cookie));
-            request.exclusive_session().await.unwrap().is_new()
-        });
-        tokio::task::yield_now().await;
-        first.finish(Outcome::Success).await.unwrap();
+        let next = hand_on(
+            &manager,
+            &cookie,
+            |_, session| async move { session.is_new() },
+        )
+        .await;
         clock.advance(Duration::from_secs(6));
         assert!(next.await.unwrap(), "the expired session was handed on");
         assert_eq!(store.leases.load(Ordering::SeqCst), 1);
