@@ -78,6 +78,11 @@ pub(crate) struct LoadResult {
     /// CPU time of the store server's processes per measured request, in µs.
     #[serde(default)]
     pub(crate) store_cpu_us: Option<f64>,
+    /// CPU time of the load generator itself per measured request, in µs:
+    /// with the server's and the store's, what one request costs the
+    /// machine's cores.
+    #[serde(default)]
+    pub(crate) load_cpu_us: Option<f64>,
 }
 
 /// CPU time (user + system) a process has used so far, in µs; `None` once it is gone.
@@ -102,6 +107,25 @@ fn cpu_used(before: &[Option<f64>], after: &[Option<f64>]) -> f64 {
         .zip(after)
         .filter_map(|(before, after)| Some(after.as_ref()? - before.as_ref()?))
         .sum()
+}
+
+/// CPU time used in a window by the server, the store's processes and the
+/// load generator, from samples taken in the order `[server (if
+/// `with_server`), store processes…, load generator]` at its start and end.
+#[derive(Debug, PartialEq)]
+struct CpuShares {
+    server: f64,
+    store: f64,
+    load: f64,
+}
+
+fn cpu_shares(before: &[Option<f64>], after: &[Option<f64>], with_server: bool) -> CpuShares {
+    let stores = usize::from(with_server)..before.len().saturating_sub(1);
+    CpuShares {
+        server: cpu_used(&before[..stores.start], &after[..stores.start]),
+        store: cpu_used(&before[stores.clone()], &after[stores.clone()]),
+        load: cpu_used(&before[stores.end..], &after[stores.end..]),
+    }
 }
 
 /// The processes whose name (`/proc/PID/comm`) starts with one of `names`.
@@ -338,6 +362,7 @@ pub(crate) async fn measure(args: &LoadArgs) -> anyhow::Result<LoadResult> {
             let watched: Vec<u32> = server_pid
                 .into_iter()
                 .chain(pids_named(&store_processes))
+                .chain([std::process::id()])
                 .collect();
             let sample = cpu_sample(&watched);
             (watched, sample)
@@ -348,8 +373,11 @@ pub(crate) async fn measure(args: &LoadArgs) -> anyhow::Result<LoadResult> {
         latencies.extend(user.await??);
     }
     let (watched, cpu_before) = cpu_before.await?;
-    let cpu_after = cpu_sample(&watched);
-    let split = usize::from(args.server_pid.is_some());
+    let cpu = cpu_shares(
+        &cpu_before,
+        &cpu_sample(&watched),
+        args.server_pid.is_some(),
+    );
     let mut lost_updates = 0;
     if shared {
         let (_, body) = first.call(Method::GET, "/read").await?;
@@ -373,11 +401,10 @@ pub(crate) async fn measure(args: &LoadArgs) -> anyhow::Result<LoadResult> {
         requests_per_second: requests as f64 / args.duration,
         p50_us: percentile(50),
         p99_us: percentile(99),
-        server_cpu_us: args
-            .server_pid
-            .map(|_| cpu_used(&cpu_before[..split], &cpu_after[..split]) / requests.max(1) as f64),
+        server_cpu_us: args.server_pid.map(|_| cpu.server / requests.max(1) as f64),
         store_cpu_us: (!args.store_processes.is_empty())
-            .then(|| cpu_used(&cpu_before[split..], &cpu_after[split..]) / requests.max(1) as f64),
+            .then(|| cpu.store / requests.max(1) as f64),
+        load_cpu_us: Some(cpu.load / requests.max(1) as f64),
     })
 }
 
@@ -464,6 +491,25 @@ async fn virtual_user(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cpu_is_shared_out_to_server_store_and_load_generator() {
+        let before = [Some(10.0), Some(5.0), Some(1.0), Some(100.0)];
+        // The third process (a store connection) ended in the window: not counted.
+        let after = [Some(20.0), Some(9.0), None, Some(130.0)];
+        let expected = CpuShares {
+            server: 10.0,
+            store: 4.0,
+            load: 30.0,
+        };
+        assert_eq!(cpu_shares(&before, &after, true), expected);
+        let without_server = CpuShares {
+            server: 0.0,
+            store: 14.0,
+            load: 30.0,
+        };
+        assert_eq!(cpu_shares(&before, &after, false), without_server);
+    }
 
     #[test]
     fn a_head_gives_status_length_and_cookie() {

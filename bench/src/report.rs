@@ -213,6 +213,7 @@ fn median(runs: &[LoadResult]) -> LoadResult {
         p99_us: middle(runs.iter().map(|run| run.p99_us).collect()),
         server_cpu_us: optional(runs.iter().map(|run| run.server_cpu_us).collect()),
         store_cpu_us: optional(runs.iter().map(|run| run.store_cpu_us).collect()),
+        load_cpu_us: optional(runs.iter().map(|run| run.load_cpu_us).collect()),
     }
 }
 
