@@ -390,7 +390,8 @@ impl ConnectionLike for Connection {
 /// | as Redis is configured (RDB/AOF) | yes | yes | yes: `PXAT` per session, plus purge | yes: one Lua script |
 ///
 /// Use it when several workers or machines serve one application and Redis
-/// (6.2 or later, or Valkey) is already at hand. Build it from the application's own
+/// (6.2 or later, or Valkey; [`setup`](SessionStore::setup) refuses an
+/// older server) is already at hand. Build it from the application's own
 /// [`ConnectionManager`] ([`RedisStore::new`]) or cluster connection
 /// ([`RedisStore::from_cluster`]), or from a URL ([`RedisStore::connect`],
 /// or `redis://host/db?prefix=app` through [`store::open`](crate::store::open)).
@@ -587,6 +588,54 @@ pub(super) fn check_prefix(prefix: &str) -> Result<()> {
         )));
     }
     Ok(())
+}
+
+/// The oldest Redis the store's scripts run on: `SET … GET` and `PXAT`
+/// came in 6.2.
+const OLDEST_SERVER: (u32, u32) = (6, 2);
+
+/// Refuses, with a config error, a server older than [`OLDEST_SERVER`] by
+/// its `INFO server` reply (a cluster's names each node: the oldest
+/// decides). A reply without a readable `redis_version` passes: managed
+/// servers may hide it, and the scripts' own errors then tell.
+fn check_server_version(info: &Value) -> Result<()> {
+    let texts = info_texts(info);
+    let oldest = texts.iter().filter_map(|text| server_version(text)).min();
+    match oldest {
+        Some((major, minor, full)) if (major, minor) < OLDEST_SERVER => {
+            Err(Error::config(format_args!(
+                "the Redis server is version {full}, and RedisStore needs {}.{} or later (its scripts use SET … GET and PXAT)",
+                OLDEST_SERVER.0, OLDEST_SERVER.1
+            )))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// The texts of an `INFO` reply: one, or one per node of a cluster.
+fn info_texts(reply: &Value) -> Vec<String> {
+    match reply {
+        Value::BulkString(bytes) => vec![String::from_utf8_lossy(bytes).into_owned()],
+        Value::SimpleString(text) | Value::VerbatimString { text, .. } => vec![text.clone()],
+        Value::Array(items) | Value::Set(items) => items.iter().flat_map(info_texts).collect(),
+        Value::Map(pairs) => pairs
+            .iter()
+            .flat_map(|(_, value)| info_texts(value))
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// The major and minor `redis_version` of one `INFO` text, and the whole.
+fn server_version(info: &str) -> Option<(u32, u32, &str)> {
+    let full = info
+        .lines()
+        .find_map(|line| line.strip_prefix("redis_version:"))?
+        .trim();
+    let mut parts = full.split('.');
+    let major = parts.next()?.parse().ok()?;
+    let minor = parts.next()?.parse().ok()?;
+    Some((major, minor, full))
 }
 
 impl RedisStore {
@@ -1493,7 +1542,19 @@ impl SessionStore for RedisStore {
         redis::cmd("PING")
             .query_async::<()>(&mut connection)
             .await
-            .map_err(|err| Error::backend_source(STORE, "reach the server", err))
+            .map_err(|err| Error::backend_source(STORE, "reach the server", err))?;
+        // Managed servers may rename `INFO` away: the version then goes unchecked.
+        match redis::cmd("INFO")
+            .arg("server")
+            .query_async::<Value>(&mut connection)
+            .await
+        {
+            Ok(info) => check_server_version(&info),
+            Err(err) => {
+                tracing::debug!(error = %err, "redis INFO failed; server version not checked");
+                Ok(())
+            }
+        }
     }
 
     async fn load(&self, key: &SessionKey, now: Timestamp) -> Result<Option<Record>> {
@@ -1744,6 +1805,54 @@ mod tests {
         let by_transaction = test_store().await?;
         assert!(by_transaction.client.is_some());
         Some([by_transaction, by_script(test_store().await?)])
+    }
+
+    #[test]
+    fn setup_refuses_a_server_older_than_6_2_by_its_info() {
+        let info = |version: &str| {
+            Value::BulkString(
+                format!("# Server\r\nredis_version:{version}\r\nredis_mode:standalone\r\n")
+                    .into_bytes(),
+            )
+        };
+        for fit in ["7.0.15", "6.2.0", "10.0.1"] {
+            assert!(check_server_version(&info(fit)).is_ok(), "{fit}");
+        }
+        for old in ["6.0.16", "5.0.7", "4.0.9"] {
+            let err = check_server_version(&info(old)).unwrap_err();
+            assert!(err.is_config(), "{old}: {err}");
+            let text = err.to_string();
+            assert!(text.contains("6.2") && text.contains(old), "{text}");
+        }
+        // Valkey reports the Redis version it matches beside its own.
+        let valkey = Value::BulkString(
+            b"# Server\r\nredis_version:7.2.4\r\nvalkey_version:8.0.1\r\n".to_vec(),
+        );
+        assert!(check_server_version(&valkey).is_ok());
+        // A cluster answers per node: the oldest node decides.
+        let cluster = Value::Map(vec![
+            (Value::SimpleString("a:6379".into()), info("7.0.15")),
+            (Value::SimpleString("b:6379".into()), info("6.0.16")),
+        ]);
+        assert!(check_server_version(&cluster).unwrap_err().is_config());
+        // A server that keeps its version to itself is not refused.
+        for unknown in [
+            Value::Nil,
+            info("unstable"),
+            Value::BulkString(b"# Server\r\n".to_vec()),
+        ] {
+            assert!(check_server_version(&unknown).is_ok(), "{unknown:?}");
+        }
+    }
+
+    #[test]
+    fn setup_accepts_the_test_server() {
+        crate::testing::run(async {
+            let Some(store) = test_store().await else {
+                return;
+            };
+            store.setup().await.unwrap();
+        });
     }
 
     #[test]
