@@ -26,7 +26,7 @@ pub(crate) enum Workload {
     Read,
     /// The handler does not touch the session.
     Anon,
-    /// 90% read-modify-write, 5% read, 3% login, 2% logout.
+    /// 90% read-modify-write, 5% read, 3% login, 2% logout (`--mix` changes the shares).
     Mix,
     /// All users share one session, read-modify-write (plain).
     Contention,
@@ -58,6 +58,74 @@ pub(crate) struct LoadArgs {
     /// window opens, so connections the warm-up opened count.
     #[arg(long, value_delimiter = ',')]
     pub(crate) store_processes: Vec<String>,
+    /// The mix workload's shares in percent: read-modify-write, read,
+    /// login, logout (`0,0,100,0` times logins alone).
+    #[arg(long, default_value = "90,5,3,2")]
+    pub(crate) mix: Mix,
+}
+
+/// The shares of the mix workload's routes, in percent (they add up to 100).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Mix {
+    rmw: u64,
+    read: u64,
+    login: u64,
+    logout: u64,
+}
+
+impl Default for Mix {
+    fn default() -> Self {
+        Self {
+            rmw: 90,
+            read: 5,
+            login: 3,
+            logout: 2,
+        }
+    }
+}
+
+impl std::str::FromStr for Mix {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        let shares = text
+            .split(',')
+            .map(|share| {
+                share
+                    .trim()
+                    .parse::<u64>()
+                    .map_err(|err| format!("`{share}`: {err}"))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let [rmw, read, login, logout] = shares[..] else {
+            return Err("four percentages: read-modify-write, read, login, logout".to_owned());
+        };
+        let total = rmw + read + login + logout;
+        if total != 100 {
+            return Err(format!("the shares add up to {total}, not 100"));
+        }
+        Ok(Self {
+            rmw,
+            read,
+            login,
+            logout,
+        })
+    }
+}
+
+impl Mix {
+    /// The route a draw in `0..100` picks.
+    fn route(self, draw: u64) -> (Method, &'static str) {
+        let read_from = self.rmw;
+        let login_from = read_from + self.read;
+        let logout_from = login_from + self.login;
+        match draw {
+            _ if draw < read_from => (Method::POST, "/rmw"),
+            _ if draw < login_from => (Method::GET, "/read"),
+            _ if draw < logout_from => (Method::POST, "/login"),
+            _ => (Method::POST, "/logout"),
+        }
+    }
 }
 
 /// One measurement, printed as a JSON line.
@@ -338,6 +406,7 @@ pub(crate) async fn measure(args: &LoadArgs) -> anyhow::Result<LoadResult> {
     for user in 0..args.users {
         let counters = Arc::clone(&counters);
         let workload = args.workload;
+        let mix = args.mix;
         let address = args.address;
         let shared_cookie = shared_cookie.clone();
         users.push(tokio::spawn(async move {
@@ -345,12 +414,12 @@ pub(crate) async fn measure(args: &LoadArgs) -> anyhow::Result<LoadResult> {
             connection.cookie = shared_cookie;
             virtual_user(
                 workload,
+                mix,
                 path,
                 user as u64,
                 &mut connection,
                 &counters,
-                measure_from,
-                end,
+                measure_from..end,
             )
             .await
         }));
@@ -410,13 +479,14 @@ pub(crate) async fn measure(args: &LoadArgs) -> anyhow::Result<LoadResult> {
 
 async fn virtual_user(
     workload: Workload,
+    mix: Mix,
     rmw_path: &'static str,
     seed: u64,
     connection: &mut Connection,
     counters: &Counters,
-    measure_from: Instant,
-    end: Instant,
+    measured: std::ops::Range<Instant>,
 ) -> anyhow::Result<Vec<u64>> {
+    let (measure_from, end) = (measured.start, measured.end);
     let mut latencies = Vec::new();
     let mut random = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     // The counter this user's own session should hold.
@@ -439,12 +509,7 @@ async fn virtual_user(
             | Workload::ContentionExclusive => (Method::POST, rmw_path),
             Workload::Read => (Method::GET, "/read"),
             Workload::Anon => (Method::GET, "/anon"),
-            Workload::Mix => match random % 100 {
-                0..90 => (Method::POST, "/rmw"),
-                90..95 => (Method::GET, "/read"),
-                95..98 => (Method::POST, "/login"),
-                _ => (Method::POST, "/logout"),
-            },
+            Workload::Mix => mix.route(random % 100),
         };
         let answer = connection.call(method, path).await;
         let took = began.elapsed();
@@ -491,6 +556,27 @@ async fn virtual_user(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_mix_picks_routes_by_their_shares() {
+        let mix: Mix = "90,5,3,2".parse().unwrap();
+        assert_eq!(mix, Mix::default());
+        let routes: Vec<&str> = (0..100).map(|draw| mix.route(draw).1).collect();
+        let count = |path: &str| routes.iter().filter(|route| **route == path).count();
+        let shares = [
+            count("/rmw"),
+            count("/read"),
+            count("/login"),
+            count("/logout"),
+        ];
+        assert_eq!(shares, [90, 5, 3, 2]);
+        assert_eq!(mix.route(94), (Method::GET, "/read"));
+        let logins: Mix = "0, 0, 100, 0".parse().unwrap();
+        assert!((0..100).all(|draw| logins.route(draw) == (Method::POST, "/login")));
+        assert!("90,5,3".parse::<Mix>().is_err());
+        assert!("90,5,3,3".parse::<Mix>().unwrap_err().contains("101"));
+        assert!("90,5,x,2".parse::<Mix>().is_err());
+    }
 
     #[test]
     fn cpu_is_shared_out_to_server_store_and_load_generator() {

@@ -333,6 +333,7 @@ pub(crate) async fn all(args: AllArgs) -> anyhow::Result<()> {
                         duration: args.duration,
                         server_pid: Some(server.pid()),
                         store_processes: store_processes(name),
+                        mix: crate::load::Mix::default(),
                     };
                     rows[index].runs.push(crate::load::measure(&load).await?);
                 }
