@@ -1038,26 +1038,18 @@ impl RequestSession {
                 let new_id = SessionId::generate();
                 let new_key = new_id.key();
                 merged.lease = None;
+                // False when someone wrote the old record meanwhile: merge again.
                 if store
-                    .create(&new_key, &merged, now)
+                    .rename(&key, base.version, &new_key, &merged, now)
                     .await
                     .map_err(save_failed)?
-                    == CreateOutcome::Created
                 {
-                    if store
-                        .delete(&key, Some(base.version))
-                        .await
-                        .map_err(save_failed)?
-                    {
-                        tracing::debug!(from = %key.fingerprint(), to = %new_key.fingerprint(), "session id renewed");
-                        return Ok(Some(manager.cookie(
-                            &new_id,
-                            Some(merged.expires_at()),
-                            now,
-                        )));
-                    }
-                    // Someone wrote the old record meanwhile: undo and merge again.
-                    store.delete(&new_key, None).await.map_err(save_failed)?;
+                    tracing::debug!(from = %key.fingerprint(), to = %new_key.fingerprint(), "session id renewed");
+                    return Ok(Some(manager.cookie(
+                        &new_id,
+                        Some(merged.expires_at()),
+                        now,
+                    )));
                 }
             } else {
                 match manager.write_over(&key, base.version, &merged, now).await? {

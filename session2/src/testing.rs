@@ -49,6 +49,7 @@ macro_rules! conformance_tests {
             replace_never_resurrects_a_deleted_record,
             replace_fails_on_an_expired_record,
             delete_honours_the_expected_version,
+            rename_moves_a_session_only_from_the_expected_version,
             touch_moves_only_the_idle_deadline,
             touch_never_passes_the_absolute_deadline,
             load_hides_idle_and_absolute_expired_records,
@@ -376,6 +377,62 @@ pub mod cases {
             "deleting twice reports false"
         );
         assert_eq!(store.load(&key, now).await.unwrap(), None);
+    }
+
+    /// Rename moves a session to a new key, with its user index entry,
+    /// only from the expected version and never over a live record.
+    pub async fn rename_moves_a_session_only_from_the_expected_version(
+        store: Arc<dyn SessionStore>,
+    ) {
+        let now = real_now();
+        let user = format!("user-{}", new_key().fingerprint());
+        let (old, new) = (new_key(), new_key());
+        let mut stored = with_data(record_at(now), r#"{"cart":3}"#);
+        stored.user = Some(user.clone());
+        create(&*store, &old, &stored, now).await;
+        let mut moved = with_data(stored.clone(), r#"{"cart":3,"signed_in":true}"#);
+        moved.version = 2;
+
+        assert!(!store.rename(&old, 5, &new, &moved, now).await.unwrap());
+        let taken = new_key();
+        let holder = with_data(record_at(now), r#"{"other":1}"#);
+        create(&*store, &taken, &holder, now).await;
+        assert!(!store.rename(&old, 1, &taken, &moved, now).await.unwrap());
+        assert!(
+            !store
+                .rename(&new_key(), 1, &new, &moved, now)
+                .await
+                .unwrap()
+        );
+        assert_eq!(store.load(&old, now).await.unwrap(), Some(stored));
+        assert_eq!(store.load(&taken, now).await.unwrap(), Some(holder));
+        assert_eq!(store.load(&new, now).await.unwrap(), None);
+
+        assert!(store.rename(&old, 1, &new, &moved, now).await.unwrap());
+        assert_eq!(store.load(&old, now).await.unwrap(), None);
+        assert_eq!(store.load(&new, now).await.unwrap(), Some(moved.clone()));
+        let owned: Vec<SessionKey> = store
+            .find_by_user(&user, now)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|(key, _)| key)
+            .collect();
+        assert_eq!(owned, [new]);
+        assert_eq!(store.count().await.unwrap(), 2);
+
+        // An expired record under the new key gives way, as to `create`.
+        let stale = new_key();
+        let mut short = record_at(now);
+        short.idle_deadline = now.saturating_add(MINUTE);
+        create(&*store, &stale, &short, now).await;
+        let later = now.saturating_add(2 * MINUTE);
+        let mut again = moved.clone();
+        again.version = 3;
+        assert!(store.rename(&new, 2, &stale, &again, later).await.unwrap());
+        assert_eq!(store.load(&stale, later).await.unwrap(), Some(again));
+        assert_eq!(store.load(&new, later).await.unwrap(), None);
+        assert_eq!(store.count().await.unwrap(), 2);
     }
 
     /// Touch moves `accessed_at` and the idle deadline, nothing else.

@@ -265,6 +265,34 @@ pub trait SessionStore: Send + Sync + fmt::Debug + 'static {
     /// stored version matches. Returns whether a record was deleted.
     async fn delete(&self, key: &SessionKey, expected_version: Option<u64>) -> Result<bool>;
 
+    /// Moves the session under `key` to `new_key` as `record`: the renewal
+    /// of a session's id (at login, say), which keeps its data.
+    ///
+    /// Returns `false`, leaving both keys as they were, when the record
+    /// under `key` is missing or not at `expected_version`, or when a live
+    /// record holds `new_key` (an expired one may be replaced, as by
+    /// [`create`](SessionStore::create)). The default creates under
+    /// `new_key`, then deletes `key` at `expected_version`, and deletes the
+    /// new record again when that fails; stores that can do both in one
+    /// step override it.
+    async fn rename(
+        &self,
+        key: &SessionKey,
+        expected_version: u64,
+        new_key: &SessionKey,
+        record: &Record,
+        now: Timestamp,
+    ) -> Result<bool> {
+        if self.create(new_key, record, now).await? == CreateOutcome::Collision {
+            return Ok(false);
+        }
+        if self.delete(key, Some(expected_version)).await? {
+            return Ok(true);
+        }
+        self.delete(new_key, None).await?;
+        Ok(false)
+    }
+
     /// Sets `accessed_at` and `idle_deadline` of a live record without
     /// rewriting its data or changing its version, so a concurrent
     /// compare-and-swap is unaffected. Returns `false` when the record is

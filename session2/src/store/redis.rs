@@ -81,6 +81,25 @@ return 1
 "
 );
 
+/// ARGV[3] = new hex, ARGV[4] = now, ARGV[5] = old hex, ARGV[6] = the old
+/// session's expected version, ARGV[7..10] = the record. `CREATE` of the
+/// new session and `DELETE` of the old in one script: one round trip, and
+/// no reader sees both or neither.
+const RENAME: &str = script!(
+    ["redis_index.lua", "redis_write.lua"],
+    r"
+local hex, old_hex = ARGV[3], ARGV[5]
+local old, version = current(sprefix .. old_hex)
+if not old or version ~= ARGV[6] then return 0 end
+local cur, _, expires_at = current(sprefix .. hex)
+if cur and expires_at + 0 > ARGV[4] + 0 then return 0 end
+if cur ~= nil then remove(hex) end
+remove(old_hex)
+create(hex, 7)
+return 1
+"
+);
+
 /// ARGV[3] = hex, ARGV[4] = now, ARGV[5] = expected version, ARGV[6..9] = the record.
 const REPLACE: &str = script!(
     ["redis_write.lua"],
@@ -318,6 +337,7 @@ return 1
 /// The scripts, hashed once per store.
 struct Scripts {
     create: Script,
+    rename: Script,
     replace: Script,
     replace_many: Script,
     lease: Script,
@@ -334,6 +354,7 @@ impl Scripts {
     fn new() -> Self {
         Self {
             create: Script::new(CREATE),
+            rename: Script::new(RENAME),
             replace: Script::new(REPLACE),
             replace_many: Script::new(REPLACE_MANY),
             lease: Script::new(LEASE),
@@ -1641,6 +1662,31 @@ impl SessionStore for RedisStore {
             "redis session {} reads, but a lease cannot read it",
             key.fingerprint()
         )))
+    }
+
+    async fn rename(
+        &self,
+        key: &SessionKey,
+        expected_version: u64,
+        new_key: &SessionKey,
+        record: &Record,
+        now: Timestamp,
+    ) -> Result<bool> {
+        let now_arg = millis_arg(now);
+        let expected = expected_version.to_string();
+        self.write(
+            &self.scripts.rename,
+            "renew session id",
+            new_key,
+            &[
+                now_arg.as_bytes(),
+                &key.hex_bytes()[..],
+                expected.as_bytes(),
+            ],
+            record,
+            now,
+        )
+        .await
     }
 
     async fn delete(&self, key: &SessionKey, expected_version: Option<u64>) -> Result<bool> {
