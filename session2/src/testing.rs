@@ -9,7 +9,7 @@
 //! elsewhere, never a silent pass.
 //!
 //! The cases cover the store contract (round trip, create collision,
-//! compare-and-swap, no resurrection, touch, expiry, purge, paging,
+//! compare-and-swap, no resurrection, rename, touch, expiry, purge, paging,
 //! per-user index, 64 concurrent writers) and the manager's guarantees on
 //! top of the store (merging, leases, logout winning, corrupt and oversized
 //! data, no raw id in the store).
