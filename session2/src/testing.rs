@@ -29,6 +29,7 @@
 use std::fmt::Display;
 use std::future::Future;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use crate::{
@@ -162,6 +163,74 @@ pub async fn increment_by_compare_and_swap(
         }
         tokio::task::yield_now().await;
     }
+}
+
+/// Renames one session along a chain of keys while another task reads
+/// each pair, the new key first, and fails when a read finds the session
+/// under both: a store whose [`rename`](SessionStore::rename) is one step
+/// never shows that. Every store of this crate but the directory store
+/// (whose readers take no lock) runs it; the create-then-delete default
+/// fails it, between its two steps.
+///
+/// # Panics
+///
+/// When a read finds both keys, or the store fails.
+pub async fn a_rename_is_never_seen_half_done(store: Arc<dyn SessionStore>) {
+    const RENAMES: usize = 400;
+    let now = SystemClock.now();
+    let keys: Arc<Vec<SessionKey>> =
+        Arc::new((0..=RENAMES).map(|_| SessionId::generate().key()).collect());
+    let mut record = Record::new(now, now.saturating_add(Duration::from_secs(1800)), None);
+    record.data = br#"{"cart":1}"#.to_vec();
+    let created = store.create(&keys[0], &record, now).await.expect("create");
+    assert_eq!(created, CreateOutcome::Created);
+    // The rename under way: `keys[at]` to `keys[at + 1]`.
+    let at = Arc::new(AtomicUsize::new(0));
+    let reader = tokio::spawn({
+        let (store, keys, at) = (Arc::clone(&store), Arc::clone(&keys), Arc::clone(&at));
+        async move {
+            let (mut both, mut reads) = (0, 0);
+            loop {
+                let i = at.load(Ordering::SeqCst);
+                if i == RENAMES {
+                    return (both, reads);
+                }
+                // Once the new key is there, the old one must be gone for good.
+                let moved = store.load(&keys[i + 1], now).await.expect("load");
+                let left = store.load(&keys[i], now).await.expect("load");
+                both += usize::from(moved.is_some() && left.is_some());
+                reads += 1;
+                tokio::task::yield_now().await;
+            }
+        }
+    });
+    for i in 0..RENAMES {
+        at.store(i, Ordering::SeqCst);
+        let version = record.version + i as u64;
+        let moved = Record {
+            version: version + 1,
+            ..record.clone()
+        };
+        let renamed = store.rename(&keys[i], version, &keys[i + 1], &moved, now);
+        assert!(
+            renamed.await.expect("rename"),
+            "rename {i} found its session"
+        );
+    }
+    at.store(RENAMES, Ordering::SeqCst);
+    let (both, reads) = reader.await.expect("the reader finishes");
+    assert_eq!(
+        both, 0,
+        "{both} of {reads} reads found the session under both keys"
+    );
+    let last = Record {
+        version: record.version + RENAMES as u64,
+        ..record
+    };
+    assert_eq!(
+        store.load(&keys[RENAMES], now).await.expect("load"),
+        Some(last)
+    );
 }
 
 /// The conformance cases, each taking a fresh store.
@@ -429,6 +498,10 @@ pub mod cases {
         let later = now.saturating_add(2 * MINUTE);
         let mut again = moved.clone();
         again.version = 3;
+        assert!(
+            !store.rename(&new, 1, &stale, &again, later).await.unwrap(),
+            "an older version is not the expected one either"
+        );
         assert!(store.rename(&new, 2, &stale, &again, later).await.unwrap());
         assert_eq!(store.load(&stale, later).await.unwrap(), Some(again));
         assert_eq!(store.load(&new, later).await.unwrap(), None);

@@ -16,6 +16,16 @@ async fn factory() -> Option<Arc<dyn SessionStore>> {
 
 session2::conformance_tests!(factory);
 
+/// Rename is one step here: no reader finds a session under both keys.
+#[test]
+fn a_rename_is_never_seen_half_done() {
+    session2::testing::run(async {
+        if let Some(store) = factory().await {
+            session2::testing::a_rename_is_never_seen_half_done(store).await;
+        }
+    });
+}
+
 mod file {
     use std::process::Command;
     use std::time::{Duration, Instant};

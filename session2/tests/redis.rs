@@ -18,6 +18,16 @@ async fn factory() -> Option<Arc<dyn SessionStore>> {
 
 session2::conformance_tests!(factory);
 
+/// Rename is one step here: no reader finds a session under both keys.
+#[test]
+fn a_rename_is_never_seen_half_done() {
+    session2::testing::run(async {
+        if let Some(store) = factory().await {
+            session2::testing::a_rename_is_never_seen_half_done(store).await;
+        }
+    });
+}
+
 /// The suite again over RESP3, whose replies have their own types (a
 /// missing field is a RESP3 null).
 mod resp3 {

@@ -22,6 +22,10 @@
 //! - Writers take the shard's lock file with `flock`, so compare-and-swap is
 //!   atomic across threads and processes on one machine (not across
 //!   machines: `flock` over NFS is not to be trusted).
+//! - A rename (the id renewal at login) writes the new file, then deletes
+//!   the old one at its version (the store contract's default): a reader
+//!   in between may find both, and a crash in between leaves both, never
+//!   neither. One step would need readers to take the shards' locks.
 //! - A file's modification time is set to its record's expiry, so purge
 //!   visits only the files whose time has come. It takes each shard's lock
 //!   once for a batch of that shard's due files, re-checks each under the

@@ -9,9 +9,9 @@
 //! its last transaction ran, applies them in order in one `BEGIN IMMEDIATE`
 //! transaction, commits once, and only then answers each caller. So:
 //!
-//! - each write's outcome (created or collision, swapped or not, lease
-//!   taken or held) is the one it would have had alone, after the writes
-//!   queued before it;
+//! - each write's outcome (created or collision, swapped or renamed or
+//!   not, lease taken or held) is the one it would have had alone, after
+//!   the writes queued before it;
 //! - a caller hears `Ok` only once its write is committed;
 //! - if a write of a batch fails, the transaction is rolled back, that
 //!   write's caller gets the error, and the other writes go again together;
@@ -59,6 +59,13 @@ enum Write {
     Delete {
         key: SessionKey,
         expected_version: Option<u64>,
+    },
+    Rename {
+        key: SessionKey,
+        expected_version: u64,
+        new_key: SessionKey,
+        record: Record,
+        now: Timestamp,
     },
     Touch {
         key: SessionKey,
@@ -194,6 +201,24 @@ impl GroupCommitTable {
         let write = Write::Delete {
             key: *key,
             expected_version,
+        };
+        self.submit_changed(write).await
+    }
+
+    pub(crate) async fn rename(
+        &self,
+        key: &SessionKey,
+        expected_version: u64,
+        new_key: &SessionKey,
+        record: &Record,
+        now: Timestamp,
+    ) -> Result<bool> {
+        let write = Write::Rename {
+            key: *key,
+            expected_version,
+            new_key: *new_key,
+            record: record.clone(),
+            now,
         };
         self.submit_changed(write).await
     }
@@ -363,6 +388,16 @@ async fn apply(
             expected_version,
         } => table
             .delete_on(connection, key, *expected_version)
+            .await
+            .map(Outcome::Changed),
+        Write::Rename {
+            key,
+            expected_version,
+            new_key,
+            record,
+            now,
+        } => table
+            .rename_on(connection, key, *expected_version, new_key, record, *now)
             .await
             .map(Outcome::Changed),
         Write::Touch {

@@ -234,6 +234,29 @@ impl SessionStore for MemoryStore {
         }
     }
 
+    /// Under one lock: no reader sees both sessions or neither.
+    async fn rename(
+        &self,
+        key: &SessionKey,
+        expected_version: u64,
+        new_key: &SessionKey,
+        record: &Record,
+        now: Timestamp,
+    ) -> Result<bool> {
+        let mut state = self.state();
+        state.purge(now);
+        if state.records.contains_key(new_key)
+            || state
+                .get(key)
+                .is_none_or(|stored| stored.version != expected_version)
+        {
+            return Ok(false);
+        }
+        state.remove(key);
+        state.insert(*new_key, record.clone());
+        Ok(true)
+    }
+
     async fn touch(
         &self,
         key: &SessionKey,

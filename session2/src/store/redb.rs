@@ -351,6 +351,40 @@ impl SessionStore for RedbStore {
         .await
     }
 
+    /// In one write transaction: no reader sees both sessions or neither.
+    async fn rename(
+        &self,
+        key: &SessionKey,
+        expected_version: u64,
+        new_key: &SessionKey,
+        record: &Record,
+        now: Timestamp,
+    ) -> Result<bool> {
+        let (key, new_key) = (*key, *new_key);
+        let record = record.clone();
+        self.blocking("rename session", move |database| {
+            let transaction = database.begin_write()?;
+            let Some(Ok(old)) = stored(&transaction, &key)? else {
+                return Ok(false);
+            };
+            // What `create` would replace under the new key: an expired
+            // record, or one that cannot be read.
+            let displaced = match stored(&transaction, &new_key)? {
+                Some(Ok(held)) if !held.is_expired_at(now) => return Ok(false),
+                Some(Ok(held)) => Some(held),
+                Some(Err(_)) | None => None,
+            };
+            if old.version != expected_version {
+                return Ok(false);
+            }
+            remove(&transaction, &key, Some(&old))?;
+            put(&transaction, &new_key, displaced.as_ref(), &record)?;
+            transaction.commit()?;
+            Ok(true)
+        })
+        .await
+    }
+
     async fn touch(
         &self,
         key: &SessionKey,

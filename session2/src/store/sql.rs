@@ -236,7 +236,8 @@ pub(crate) struct Statements {
     load_many: Vec<String>,
     /// key, record; then (upsert dialects) now
     create: String,
-    /// (MySQL only) key, now
+    /// key, now: deletes an expired row that holds a key wanted anew
+    /// (MySQL's create, every rename)
     delete_expired_key: String,
     /// record, key, expected version, now: lowers `expires_at` when the
     /// expiry moves earlier
@@ -261,6 +262,9 @@ pub(crate) struct Statements {
     /// instead, `store/batched_lease.rs`; MySQL leases by compare-and-swap)
     #[cfg(feature = "sqlite")]
     lease: String,
+    /// record, new key, key, expected version: moves the row to the new
+    /// key (see [`SqlTable::rename_on`])
+    rename: String,
     /// key
     delete: String,
     /// key, version
@@ -469,6 +473,17 @@ impl Statements {
                 p(3),
                 p(4),
                 p(5),
+            ),
+            rename: format!(
+                "UPDATE {t} SET {}, {key} = {} WHERE {key} = {} AND version = {}",
+                RECORD_COLUMNS
+                    .iter()
+                    .map(|column| format!("{column} = {}", column_param(column)))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                p(n + 1),
+                p(n + 2),
+                p(n + 3)
             ),
             delete: format!("DELETE FROM {t} WHERE {key} = {}", p(1)),
             delete_at_version: format!(
@@ -904,6 +919,69 @@ where
                 // Released between the two statements: try again.
                 Some(_) => {}
             }
+        }
+    }
+
+    /// On a connection of the pool (SQLite group-commits instead: see
+    /// `store/group_commit.rs`).
+    #[cfg(any(feature = "postgres", feature = "mysql"))]
+    pub(crate) async fn rename(
+        &self,
+        key: &SessionKey,
+        expected_version: u64,
+        new_key: &SessionKey,
+        record: &Record,
+        now: Timestamp,
+    ) -> Result<bool> {
+        let mut connection = self.acquire("rename session").await?;
+        self.rename_on(&mut connection, key, expected_version, new_key, record, now)
+            .await
+    }
+
+    /// [`SessionStore::rename`](crate::SessionStore::rename) on
+    /// `connection`: one `UPDATE` of the row's key, so one round trip, and
+    /// no reader sees both sessions or neither. A row under `new_key` fails
+    /// it on the primary key; an expired one is then deleted, as `create`
+    /// would replace it, and the update tried once more. The connection may
+    /// be in a transaction only where a failed statement leaves it usable
+    /// (SQLite's group commit; not PostgreSQL).
+    pub(crate) async fn rename_on(
+        &self,
+        connection: &mut DB::Connection,
+        key: &SessionKey,
+        expected_version: u64,
+        new_key: &SessionKey,
+        record: &Record,
+        now: Timestamp,
+    ) -> Result<bool> {
+        let context = "rename session";
+        let mut displaced = false;
+        loop {
+            let moved = bind_record(sqlx::query(&self.statements.rename), record)
+                .bind(new_key.as_bytes().as_slice())
+                .bind(key.as_bytes().as_slice())
+                .bind(to_i64(expected_version))
+                .execute(&mut *connection)
+                .await;
+            match moved {
+                Ok(result) => return Ok(DB::rows_affected(&result) == 1),
+                // A live row holds the new key (or took it again after ours went).
+                Err(sqlx::Error::Database(err)) if err.is_unique_violation() && displaced => {
+                    return Ok(false);
+                }
+                Err(sqlx::Error::Database(err)) if err.is_unique_violation() => {}
+                Err(err) => return Err(self.error(context, err)),
+            }
+            let deleted = sqlx::query(&self.statements.delete_expired_key)
+                .bind(new_key.as_bytes().as_slice())
+                .bind(now.as_millis())
+                .execute(&mut *connection)
+                .await
+                .map_err(|err| self.error(context, err))?;
+            if DB::rows_affected(&deleted) == 0 {
+                return Ok(false);
+            }
+            displaced = true;
         }
     }
 
@@ -1466,6 +1544,19 @@ macro_rules! impl_sql_session_store {
                 expected_version: Option<u64>,
             ) -> crate::Result<bool> {
                 self.table.delete(key, expected_version).await
+            }
+
+            async fn rename(
+                &self,
+                key: &crate::SessionKey,
+                expected_version: u64,
+                new_key: &crate::SessionKey,
+                record: &crate::Record,
+                now: crate::Timestamp,
+            ) -> crate::Result<bool> {
+                self.table
+                    .rename(key, expected_version, new_key, record, now)
+                    .await
             }
 
             async fn touch(

@@ -19,7 +19,7 @@
 //! a save first tries the statement that names no indexed column, which
 //! matches whenever neither moves, and falls back to the full one.
 //!
-//! Writes (create, save, lease, delete, touch) are group-committed: one
+//! Writes (create, save, lease, delete, rename, touch) are group-committed: one
 //! writer task per table applies the writes that queued while its last
 //! transaction ran in one transaction, and answers each caller once that
 //! transaction is committed. Concurrent saves then share one sync of the

@@ -250,6 +250,16 @@ where
 /// `expires_at` column of a row).
 macro_rules! sql_store_cases {
     () => {
+        /// Rename is one `UPDATE`: no reader finds a session under both keys.
+        #[test]
+        fn a_rename_is_never_seen_half_done() {
+            session2::testing::run(async {
+                if let Some(store) = store().await {
+                    session2::testing::a_rename_is_never_seen_half_done(store).await;
+                }
+            });
+        }
+
         #[test]
         fn primitives_work() {
             session2::testing::run(async {
