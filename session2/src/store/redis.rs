@@ -27,7 +27,7 @@ use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster_async::ClusterConnection;
 use redis::{Cmd, Pipeline, RedisFuture, RedisWrite as _, Script, Value};
 
-use crate::store::writer::{SwapJob, Writers, answer, answer_all};
+use crate::store::writer::{SwapJob, Writers, answer, answer_all, run_batches_in_flight};
 use crate::store::{Capabilities, CreateOutcome, LeaseOutcome, Page, SessionStore};
 use crate::{Error, Lease, Record, Result, SessionKey, Timestamp};
 
@@ -53,6 +53,11 @@ const MAX_LOADS: usize = 256;
 /// on average, measured over HTTP) and saves little. With two, batches held
 /// about 12 loads and store-level loads kept their rate.
 const LOAD_BATCHES_IN_FLIGHT: usize = 2;
+/// How many batch scripts of saves the writer has in flight at most, for
+/// the same reason. Redis runs them in the order they were sent, and no
+/// save of one depends on another's outcome: a save's expected version
+/// comes from a load or an answered save, never from one still in flight.
+const SWAP_BATCHES_IN_FLIGHT: usize = 2;
 /// How long at most a session's key outlives the session in Redis: see
 /// [`key_expiry`].
 const KEY_EXPIRY_SLACK: Duration = Duration::from_secs(3600);
@@ -474,10 +479,11 @@ impl ConnectionLike for Connection {
 /// dropping the entries whose session Redis already expired.
 ///
 /// Concurrent saves are batched: a writer task (per runtime) sends the
-/// saves that queued while its last script ran as one script, which makes
-/// each compare-and-swap in order, as its own script would (a later save of
-/// the same session sees the earlier one's write). The script's fixed cost,
-/// several times that of a `SET`, is then paid once per batch. It writes
+/// saves that queued while its last scripts ran as one script, with up to
+/// two such scripts in flight, which makes each compare-and-swap in order,
+/// as its own script would (a later save of the same session sees the
+/// earlier one's write). The script's fixed cost, several times that of a
+/// `SET`, is then paid once per batch. It writes
 /// first (`SET … GET`) and puts back an old session that does not qualify,
 /// so a failed save shows in keyspace notifications as two writes. If the
 /// batch script fails (the server goes away), every save of it gets the
@@ -897,26 +903,9 @@ impl RedisStore {
     /// The loader: reads the loads that queue with one `MGET` per batch, up
     /// to [`LOAD_BATCHES_IN_FLIGHT`] batches at once on the multiplexed
     /// connection, until every queue handle is gone.
-    async fn load_batches(self, mut jobs: tokio::sync::mpsc::Receiver<LoadJob>) {
-        use futures_util::StreamExt as _;
-        let mut in_flight = futures_util::stream::FuturesUnordered::new();
-        let mut batch = Vec::with_capacity(MAX_LOADS);
-        loop {
-            tokio::select! {
-                biased;
-                Some(()) = in_flight.next(), if !in_flight.is_empty() => {}
-                received = jobs.recv_many(&mut batch, MAX_LOADS),
-                    if in_flight.len() < LOAD_BATCHES_IN_FLIGHT =>
-                {
-                    if received == 0 {
-                        break;
-                    }
-                    // `split_off` hands over exactly the jobs and keeps the capacity.
-                    in_flight.push(self.load_together(batch.split_off(0)));
-                }
-            }
-        }
-        while in_flight.next().await.is_some() {}
+    async fn load_batches(self, jobs: tokio::sync::mpsc::Receiver<LoadJob>) {
+        let read = |batch| self.load_together(batch);
+        run_batches_in_flight(jobs, MAX_LOADS, LOAD_BATCHES_IN_FLIGHT, read).await;
     }
 
     /// Reads the stored strings of `batch` in one `MGET` and answers each
@@ -970,25 +959,31 @@ impl RedisStore {
         read.query_async(&mut self.connection.clone()).await
     }
 
-    /// The writer: makes the queued saves in batches until every queue handle is gone.
-    async fn swap_batches(self, mut jobs: tokio::sync::mpsc::Receiver<SwapJob>) {
-        let mut batch = Vec::with_capacity(MAX_SWAPS);
-        while jobs.recv_many(&mut batch, MAX_SWAPS).await > 0 {
-            if batch.len() == 1 {
-                let job = batch.remove(0);
-                let swapped = self.replace_alone(&job).await;
-                let _ = job.reply.send(swapped);
-                continue;
-            }
-            match self.replace_many(&batch).await {
-                Ok(swapped) => {
-                    for (job, swapped) in batch.drain(..).zip(swapped) {
-                        // A caller that gave up no longer listens; its save stands.
-                        let _ = job.reply.send(Ok(swapped));
-                    }
+    /// The writer: makes the queued saves in batches, up to
+    /// [`SWAP_BATCHES_IN_FLIGHT`] at once on the multiplexed connection,
+    /// until every queue handle is gone.
+    async fn swap_batches(self, jobs: tokio::sync::mpsc::Receiver<SwapJob>) {
+        let save = |batch| self.swap_together(batch);
+        run_batches_in_flight(jobs, MAX_SWAPS, SWAP_BATCHES_IN_FLIGHT, save).await;
+    }
+
+    /// Makes the saves of `batch` (one script for them all, or the one-save
+    /// script for one) and answers each.
+    async fn swap_together(&self, mut batch: Vec<SwapJob>) {
+        if batch.len() == 1 {
+            let job = batch.remove(0);
+            let swapped = self.replace_alone(&job).await;
+            let _ = job.reply.send(swapped);
+            return;
+        }
+        match self.replace_many(&batch).await {
+            Ok(swapped) => {
+                for (job, swapped) in batch.into_iter().zip(swapped) {
+                    // A caller that gave up no longer listens; its save stands.
+                    let _ = job.reply.send(Ok(swapped));
                 }
-                Err(err) => answer_all(batch.drain(..).map(|job| job.reply), err),
             }
+            Err(err) => answer_all(batch.into_iter().map(|job| job.reply), err),
         }
     }
 

@@ -105,6 +105,45 @@ impl<J: Send + 'static> Writers<J> {
     }
 }
 
+/// A writer's loop for batches that need not wait for one another: takes
+/// the jobs that queued, at most `max_batch` at a time, and runs each batch
+/// as `run(batch)`, up to `in_flight` batches at once, until every queue
+/// handle is gone. Each batch is polled once before the next is taken, so
+/// batches that send a command on a multiplexed connection at their first
+/// poll send them in the order they were taken, and Redis runs them so.
+///
+/// With one batch at a time, the jobs that queue meanwhile wait a whole
+/// round trip before theirs goes out, and the connection and the server
+/// idle while the writer answers a batch: one batch in flight capped
+/// Redis's store-level loads and saves.
+#[cfg(feature = "redis")]
+pub(crate) async fn run_batches_in_flight<J, F>(
+    mut jobs: mpsc::Receiver<J>,
+    max_batch: usize,
+    in_flight: usize,
+    run: impl Fn(Vec<J>) -> F,
+) where
+    F: Future<Output = ()>,
+{
+    use futures_util::StreamExt as _;
+    let mut running = futures_util::stream::FuturesUnordered::new();
+    let mut batch = Vec::with_capacity(max_batch);
+    loop {
+        tokio::select! {
+            biased;
+            Some(()) = running.next(), if !running.is_empty() => {}
+            received = jobs.recv_many(&mut batch, max_batch), if running.len() < in_flight => {
+                if received == 0 {
+                    break;
+                }
+                // `split_off` hands over exactly the jobs and keeps the capacity.
+                running.push(run(batch.split_off(0)));
+            }
+        }
+    }
+    while running.next().await.is_some() {}
+}
+
 /// The outcome a writer sends back for a job; a backend error of `store`
 /// if the writer stopped (its runtime shut down) before answering.
 pub(crate) async fn answer<T>(
@@ -160,4 +199,69 @@ where
         running.spawn(alone(job));
     }
     while running.join_next().await.is_some() {}
+}
+
+#[cfg(all(test, feature = "redis"))]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use tokio::sync::{mpsc, oneshot};
+
+    use super::run_batches_in_flight;
+
+    /// A batch the test holds open: its jobs, and the sender that ends it.
+    type Held = (Vec<u32>, oneshot::Sender<()>);
+
+    #[test]
+    fn batches_go_out_in_order_and_at_most_so_many_at_once() {
+        // One thread: the writer runs exactly when the test yields.
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("a runtime");
+        runtime.block_on(async {
+            let (queue, jobs) = mpsc::channel(16);
+            let started: Arc<Mutex<Vec<Held>>> = Arc::default();
+            let writer = tokio::spawn({
+                let started = Arc::clone(&started);
+                run_batches_in_flight(jobs, 3, 2, move |batch: Vec<u32>| {
+                    let (end, ended) = oneshot::channel();
+                    started.lock().unwrap().push((batch, end));
+                    async move {
+                        let _ = ended.await;
+                    }
+                })
+            });
+            let batches = || -> Vec<Vec<u32>> {
+                let started = started.lock().unwrap();
+                started.iter().map(|(jobs, _)| jobs.clone()).collect()
+            };
+            let settle = || async {
+                for _ in 0..50 {
+                    tokio::task::yield_now().await;
+                }
+            };
+            queue.send(1).await.unwrap();
+            settle().await;
+            assert_eq!(batches(), [vec![1]]);
+            // The first batch is still running: the next goes out beside it,
+            // taking at most three of the queued jobs.
+            for job in 2..=6 {
+                queue.send(job).await.unwrap();
+            }
+            settle().await;
+            assert_eq!(batches(), [vec![1], vec![2, 3, 4]]);
+            // Two are running: the rest wait until one ends.
+            settle().await;
+            assert_eq!(batches().len(), 2);
+            let (_, end) = started.lock().unwrap().remove(0);
+            end.send(()).unwrap();
+            settle().await;
+            assert_eq!(batches(), [vec![2, 3, 4], vec![5, 6]]);
+            drop(queue);
+            for (_, end) in started.lock().unwrap().drain(..) {
+                end.send(()).unwrap();
+            }
+            writer.await.unwrap();
+        });
+    }
 }
