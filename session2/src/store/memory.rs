@@ -234,7 +234,7 @@ impl SessionStore for MemoryStore {
         }
     }
 
-    /// Under one lock: no reader sees both sessions or neither.
+    /// Under one lock: at every moment the session is under exactly one key.
     async fn rename(
         &self,
         key: &SessionKey,

@@ -351,7 +351,8 @@ impl SessionStore for RedbStore {
         .await
     }
 
-    /// In one write transaction: no reader sees both sessions or neither.
+    /// In one write transaction: at every moment the session is under
+    /// exactly one key.
     async fn rename(
         &self,
         key: &SessionKey,

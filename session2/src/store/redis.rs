@@ -89,7 +89,7 @@ return 1
 /// ARGV[3] = new hex, ARGV[4] = now, ARGV[5] = old hex, ARGV[6] = the old
 /// session's expected version, ARGV[7..10] = the record. `CREATE` of the
 /// new session and `DELETE` of the old in one script: one round trip, and
-/// no reader sees both or neither.
+/// at every moment the session is under exactly one key.
 const RENAME: &str = script!(
     ["redis_index.lua", "redis_write.lua"],
     r"

@@ -796,13 +796,10 @@ where
             Err(sqlx::Error::Database(err)) if err.is_unique_violation() => {}
             Err(err) => return Err(self.error("create session", err)),
         }
-        let deleted = sqlx::query(&self.statements.delete_expired_key)
-            .bind(key.as_bytes().as_slice())
-            .bind(now.as_millis())
-            .execute(&mut *connection)
-            .await
-            .map_err(|err| self.error("create session", err))?;
-        if DB::rows_affected(&deleted) == 0 {
+        if !self
+            .delete_if_expired(connection, key, now, "create session")
+            .await?
+        {
             return Ok(CreateOutcome::Collision);
         }
         let retry = bind_record(
@@ -940,11 +937,12 @@ where
 
     /// [`SessionStore::rename`](crate::SessionStore::rename) on
     /// `connection`: one `UPDATE` of the row's key, so one round trip, and
-    /// no reader sees both sessions or neither. A row under `new_key` fails
-    /// it on the primary key; an expired one is then deleted, as `create`
-    /// would replace it, and the update tried once more. The connection may
-    /// be in a transaction only where a failed statement leaves it usable
-    /// (SQLite's group commit; not PostgreSQL).
+    /// at every moment the session is under exactly one of the two keys. A
+    /// row under `new_key` fails it on the primary key; an expired one is
+    /// then deleted, as `create` would replace it, and the update tried
+    /// once more. The connection may be in a transaction only where a
+    /// failed statement leaves it usable (SQLite's group commit; not
+    /// PostgreSQL).
     pub(crate) async fn rename_on(
         &self,
         connection: &mut DB::Connection,
@@ -955,34 +953,51 @@ where
         now: Timestamp,
     ) -> Result<bool> {
         let context = "rename session";
-        let mut displaced = false;
-        loop {
-            let moved = bind_record(sqlx::query(&self.statements.rename), record)
-                .bind(new_key.as_bytes().as_slice())
-                .bind(key.as_bytes().as_slice())
-                .bind(to_i64(expected_version))
-                .execute(&mut *connection)
-                .await;
-            match moved {
-                Ok(result) => return Ok(DB::rows_affected(&result) == 1),
-                // A live row holds the new key (or took it again after ours went).
-                Err(sqlx::Error::Database(err)) if err.is_unique_violation() && displaced => {
-                    return Ok(false);
-                }
-                Err(sqlx::Error::Database(err)) if err.is_unique_violation() => {}
-                Err(err) => return Err(self.error(context, err)),
-            }
-            let deleted = sqlx::query(&self.statements.delete_expired_key)
-                .bind(new_key.as_bytes().as_slice())
-                .bind(now.as_millis())
-                .execute(&mut *connection)
-                .await
-                .map_err(|err| self.error(context, err))?;
-            if DB::rows_affected(&deleted) == 0 {
-                return Ok(false);
-            }
-            displaced = true;
+        let moved = sqlx::query(&self.statements.rename);
+        let moved = bind_record(moved, record)
+            .bind(new_key.as_bytes().as_slice())
+            .bind(key.as_bytes().as_slice())
+            .bind(to_i64(expected_version));
+        match moved.execute(&mut *connection).await {
+            Ok(result) => return Ok(DB::rows_affected(&result) == 1),
+            Err(sqlx::Error::Database(err)) if err.is_unique_violation() => {}
+            Err(err) => return Err(self.error(context, err)),
         }
+        if !self
+            .delete_if_expired(connection, new_key, now, context)
+            .await?
+        {
+            return Ok(false);
+        }
+        let retry = sqlx::query(&self.statements.rename);
+        let retry = bind_record(retry, record)
+            .bind(new_key.as_bytes().as_slice())
+            .bind(key.as_bytes().as_slice())
+            .bind(to_i64(expected_version));
+        match retry.execute(&mut *connection).await {
+            Ok(result) => Ok(DB::rows_affected(&result) == 1),
+            // A live row took the new key between our delete and update.
+            Err(sqlx::Error::Database(err)) if err.is_unique_violation() => Ok(false),
+            Err(err) => Err(self.error(context, err)),
+        }
+    }
+
+    /// Deletes the row under `key` if it is expired at `now` (what a
+    /// create may replace); whether there was one.
+    async fn delete_if_expired(
+        &self,
+        connection: &mut DB::Connection,
+        key: &SessionKey,
+        now: Timestamp,
+        context: &str,
+    ) -> Result<bool> {
+        let deleted = sqlx::query(&self.statements.delete_expired_key)
+            .bind(key.as_bytes().as_slice())
+            .bind(now.as_millis())
+            .execute(&mut *connection)
+            .await
+            .map_err(|err| self.error(context, err))?;
+        Ok(DB::rows_affected(&deleted) == 1)
     }
 
     /// On a connection of the pool (SQLite group-commits instead: see
