@@ -953,12 +953,13 @@ where
         now: Timestamp,
     ) -> Result<bool> {
         let context = "rename session";
-        let moved = sqlx::query(&self.statements.rename);
-        let moved = bind_record(moved, record)
-            .bind(new_key.as_bytes().as_slice())
-            .bind(key.as_bytes().as_slice())
-            .bind(to_i64(expected_version));
-        match moved.execute(&mut *connection).await {
+        let rename = || {
+            bind_record(sqlx::query(&self.statements.rename), record)
+                .bind(new_key.as_bytes().as_slice())
+                .bind(key.as_bytes().as_slice())
+                .bind(to_i64(expected_version))
+        };
+        match rename().execute(&mut *connection).await {
             Ok(result) => return Ok(DB::rows_affected(&result) == 1),
             Err(sqlx::Error::Database(err)) if err.is_unique_violation() => {}
             Err(err) => return Err(self.error(context, err)),
@@ -969,12 +970,7 @@ where
         {
             return Ok(false);
         }
-        let retry = sqlx::query(&self.statements.rename);
-        let retry = bind_record(retry, record)
-            .bind(new_key.as_bytes().as_slice())
-            .bind(key.as_bytes().as_slice())
-            .bind(to_i64(expected_version));
-        match retry.execute(&mut *connection).await {
+        match rename().execute(&mut *connection).await {
             Ok(result) => Ok(DB::rows_affected(&result) == 1),
             // A live row took the new key between our delete and update.
             Err(sqlx::Error::Database(err)) if err.is_unique_violation() => Ok(false),
