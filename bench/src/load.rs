@@ -218,7 +218,7 @@ fn pids_named(names: &[String]) -> Vec<u32> {
 /// tasks, which cost about as much CPU as a request to the benchmarked
 /// server. The load generator shares the 2 cores with the servers it
 /// measures, so what it spends is taken from both libraries alike.
-struct Connection {
+pub(crate) struct Connection {
     address: SocketAddr,
     stream: Option<TcpStream>,
     cookie: Option<String>,
@@ -280,7 +280,7 @@ fn parse_head(bytes: &[u8]) -> anyhow::Result<Option<Head>> {
 }
 
 impl Connection {
-    fn new(address: SocketAddr) -> Self {
+    pub(crate) fn new(address: SocketAddr) -> Self {
         Self {
             address,
             stream: None,
@@ -289,7 +289,11 @@ impl Connection {
         }
     }
 
-    async fn call(&mut self, method: Method, path: &str) -> anyhow::Result<(StatusCode, String)> {
+    pub(crate) async fn call(
+        &mut self,
+        method: Method,
+        path: &str,
+    ) -> anyhow::Result<(StatusCode, String)> {
         let answer = self.exchange(method, path).await;
         if answer.is_err() {
             // What is left of a failed exchange would be read as the next answer.

@@ -1,5 +1,7 @@
 //! The benchmark server: the same routes on session2, on tower-sessions, or
-//! on no session layer at all (the floor for anonymous requests).
+//! on no session layer at all (the floor for anonymous requests: the same
+//! routes, none of them touching a session, so that the floor differs from
+//! the others by the session layer alone).
 //!
 //! | route | does |
 //! |---|---|
@@ -39,12 +41,36 @@ pub(crate) struct ServerArgs {
 
 const COUNTER: &str = "counter";
 
+async fn app(args: &ServerArgs) -> anyhow::Result<Router> {
+    Ok(match args.library {
+        Library::Session2 => session2_app(args).await?,
+        Library::TowerSessions => tower_sessions_app(args).await?,
+        Library::Bare => bare_app(),
+    })
+}
+
+/// Every route answers `ok` without a session: the same routing work as the
+/// session servers, and no session layer.
+fn bare_app() -> Router {
+    ROUTES.iter().fold(Router::new(), |router, (method, path)| {
+        let filter = axum::routing::MethodFilter::try_from(method.clone())
+            .expect("the routes' methods are GET and POST");
+        router.route(path, axum::routing::on(filter, || async { "ok" }))
+    })
+}
+
+/// Every route of the benchmark servers, as the table above lists them.
+const ROUTES: [(axum::http::Method, &str); 6] = [
+    (axum::http::Method::POST, "/rmw"),
+    (axum::http::Method::POST, "/rmw-exclusive"),
+    (axum::http::Method::GET, "/read"),
+    (axum::http::Method::GET, "/anon"),
+    (axum::http::Method::POST, "/login"),
+    (axum::http::Method::POST, "/logout"),
+];
+
 pub(crate) async fn run(args: ServerArgs) -> anyhow::Result<()> {
-    let app = match args.library {
-        Library::Session2 => session2_app(&args).await?,
-        Library::TowerSessions => tower_sessions_app(&args).await?,
-        Library::Bare => Router::new().route("/anon", get(|| async { "ok" })),
-    };
+    let app = app(&args).await?;
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", args.port)).await?;
     println!("listening on http://{}", listener.local_addr()?);
     axum::serve(listener, app).await?;
@@ -286,7 +312,34 @@ async fn sqlite_pool(url: &str, pool: u32) -> anyhow::Result<sqlx::SqlitePool> {
 
 #[cfg(test)]
 mod tests {
-    use super::split_table;
+    use super::*;
+
+    #[tokio::test]
+    async fn the_three_servers_answer_the_same_routes() {
+        for library in [Library::Session2, Library::TowerSessions, Library::Bare] {
+            let args = ServerArgs {
+                library,
+                store: "memory".to_owned(),
+                port: 0,
+                pool: 1,
+            };
+            let app = app(&args).await.unwrap();
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let address = listener.local_addr().unwrap();
+            let server = tokio::spawn(async move { axum::serve(listener, app).await });
+            let mut connection = crate::load::Connection::new(address);
+            for (method, path) in ROUTES {
+                let (status, _) = connection.call(method.clone(), path).await.unwrap();
+                assert_eq!(status, 200, "{library:?} {method} {path}");
+            }
+            let (status, _) = connection
+                .call(axum::http::Method::GET, "/none")
+                .await
+                .unwrap();
+            assert_eq!(status, 404, "{library:?}");
+            server.abort();
+        }
+    }
 
     #[test]
     fn the_table_option_goes_to_the_store_and_the_rest_to_the_pool() {
