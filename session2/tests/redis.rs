@@ -49,9 +49,8 @@ mod resp3 {
 }
 
 /// The suite again on a store built on the application's own connection
-/// ([`RedisStore::new`]), which leases by script where a store that made
-/// its own connection uses transactions.
-mod by_script {
+/// ([`RedisStore::new`]) rather than from a URL.
+mod on_the_applications_connection {
     use std::sync::Arc;
 
     use redis::aio::ConnectionManager;

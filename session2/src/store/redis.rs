@@ -31,10 +31,6 @@ use crate::store::writer::{SwapJob, Writers, answer, answer_all, run_batches_in_
 use crate::store::{Capabilities, CreateOutcome, LeaseOutcome, Page, SessionStore};
 use crate::{Error, Lease, Record, Result, SessionKey, Timestamp};
 
-mod transaction;
-
-use transaction::{LeaseJob, LeaseReply, Transactions};
-
 const STORE: &str = "redis";
 const DEFAULT_PREFIX: &str = "session2";
 /// Expired sessions one purge script deletes before yielding to other clients.
@@ -43,8 +39,6 @@ const PURGE_BATCH: usize = 1_000;
 const MAX_PAGE: usize = 100_000;
 /// The most saves one batch script makes.
 const MAX_SWAPS: usize = 256;
-/// The most leases one transaction tries.
-const MAX_LEASES: usize = 256;
 /// The most loads one `MGET` reads.
 const MAX_LOADS: usize = 256;
 /// How many `MGET`s the loader has in flight at most. With one, loads wait
@@ -491,20 +485,14 @@ impl ConnectionLike for Connection {
 /// Redis keeps a script's writes, so a caller told of an error may find its
 /// save made, as after a reply lost on the network.
 ///
-/// Leases (of [`ExclusiveSession`](crate::ExclusiveSession)) read a session
-/// and write it back changed. A store that made its own connection
-/// ([`RedisStore::connect`], or a URL through
-/// [`store::open`](crate::store::open)) batches them too, in a second writer
-/// with a connection of its own, by optimistic transaction: one `WATCH` and
-/// `MGET` of the batch's sessions, the decisions in the application, and one
-/// `MULTI` … `EXEC` of the leases taken, which Redis runs only if no other
-/// client changed one of those sessions meanwhile (else the batch is read
-/// again; after three tries it goes by script). Redis runs those native
-/// commands far faster than a script's `redis.call`s and string work: an
-/// exclusive request cost Redis about 111,000 instructions with the lease
-/// script, and 41,000 this way. A store on the application's connection
-/// ([`RedisStore::new`], [`RedisStore::from_cluster`]) cannot own one, and
-/// takes each lease with one script.
+/// A lease (of [`ExclusiveSession`](crate::ExclusiveSession)) reads a
+/// session and writes it back changed in one script: one round trip, on
+/// the multiplexed connection. (Earlier builds batched leases in an
+/// optimistic transaction on a second connection: `WATCH` and `MGET`, then
+/// `MULTI` … `EXEC`. That cost Redis less per lease under heavy load, but
+/// two round trips where the script takes one, and exclusive requests made
+/// 1.04 to 1.47 times as many requests per second by script, at 8 to 128
+/// users, in `BENCHMARKS.md`'s runs.)
 ///
 /// [`load`](SessionStore::load) reads the session's string: the loads that
 /// queue while the store's loader is busy go together in one `MGET` (a key
@@ -518,14 +506,8 @@ pub struct RedisStore {
     connection: Connection,
     keys: KeyNames,
     scripts: std::sync::Arc<Scripts>,
-    /// The client of a store that made its own connection: its lease
-    /// writers open theirs from it and lease by transaction (see
-    /// `redis/transaction.rs`).
-    client: Option<redis::Client>,
     /// The writers that batch saves, shared by the clones.
     writers: std::sync::Arc<Writers<SwapJob>>,
-    /// The writers that batch leases, with a client.
-    lease_writers: std::sync::Arc<Writers<LeaseJob>>,
     /// The loaders that batch loads, shared by the clones.
     loaders: std::sync::Arc<Writers<LoadJob>>,
     /// Sessions one purge script looks at: [`PURGE_BATCH`] (tests make it small).
@@ -584,6 +566,15 @@ impl KeyNames {
         name.extend_from_slice(user.as_bytes());
         name
     }
+}
+
+/// What the lease script found.
+#[derive(Debug)]
+enum LeaseReply {
+    /// Decided: missing, held or taken.
+    Decided(LeaseOutcome),
+    /// The session cannot be read; `load` reports why (and marks it for purge).
+    Unreadable,
 }
 
 /// A load queued for a loader, and where the stored string (or nil) goes.
@@ -667,9 +658,7 @@ fn server_version(info: &str) -> Option<(u32, u32, &str)> {
 
 impl RedisStore {
     /// A store on the application's own connection, with the default
-    /// prefix `session2`. It takes leases by script: a store that makes its
-    /// own connection ([`RedisStore::connect`]) takes them faster, as it can
-    /// open a second one for its transactions (see [`RedisStore`]).
+    /// prefix `session2`.
     pub fn new(connection: ConnectionManager) -> Self {
         Self::with_connection(Connection::Single(connection))
     }
@@ -685,10 +674,8 @@ impl RedisStore {
             connection,
             keys: KeyNames::new(DEFAULT_PREFIX),
             scripts: std::sync::Arc::new(Scripts::new()),
-            client: None,
             purge_batch: PURGE_BATCH,
             writers: std::sync::Arc::default(),
-            lease_writers: std::sync::Arc::default(),
             loaders: std::sync::Arc::default(),
         }
     }
@@ -705,8 +692,6 @@ impl RedisStore {
     /// Fails with a backend error when the server cannot be reached within
     /// a few seconds. The connection reconnects by itself if the server goes
     /// away later; calls made while it is down fail with backend errors.
-    /// The store's lease writer (the first lease starts it) opens a second
-    /// connection for its transactions (see [`RedisStore`]).
     pub async fn connect(url: &str) -> Result<Self> {
         let client = redis::Client::open(url)
             .map_err(|err| Error::config(format_args!("invalid redis URL: {err}")))?;
@@ -714,13 +699,10 @@ impl RedisStore {
             .set_number_of_retries(1)
             .set_connection_timeout(Some(Duration::from_secs(5)))
             .set_response_timeout(Some(Duration::from_secs(10)));
-        let connection = ConnectionManager::new_with_config(client.clone(), config)
+        let connection = ConnectionManager::new_with_config(client, config)
             .await
             .map_err(|err| Error::backend_source(STORE, "connect", err))?;
-        Ok(Self {
-            client: Some(client),
-            ..Self::new(connection)
-        })
+        Ok(Self::new(connection))
     }
 
     /// Connects to the Redis Cluster that `nodes` (URLs of some of its
@@ -765,7 +747,6 @@ impl RedisStore {
         self.keys = KeyNames::new(prefix);
         // The writers and loaders of the store it was cloned from use the old prefix.
         self.writers = std::sync::Arc::default();
-        self.lease_writers = std::sync::Arc::default();
         self.loaders = std::sync::Arc::default();
         Ok(self)
     }
@@ -894,7 +875,6 @@ impl RedisStore {
     fn writer(&self) -> Self {
         Self {
             writers: std::sync::Arc::default(),
-            lease_writers: std::sync::Arc::default(),
             loaders: std::sync::Arc::default(),
             ..self.clone()
         }
@@ -987,56 +967,8 @@ impl RedisStore {
         }
     }
 
-    /// The lease writer: tries the queued leases in batches, by
-    /// transaction on a connection of its own, until every queue handle is
-    /// gone.
-    async fn lease_batches(
-        self,
-        client: redis::Client,
-        mut jobs: tokio::sync::mpsc::Receiver<LeaseJob>,
-    ) {
-        let mut transactions = Transactions::new(client);
-        let mut batch = Vec::with_capacity(MAX_LEASES);
-        while jobs.recv_many(&mut batch, MAX_LEASES).await > 0 {
-            transactions.lease(&self, std::mem::take(&mut batch)).await;
-        }
-    }
-
-    /// Tries one lease by script and answers it.
-    async fn lease_alone(&self, job: LeaseJob) {
-        let leased = self.lease_by_script(&job.key, job.lease, job.now).await;
-        // A caller that gave up no longer listens; its lease stands until it runs out.
-        let _ = job.reply.send(leased);
-    }
-
-    /// Tries to take `lease` on `key` once: through the lease writer when
-    /// the store has a client of its own, else by the lease script.
-    async fn lease_once(
-        &self,
-        key: &SessionKey,
-        lease: Lease,
-        now: Timestamp,
-    ) -> Result<LeaseReply> {
-        let Some(client) = &self.client else {
-            return self.lease_by_script(key, lease, now).await;
-        };
-        let (reply, outcome) = tokio::sync::oneshot::channel();
-        let job = LeaseJob {
-            key: *key,
-            lease,
-            now,
-            reply,
-        };
-        let start = |jobs| self.writer().lease_batches(client.clone(), jobs);
-        match self.lease_writers.send(job, start).await {
-            Ok(()) => answer(STORE, outcome).await,
-            // No tokio runtime to run a writer on: this lease goes alone.
-            Err(job) => self.lease_by_script(&job.key, job.lease, job.now).await,
-        }
-    }
-
     /// Tries to take `lease` on `key` once, with the lease script.
-    async fn lease_by_script(
+    async fn lease_once(
         &self,
         key: &SessionKey,
         lease: Lease,
@@ -1300,12 +1232,12 @@ fn decode_rest(head: Head<'_>, mut fields: Fields<'_>) -> Result<Record> {
     })
 }
 
-/// What the scripts' `parse` reads of a session's string: its version,
-/// expiry and user.
+/// What the scripts' `parse` reads of a session's string, but its expiry
+/// (the fields after the head hold the deadlines it comes from): its
+/// version and user.
 #[derive(Debug)]
 struct Head<'a> {
     version: u64,
-    expires_at: i64,
     user: Option<&'a str>,
 }
 
@@ -1314,7 +1246,8 @@ struct Head<'a> {
 fn decode_head(stored: &[u8]) -> Result<(Head<'_>, Fields<'_>)> {
     let mut fields = Fields(stored);
     let version: u64 = fields.unsigned().flatten().ok_or_else(garbled)?;
-    let expires_at = fields.signed().flatten().ok_or_else(garbled)?;
+    // The expiry, which the scripts read, must be there.
+    fields.signed().flatten().ok_or_else(garbled)?;
     let user = match fields.unsigned::<usize>().ok_or_else(garbled)? {
         Some(length) => {
             let user = fields.take(length).ok_or_else(garbled)?;
@@ -1324,11 +1257,7 @@ fn decode_head(stored: &[u8]) -> Result<(Head<'_>, Fields<'_>)> {
         }
         None => None,
     };
-    let head = Head {
-        version,
-        expires_at,
-        user,
-    };
+    let head = Head { version, user };
     Ok((head, fields))
 }
 
@@ -1828,26 +1757,6 @@ mod tests {
         Some(store.with_prefix(prefix))
     }
 
-    /// The store [`test_store`] gives, saving by script as a store on
-    /// the application's own connection does.
-    fn by_script(store: RedisStore) -> RedisStore {
-        RedisStore {
-            client: None,
-            writers: std::sync::Arc::default(),
-            lease_writers: std::sync::Arc::default(),
-            loaders: std::sync::Arc::default(),
-            ..store
-        }
-    }
-
-    /// Two stores on the test server, under fresh prefixes: one that saves
-    /// and leases by transaction, one by script.
-    async fn both_stores() -> Option<[RedisStore; 2]> {
-        let by_transaction = test_store().await?;
-        assert!(by_transaction.client.is_some());
-        Some([by_transaction, by_script(test_store().await?)])
-    }
-
     #[test]
     fn setup_refuses_a_server_older_than_6_2_by_its_info() {
         let info = |version: &str| {
@@ -2237,51 +2146,49 @@ mod tests {
     #[test]
     fn what_the_scripts_store_reads_back_as_written() {
         crate::testing::run(async {
-            let Some(stores) = both_stores().await else {
+            let Some(store) = test_store().await else {
                 return;
             };
-            for store in stores {
-                let now = crate::Clock::now(&crate::SystemClock);
-                let later = |seconds| now.saturating_add(Duration::from_secs(seconds));
-                for record in every_shape(now) {
-                    let key = crate::SessionId::generate().key();
-                    let created = store.create(&key, &record, now).await.unwrap();
-                    assert_eq!(created, CreateOutcome::Created);
-                    assert_eq!(stored(&store, &key).await.as_ref(), Some(&record));
-                    assert_eq!(store.load(&key, now).await.unwrap().as_ref(), Some(&record));
-                    // A lease rewrites the version and the lease, and nothing else.
-                    let lease = Lease {
-                        token: 9,
-                        until: later(1),
-                    };
-                    let leased = match store.lease(&key, lease, now).await.unwrap() {
-                        LeaseOutcome::Taken(taken) => {
-                            let expected = Record {
-                                version: record.version + 1,
-                                lease: Some(lease),
-                                ..record.clone()
-                            };
-                            assert_eq!(taken, expected);
-                            taken
-                        }
-                        LeaseOutcome::Held(held) => {
-                            assert!(record.lease.is_some(), "{record:?}");
-                            assert_eq!(held, record);
-                            held
-                        }
-                        LeaseOutcome::Missing => panic!("{record:?} is missing"),
-                    };
-                    assert_eq!(stored(&store, &key).await.as_ref(), Some(&leased));
-                    // A touch rewrites the access time and the idle deadline.
-                    assert!(store.touch(&key, later(2), later(120)).await.unwrap());
-                    let touched = Record {
-                        accessed_at: later(2),
-                        idle_deadline: later(120),
-                        ..leased
-                    };
-                    assert_eq!(stored(&store, &key).await, Some(touched));
-                    assert!(store.delete(&key, None).await.unwrap());
-                }
+            let now = crate::Clock::now(&crate::SystemClock);
+            let later = |seconds| now.saturating_add(Duration::from_secs(seconds));
+            for record in every_shape(now) {
+                let key = crate::SessionId::generate().key();
+                let created = store.create(&key, &record, now).await.unwrap();
+                assert_eq!(created, CreateOutcome::Created);
+                assert_eq!(stored(&store, &key).await.as_ref(), Some(&record));
+                assert_eq!(store.load(&key, now).await.unwrap().as_ref(), Some(&record));
+                // A lease rewrites the version and the lease, and nothing else.
+                let lease = Lease {
+                    token: 9,
+                    until: later(1),
+                };
+                let leased = match store.lease(&key, lease, now).await.unwrap() {
+                    LeaseOutcome::Taken(taken) => {
+                        let expected = Record {
+                            version: record.version + 1,
+                            lease: Some(lease),
+                            ..record.clone()
+                        };
+                        assert_eq!(taken, expected);
+                        taken
+                    }
+                    LeaseOutcome::Held(held) => {
+                        assert!(record.lease.is_some(), "{record:?}");
+                        assert_eq!(held, record);
+                        held
+                    }
+                    LeaseOutcome::Missing => panic!("{record:?} is missing"),
+                };
+                assert_eq!(stored(&store, &key).await.as_ref(), Some(&leased));
+                // A touch rewrites the access time and the idle deadline.
+                assert!(store.touch(&key, later(2), later(120)).await.unwrap());
+                let touched = Record {
+                    accessed_at: later(2),
+                    idle_deadline: later(120),
+                    ..leased
+                };
+                assert_eq!(stored(&store, &key).await, Some(touched));
+                assert!(store.delete(&key, None).await.unwrap());
             }
         });
     }
@@ -2409,37 +2316,35 @@ mod tests {
     #[test]
     fn garbled_sessions_fail_each_read_and_go_at_the_next_purge() {
         crate::testing::run(async {
-            let Some(stores) = both_stores().await else {
+            let Some(store) = test_store().await else {
                 return;
             };
-            for store in stores {
-                let now = crate::Clock::now(&crate::SystemClock);
-                let mut connection = store.connection.clone();
-                // A head the scripts cannot read, a tail only the client checks.
-                let head = format!("x|{}|||||1|1|1|data", now.as_millis() + 60_000);
-                let tail = format!("7|{}|||||x|1|1|data", now.as_millis() + 60_000);
-                for garbled in [head, tail] {
-                    let key = crate::SessionId::generate().key();
-                    let _: () = redis::cmd("SET")
-                        .arg(store.session_key_name(&key))
-                        .arg(&garbled)
-                        .query_async(&mut connection)
-                        .await
-                        .unwrap();
-                    assert!(store.load(&key, now).await.unwrap_err().is_decode());
-                    let lease = Lease {
-                        token: 1,
-                        until: now,
-                    };
-                    let err = store.lease(&key, lease, now).await.unwrap_err();
-                    assert!(err.is_decode(), "{garbled}: {err}");
-                    let listed = store.list(None, 10).await.unwrap();
-                    assert!(listed.records.is_empty(), "{garbled}");
-                }
-                let far = now.saturating_add(Duration::from_secs(7200));
-                assert_eq!(store.purge_expired(far).await.unwrap(), 2);
-                assert_eq!(store.count().await.unwrap(), 0);
+            let now = crate::Clock::now(&crate::SystemClock);
+            let mut connection = store.connection.clone();
+            // A head the scripts cannot read, a tail only the client checks.
+            let head = format!("x|{}|||||1|1|1|data", now.as_millis() + 60_000);
+            let tail = format!("7|{}|||||x|1|1|data", now.as_millis() + 60_000);
+            for garbled in [head, tail] {
+                let key = crate::SessionId::generate().key();
+                let _: () = redis::cmd("SET")
+                    .arg(store.session_key_name(&key))
+                    .arg(&garbled)
+                    .query_async(&mut connection)
+                    .await
+                    .unwrap();
+                assert!(store.load(&key, now).await.unwrap_err().is_decode());
+                let lease = Lease {
+                    token: 1,
+                    until: now,
+                };
+                let err = store.lease(&key, lease, now).await.unwrap_err();
+                assert!(err.is_decode(), "{garbled}: {err}");
+                let listed = store.list(None, 10).await.unwrap();
+                assert!(listed.records.is_empty(), "{garbled}");
             }
+            let far = now.saturating_add(Duration::from_secs(7200));
+            assert_eq!(store.purge_expired(far).await.unwrap(), 2);
+            assert_eq!(store.count().await.unwrap(), 0);
         });
     }
 
@@ -2547,214 +2452,210 @@ mod tests {
     #[test]
     fn a_failed_save_leaves_what_was_there() {
         crate::testing::run(async {
-            let Some(stores) = both_stores().await else {
+            let Some(store) = test_store().await else {
                 return;
             };
-            for store in stores {
-                let now = crate::Clock::now(&crate::SystemClock);
+            let now = crate::Clock::now(&crate::SystemClock);
+            let mut connection = store.connection.clone();
+            // The raw value under `key` and how long its key has to live.
+            let raw = async |key: &SessionKey| {
+                let name = store.session_key_name(key);
                 let mut connection = store.connection.clone();
-                // The raw value under `key` and how long its key has to live.
-                let raw = async |key: &SessionKey| {
-                    let name = store.session_key_name(key);
-                    let mut connection = store.connection.clone();
-                    let value: Option<Vec<u8>> = redis::cmd("GET")
-                        .arg(&name)
-                        .query_async(&mut connection)
-                        .await
-                        .unwrap();
-                    let ttl: i64 = redis::cmd("PTTL")
-                        .arg(&name)
-                        .query_async(&mut connection)
-                        .await
-                        .unwrap();
-                    (value, ttl)
-                };
-                let record = record_at(now, 3, b"kept");
-                // Its key would live hours longer than the old one's.
-                let newer = Record {
-                    idle_deadline: now.saturating_add(Duration::from_secs(7200)),
-                    ..record_at(now, 4, b"lost")
-                };
-
-                // A stale version: the session stays, its key expiring as before.
-                let key = crate::SessionId::generate().key();
-                store.create(&key, &record, now).await.unwrap();
-                let (value, ttl) = raw(&key).await;
-                assert!(!store.replace(&key, 2, &newer, now).await.unwrap());
-                let (after, ttl_after) = raw(&key).await;
-                assert_eq!(after, value);
-                assert!(
-                    (ttl - ttl_after).abs() < 5_000,
-                    "{ttl} ms, then {ttl_after} ms"
-                );
-                // An expired session is not replaced either.
-                let later = now.saturating_add(Duration::from_secs(660));
-                assert!(!store.replace(&key, 3, &newer, later).await.unwrap());
-                assert_eq!(raw(&key).await.0, value);
-                assert_eq!(store.load(&key, now).await.unwrap(), Some(record.clone()));
-
-                // A missing session is not created.
-                let missing = crate::SessionId::generate().key();
-                assert!(!store.replace(&missing, 3, &newer, now).await.unwrap());
-                assert_eq!(raw(&missing).await, (None, -2));
-
-                // Bytes that are not a session stay, expiring as they did.
-                let foreign = crate::SessionId::generate().key();
-                let _: () = redis::cmd("SET")
-                    .arg(store.session_key_name(&foreign))
-                    .arg(b"not a session".as_slice())
-                    .arg("PX")
-                    .arg(600_000)
+                let value: Option<Vec<u8>> = redis::cmd("GET")
+                    .arg(&name)
                     .query_async(&mut connection)
                     .await
                     .unwrap();
-                assert!(!store.replace(&foreign, 3, &newer, now).await.unwrap());
-                let (value, ttl) = raw(&foreign).await;
-                assert_eq!(value.as_deref(), Some(b"not a session".as_slice()));
-                assert!(ttl > 0, "{ttl}");
-
-                // A hash of earlier builds at another version is not written.
-                let hash = crate::SessionId::generate().key();
-                write_as_hash(&store, &hash, &record).await;
-                assert!(!store.replace(&hash, 2, &newer, now).await.unwrap());
-                let kind: String = redis::cmd("TYPE")
-                    .arg(store.session_key_name(&hash))
+                let ttl: i64 = redis::cmd("PTTL")
+                    .arg(&name)
                     .query_async(&mut connection)
                     .await
                     .unwrap();
-                assert_eq!(kind, "hash");
-                assert_eq!(store.load(&hash, now).await.unwrap(), Some(record));
-            }
+                (value, ttl)
+            };
+            let record = record_at(now, 3, b"kept");
+            // Its key would live hours longer than the old one's.
+            let newer = Record {
+                idle_deadline: now.saturating_add(Duration::from_secs(7200)),
+                ..record_at(now, 4, b"lost")
+            };
+
+            // A stale version: the session stays, its key expiring as before.
+            let key = crate::SessionId::generate().key();
+            store.create(&key, &record, now).await.unwrap();
+            let (value, ttl) = raw(&key).await;
+            assert!(!store.replace(&key, 2, &newer, now).await.unwrap());
+            let (after, ttl_after) = raw(&key).await;
+            assert_eq!(after, value);
+            assert!(
+                (ttl - ttl_after).abs() < 5_000,
+                "{ttl} ms, then {ttl_after} ms"
+            );
+            // An expired session is not replaced either.
+            let later = now.saturating_add(Duration::from_secs(660));
+            assert!(!store.replace(&key, 3, &newer, later).await.unwrap());
+            assert_eq!(raw(&key).await.0, value);
+            assert_eq!(store.load(&key, now).await.unwrap(), Some(record.clone()));
+
+            // A missing session is not created.
+            let missing = crate::SessionId::generate().key();
+            assert!(!store.replace(&missing, 3, &newer, now).await.unwrap());
+            assert_eq!(raw(&missing).await, (None, -2));
+
+            // Bytes that are not a session stay, expiring as they did.
+            let foreign = crate::SessionId::generate().key();
+            let _: () = redis::cmd("SET")
+                .arg(store.session_key_name(&foreign))
+                .arg(b"not a session".as_slice())
+                .arg("PX")
+                .arg(600_000)
+                .query_async(&mut connection)
+                .await
+                .unwrap();
+            assert!(!store.replace(&foreign, 3, &newer, now).await.unwrap());
+            let (value, ttl) = raw(&foreign).await;
+            assert_eq!(value.as_deref(), Some(b"not a session".as_slice()));
+            assert!(ttl > 0, "{ttl}");
+
+            // A hash of earlier builds at another version is not written.
+            let hash = crate::SessionId::generate().key();
+            write_as_hash(&store, &hash, &record).await;
+            assert!(!store.replace(&hash, 2, &newer, now).await.unwrap());
+            let kind: String = redis::cmd("TYPE")
+                .arg(store.session_key_name(&hash))
+                .query_async(&mut connection)
+                .await
+                .unwrap();
+            assert_eq!(kind, "hash");
+            assert_eq!(store.load(&hash, now).await.unwrap(), Some(record));
         });
     }
 
     #[test]
     fn hash_sessions_of_earlier_builds_read_and_become_strings() {
         crate::testing::run(async {
-            let Some(stores) = both_stores().await else {
+            let Some(store) = test_store().await else {
                 return;
             };
-            for store in stores {
-                let now = crate::Clock::now(&crate::SystemClock);
-                let later = |seconds| now.saturating_add(Duration::from_secs(seconds));
-                let full = Record {
-                    version: 4,
-                    user: Some("carol|7|".into()),
-                    absolute_deadline: Some(later(600)),
-                    lease: Some(Lease {
-                        token: 3,
-                        until: now,
-                    }),
-                    data: b"\x00|1|\xff".to_vec(),
-                    // Every time differs from the others.
-                    accessed_at: now,
-                    ..Record::new(
-                        Timestamp::from_millis(now.as_millis() - 10_000),
-                        later(60),
-                        None,
-                    )
+            let now = crate::Clock::now(&crate::SystemClock);
+            let later = |seconds| now.saturating_add(Duration::from_secs(seconds));
+            let full = Record {
+                version: 4,
+                user: Some("carol|7|".into()),
+                absolute_deadline: Some(later(600)),
+                lease: Some(Lease {
+                    token: 3,
+                    until: now,
+                }),
+                data: b"\x00|1|\xff".to_vec(),
+                // Every time differs from the others.
+                accessed_at: now,
+                ..Record::new(
+                    Timestamp::from_millis(now.as_millis() - 10_000),
+                    later(60),
+                    None,
+                )
+            };
+            let plain = Record::new(now, later(60), None);
+            let mut connection = store.connection.clone();
+            for record in [full, plain] {
+                let hash_session = async || {
+                    let key = crate::SessionId::generate().key();
+                    write_as_hash(&store, &key, &record).await;
+                    key
                 };
-                let plain = Record::new(now, later(60), None);
-                let mut connection = store.connection.clone();
-                for record in [full, plain] {
-                    let hash_session = async || {
-                        let key = crate::SessionId::generate().key();
-                        write_as_hash(&store, &key, &record).await;
-                        key
-                    };
-                    let is_string = async |key: &SessionKey| {
-                        let kind: String = redis::cmd("TYPE")
-                            .arg(store.session_key_name(key))
-                            .query_async(&mut store.connection.clone())
-                            .await
-                            .unwrap();
-                        kind == "string"
-                    };
-
-                    // Read as they are, by every reader.
-                    let key = hash_session().await;
-                    assert_eq!(store.load(&key, now).await.unwrap().as_ref(), Some(&record));
-                    let listed = store.list(None, 10).await.unwrap().records;
-                    assert_eq!(listed, [(key, record.clone())]);
-                    if let Some(user) = &record.user {
-                        let found = store.find_by_user(user, now).await.unwrap();
-                        assert_eq!(found, [(key, record.clone())]);
-                    }
-                    assert!(!is_string(&key).await);
-
-                    // Each write makes a string of it.
-                    let saved = Record {
-                        version: record.version + 1,
-                        data: b"saved".to_vec(),
-                        ..record.clone()
-                    };
-                    assert!(
-                        store
-                            .replace(&key, record.version, &saved, now)
-                            .await
-                            .unwrap()
-                    );
-                    assert!(is_string(&key).await);
-                    assert_eq!(store.load(&key, now).await.unwrap(), Some(saved));
-                    assert!(store.delete(&key, None).await.unwrap());
-
-                    let key = hash_session().await;
-                    let lease = Lease {
-                        token: 8,
-                        until: later(1),
-                    };
-                    let leased = Record {
-                        version: record.version + 1,
-                        lease: Some(lease),
-                        ..record.clone()
-                    };
-                    let taken = store.lease(&key, lease, now).await.unwrap();
-                    assert_eq!(taken, LeaseOutcome::Taken(leased.clone()));
-                    assert!(is_string(&key).await);
-                    assert_eq!(store.load(&key, now).await.unwrap(), Some(leased));
-                    assert!(store.delete(&key, None).await.unwrap());
-
-                    let key = hash_session().await;
-                    assert!(store.touch(&key, later(1), later(90)).await.unwrap());
-                    assert!(is_string(&key).await);
-                    let touched = Record {
-                        accessed_at: later(1),
-                        idle_deadline: later(90),
-                        ..record.clone()
-                    };
-                    assert_eq!(store.load(&key, now).await.unwrap(), Some(touched));
-                    assert!(store.delete(&key, Some(record.version)).await.unwrap());
-
-                    // A delete checks the version of the hash.
-                    let key = hash_session().await;
-                    let stale = record.version + 1;
-                    assert!(!store.delete(&key, Some(stale)).await.unwrap());
-                    assert!(store.delete(&key, Some(record.version)).await.unwrap());
-
-                    // A purge moves a live one whose index entry ran early, and
-                    // deletes an expired one with its index entries.
-                    let key = hash_session().await;
-                    let _: () = redis::cmd("ZADD")
-                        .arg(&store.keys.expiry)
-                        .arg(now.as_millis())
-                        .arg(key.to_hex())
-                        .query_async(&mut connection)
+                let is_string = async |key: &SessionKey| {
+                    let kind: String = redis::cmd("TYPE")
+                        .arg(store.session_key_name(key))
+                        .query_async(&mut store.connection.clone())
                         .await
                         .unwrap();
-                    assert_eq!(store.purge_expired(later(1)).await.unwrap(), 0);
-                    assert_eq!(store.load(&key, now).await.unwrap().as_ref(), Some(&record));
-                    assert_eq!(store.purge_expired(later(7200)).await.unwrap(), 1);
-                    assert_eq!(store.count().await.unwrap(), 0);
-                    // An expired one is replaced by a create.
-                    let key = hash_session().await;
-                    let fresh = record_at(later(7200), 1, b"fresh");
-                    let created = store.create(&key, &fresh, later(7200)).await;
-                    assert_eq!(created.unwrap(), CreateOutcome::Created);
-                    assert!(is_string(&key).await);
-                    assert!(store.delete(&key, None).await.unwrap());
+                    kind == "string"
+                };
+
+                // Read as they are, by every reader.
+                let key = hash_session().await;
+                assert_eq!(store.load(&key, now).await.unwrap().as_ref(), Some(&record));
+                let listed = store.list(None, 10).await.unwrap().records;
+                assert_eq!(listed, [(key, record.clone())]);
+                if let Some(user) = &record.user {
+                    let found = store.find_by_user(user, now).await.unwrap();
+                    assert_eq!(found, [(key, record.clone())]);
                 }
+                assert!(!is_string(&key).await);
+
+                // Each write makes a string of it.
+                let saved = Record {
+                    version: record.version + 1,
+                    data: b"saved".to_vec(),
+                    ..record.clone()
+                };
+                assert!(
+                    store
+                        .replace(&key, record.version, &saved, now)
+                        .await
+                        .unwrap()
+                );
+                assert!(is_string(&key).await);
+                assert_eq!(store.load(&key, now).await.unwrap(), Some(saved));
+                assert!(store.delete(&key, None).await.unwrap());
+
+                let key = hash_session().await;
+                let lease = Lease {
+                    token: 8,
+                    until: later(1),
+                };
+                let leased = Record {
+                    version: record.version + 1,
+                    lease: Some(lease),
+                    ..record.clone()
+                };
+                let taken = store.lease(&key, lease, now).await.unwrap();
+                assert_eq!(taken, LeaseOutcome::Taken(leased.clone()));
+                assert!(is_string(&key).await);
+                assert_eq!(store.load(&key, now).await.unwrap(), Some(leased));
+                assert!(store.delete(&key, None).await.unwrap());
+
+                let key = hash_session().await;
+                assert!(store.touch(&key, later(1), later(90)).await.unwrap());
+                assert!(is_string(&key).await);
+                let touched = Record {
+                    accessed_at: later(1),
+                    idle_deadline: later(90),
+                    ..record.clone()
+                };
+                assert_eq!(store.load(&key, now).await.unwrap(), Some(touched));
+                assert!(store.delete(&key, Some(record.version)).await.unwrap());
+
+                // A delete checks the version of the hash.
+                let key = hash_session().await;
+                let stale = record.version + 1;
+                assert!(!store.delete(&key, Some(stale)).await.unwrap());
+                assert!(store.delete(&key, Some(record.version)).await.unwrap());
+
+                // A purge moves a live one whose index entry ran early, and
+                // deletes an expired one with its index entries.
+                let key = hash_session().await;
+                let _: () = redis::cmd("ZADD")
+                    .arg(&store.keys.expiry)
+                    .arg(now.as_millis())
+                    .arg(key.to_hex())
+                    .query_async(&mut connection)
+                    .await
+                    .unwrap();
+                assert_eq!(store.purge_expired(later(1)).await.unwrap(), 0);
+                assert_eq!(store.load(&key, now).await.unwrap().as_ref(), Some(&record));
+                assert_eq!(store.purge_expired(later(7200)).await.unwrap(), 1);
                 assert_eq!(store.count().await.unwrap(), 0);
+                // An expired one is replaced by a create.
+                let key = hash_session().await;
+                let fresh = record_at(later(7200), 1, b"fresh");
+                let created = store.create(&key, &fresh, later(7200)).await;
+                assert_eq!(created.unwrap(), CreateOutcome::Created);
+                assert!(is_string(&key).await);
+                assert!(store.delete(&key, None).await.unwrap());
             }
+            assert_eq!(store.count().await.unwrap(), 0);
         });
     }
 
@@ -2786,38 +2687,6 @@ mod tests {
         ] {
             assert!(decode_record(value).unwrap_err().is_decode());
         }
-    }
-
-    /// A lease job on `key` for `token`, lasting 30 seconds from `now`, and
-    /// its outcome to come.
-    fn lease_job(
-        key: SessionKey,
-        token: u64,
-        now: Timestamp,
-    ) -> (LeaseJob, tokio::sync::oneshot::Receiver<Result<LeaseReply>>) {
-        let (reply, outcome) = tokio::sync::oneshot::channel();
-        let lease = Lease {
-            token,
-            until: now.saturating_add(Duration::from_secs(30)),
-        };
-        let job = LeaseJob {
-            key,
-            lease,
-            now,
-            reply,
-        };
-        (job, outcome)
-    }
-
-    /// The outcomes of `replies`, as text to compare.
-    async fn outcomes(
-        replies: Vec<tokio::sync::oneshot::Receiver<Result<LeaseReply>>>,
-    ) -> Vec<String> {
-        let mut outcomes = Vec::new();
-        for reply in replies {
-            outcomes.push(format!("{:?}", reply.await.unwrap().unwrap()));
-        }
-        outcomes
     }
 
     async fn set_raw(store: &RedisStore, key: &SessionKey, value: &[u8]) {
@@ -2860,9 +2729,9 @@ mod tests {
     }
 
     #[test]
-    fn a_lease_transaction_decides_each_lease_as_the_script_would() {
+    fn the_lease_script_decides_each_kind_of_session() {
         crate::testing::run(async {
-            let Some(stores) = both_stores().await else {
+            let Some(store) = test_store().await else {
                 return;
             };
             let now = crate::Clock::now(&crate::SystemClock);
@@ -2870,91 +2739,51 @@ mod tests {
             let [live, expired, missing, hash, foreign, leased, garbled] =
                 [(); 7].map(|()| crate::SessionId::generate().key());
             let sessions = [live, expired, missing, hash, foreign, leased, garbled];
-            let mut results = Vec::new();
-            for store in stores {
-                let record = |version, data: &[u8]| record_at(now, version, data);
-                store.create(&live, &record(1, b"live"), now).await.unwrap();
-                let expires = record(1, b"expires");
-                store.create(&expired, &expires, now).await.unwrap();
-                write_as_hash(&store, &hash, &record(1, b"hash")).await;
-                set_raw(&store, &foreign, b"not a session").await;
-                let held_lease = Lease {
-                    token: 7,
-                    until: now.saturating_add(Duration::from_secs(60)),
-                };
-                let held_record = record(1, b"leased").with_lease(held_lease);
-                store.create(&leased, &held_record, now).await.unwrap();
-                // A head the script reads, and a tail it cannot.
-                set_raw(&store, &garbled, b"1|99999999999999|||x|y|z|").await;
-                let (jobs, replies): (Vec<_>, Vec<_>) = [
-                    lease_job(live, 1, now),
-                    lease_job(live, 2, now),
-                    lease_job(expired, 3, now),
-                    // A lease the batch took, then a lease once the session expired.
-                    lease_job(expired, 10, after_expiry),
-                    lease_job(missing, 4, now),
-                    lease_job(hash, 5, now),
-                    lease_job(hash, 6, now),
-                    lease_job(foreign, 7, now),
-                    lease_job(leased, 8, now),
-                    lease_job(garbled, 9, now),
-                ]
-                .into_iter()
-                .unzip();
-                match store.client.clone() {
-                    Some(client) => Transactions::new(client).lease(&store, jobs).await,
-                    None => {
-                        for job in jobs {
-                            store.lease_alone(job).await;
-                        }
-                    }
-                }
-                results.push((outcomes(replies).await, held(&store, &sessions).await));
-            }
-            let (outcomes, held) = &results[0];
-            let expected = [
-                "Decided(Taken(",
-                "Decided(Held(",
-                "Decided(Taken(",
-                "Decided(Missing)",
-                "Decided(Missing)",
-                "Decided(Taken(",
-                "Decided(Held(",
-                "Unreadable",
-                "Decided(Held(",
-                "Unreadable",
+            let record = |version, data: &[u8]| record_at(now, version, data);
+            store.create(&live, &record(1, b"live"), now).await.unwrap();
+            let expires = record(1, b"expires");
+            store.create(&expired, &expires, now).await.unwrap();
+            write_as_hash(&store, &hash, &record(1, b"hash")).await;
+            set_raw(&store, &foreign, b"not a session").await;
+            let held_lease = Lease {
+                token: 7,
+                until: now.saturating_add(Duration::from_secs(60)),
+            };
+            let held_record = record(1, b"leased").with_lease(held_lease);
+            store.create(&leased, &held_record, now).await.unwrap();
+            // A head the script reads, and a tail it cannot.
+            set_raw(&store, &garbled, b"1|99999999999999|||x|y|z|").await;
+            let cases = [
+                (live, 1, now, "Decided(Taken("),
+                (live, 2, now, "Decided(Held("),
+                (expired, 3, now, "Decided(Taken("),
+                // The lease above binds, but the session has expired since.
+                (expired, 10, after_expiry, "Decided(Missing)"),
+                (missing, 4, now, "Decided(Missing)"),
+                (hash, 5, now, "Decided(Taken("),
+                (hash, 6, now, "Decided(Held("),
+                (foreign, 7, now, "Unreadable"),
+                (leased, 8, now, "Decided(Held("),
+                (garbled, 9, now, "Unreadable"),
             ];
-            assert_eq!(outcomes.len(), expected.len());
-            for (outcome, expected) in outcomes.iter().zip(expected) {
+            for (key, token, at, expected) in cases {
+                let lease = Lease {
+                    token,
+                    until: at.saturating_add(Duration::from_secs(30)),
+                };
+                let outcome = format!("{:?}", store.lease_once(&key, lease, at).await.unwrap());
                 assert!(
                     outcome.starts_with(expected),
-                    "{outcome} is not {expected}…"
+                    "lease {token}: {outcome} is not {expected}…"
                 );
             }
+            let held = held(&store, &sessions).await;
             assert!(held[2].starts_with("none"), "no session was made: {held:?}");
             assert!(
                 held[3].starts_with("string"),
                 "the hash became a string: {held:?}"
             );
-            assert_eq!(results[0], results[1], "by transaction, then by script");
         });
-    }
-
-    /// A lease writer whose every read is followed by `interfere(read
-    /// number)`, as another client's writes would.
-    fn interfered(
-        store: &RedisStore,
-        interfere: impl Fn(usize, Connection) -> transaction::Interference + Send + 'static,
-    ) -> (Transactions, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
-        let reads = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let counted = reads.clone();
-        let connection = store.connection.clone();
-        let mut transactions = Transactions::new(store.client.clone().unwrap());
-        transactions.between = Some(Box::new(move || {
-            let read = counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            interfere(read, connection.clone())
-        }));
-        (transactions, reads)
     }
 
     /// `N` sessions made at `now`, at version 1 with the data `created`.
@@ -2965,119 +2794,5 @@ mod tests {
             store.create(key, &created, now).await.unwrap();
         }
         keys
-    }
-
-    #[test]
-    fn an_aborted_transaction_is_read_and_decided_again() {
-        crate::testing::run(async {
-            let Some(store) = test_store().await else {
-                return;
-            };
-            let now = crate::Clock::now(&crate::SystemClock);
-            let record = |version, data: &[u8]| record_at(now, version, data);
-            let [a, b] = sessions(&store, now).await;
-            // Another client saves `a` between the first read and its transaction.
-            let theirs = record(2, b"theirs");
-            let (mut bytes, name) = (Vec::new(), store.session_key_name(&a));
-            write_record(&mut bytes, &theirs);
-            let (mut transactions, reads) = interfered(&store, move |read, mut connection| {
-                let (bytes, name) = (bytes.clone(), name.clone());
-                Box::pin(async move {
-                    if read == 0 {
-                        let _: () = redis::cmd("SET")
-                            .arg(name)
-                            .arg(bytes)
-                            .arg("KEEPTTL")
-                            .query_async(&mut connection)
-                            .await
-                            .unwrap();
-                    }
-                })
-            });
-            let (jobs, replies): (Vec<_>, Vec<_>) = [lease_job(a, 1, now), lease_job(b, 2, now)]
-                .into_iter()
-                .unzip();
-            let leases: Vec<Lease> = jobs.iter().map(|job| job.lease).collect();
-            transactions.lease(&store, jobs).await;
-            assert_eq!(reads.load(std::sync::atomic::Ordering::SeqCst), 2);
-            let taken = [
-                theirs.with_lease(leases[0]),
-                record(1, b"created").with_lease(leases[1]),
-            ];
-            let expected: Vec<String> = taken
-                .iter()
-                .map(|taken| {
-                    format!(
-                        "{:?}",
-                        LeaseReply::Decided(LeaseOutcome::Taken(taken.clone()))
-                    )
-                })
-                .collect();
-            assert_eq!(
-                outcomes(replies).await,
-                expected,
-                "decided on what the second read saw"
-            );
-            assert_eq!(stored(&store, &a).await.as_ref(), Some(&taken[0]));
-            assert_eq!(stored(&store, &b).await.as_ref(), Some(&taken[1]));
-        });
-    }
-
-    #[test]
-    fn a_batch_other_clients_keep_changing_is_leased_by_script() {
-        crate::testing::run(async {
-            let Some(store) = test_store().await else {
-                return;
-            };
-            let now = crate::Clock::now(&crate::SystemClock);
-            let record = |version, data: &[u8]| record_at(now, version, data);
-            let [a, b] = sessions(&store, now).await;
-            // Another client rewrites `b` as it was after every read: each
-            // transaction is aborted.
-            let name = store.session_key_name(&b);
-            let (mut transactions, reads) = interfered(&store, move |_, mut connection| {
-                let name = name.clone();
-                Box::pin(async move {
-                    let value: Vec<u8> = redis::cmd("GET")
-                        .arg(&name)
-                        .query_async(&mut connection)
-                        .await
-                        .unwrap();
-                    let _: () = redis::cmd("SET")
-                        .arg(&name)
-                        .arg(value)
-                        .arg("KEEPTTL")
-                        .query_async(&mut connection)
-                        .await
-                        .unwrap();
-                })
-            });
-            let (jobs, replies): (Vec<_>, Vec<_>) = [
-                lease_job(a, 1, now),
-                lease_job(b, 2, now),
-                lease_job(b, 3, now),
-            ]
-            .into_iter()
-            .unzip();
-            let leases: Vec<Lease> = jobs.iter().map(|job| job.lease).collect();
-            transactions.lease(&store, jobs).await;
-            assert_eq!(
-                reads.load(std::sync::atomic::Ordering::SeqCst),
-                transaction::ATTEMPTS
-            );
-            let outcomes = outcomes(replies).await;
-            assert!(outcomes[0].starts_with("Decided(Taken("), "{}", outcomes[0]);
-            assert!(outcomes[1].starts_with("Decided(Taken("), "{}", outcomes[1]);
-            assert!(outcomes[2].starts_with("Decided(Held("), "{}", outcomes[2]);
-            let created = record(1, b"created");
-            assert_eq!(
-                stored(&store, &a).await,
-                Some(created.clone().with_lease(leases[0]))
-            );
-            assert_eq!(
-                stored(&store, &b).await,
-                Some(created.with_lease(leases[1]))
-            );
-        });
     }
 }

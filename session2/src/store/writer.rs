@@ -2,8 +2,8 @@
 //! by SQLite's group commit (`store/group_commit.rs`), the batched loads
 //! and compare-and-swaps of PostgreSQL and MySQL (`store/batched_load.rs`,
 //! `store/batched_swap.rs`), PostgreSQL's batched leases
-//! (`store/batched_lease.rs`) and Redis's batched loads, saves and leases
-//! (`store/redis.rs`, `store/redis/transaction.rs`).
+//! (`store/batched_lease.rs`) and Redis's batched loads and saves
+//! (`store/redis.rs`).
 //!
 //! A writer lives on the runtime of the callers that queue jobs for it: a
 //! writer on another runtime might never run, as a current-thread runtime
