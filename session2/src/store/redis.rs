@@ -491,7 +491,7 @@ impl ConnectionLike for Connection {
 /// optimistic transaction on a second connection: `WATCH` and `MGET`, then
 /// `MULTI` … `EXEC`. That cost Redis less per lease under heavy load, but
 /// two round trips where the script takes one, and exclusive requests made
-/// 1.04 to 1.47 times as many requests per second by script, at 8 to 128
+/// 1.05 to 1.47 times as many requests per second by script, at 8 to 128
 /// users, in `BENCHMARKS.md`'s runs.)
 ///
 /// [`load`](SessionStore::load) reads the session's string: the loads that
