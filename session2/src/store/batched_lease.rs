@@ -5,7 +5,8 @@
 //! statement.
 //!
 //! Every lease of a table goes to one task (per runtime, see
-//! `store/writer.rs`), which tries the leases that queued while its last
+//! `store/writer.rs`; on a quiet process a lone lease runs on its caller's
+//! task instead), which tries the leases that queued while its last
 //! statement ran together ([`LeaseMany::lease_many`]) and answers each
 //! caller. So:
 //!
@@ -26,10 +27,13 @@
 
 use std::future::Future;
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 
 use super::batched_load::{BatchedLoads, LoadMany};
-use super::writer::{Writers, answer, answer_all, is_refused_statement, run_each_alone};
+use super::writer::{
+    Batching, Queue, SessionJob, Writers, answer_all, is_refused_statement, run_batches,
+    run_each_alone,
+};
 use super::{LeaseOutcome, MAX_LEASE_ATTEMPTS};
 use crate::{Error, Lease, Record, Result, SessionKey, Timestamp};
 
@@ -111,31 +115,37 @@ impl BatchedLeases {
     async fn try_lease<T: LeaseMany>(&self, table: &T, attempt: LeaseAttempt) -> Taken {
         let (reply, outcome) = oneshot::channel();
         let job = LeaseJob { attempt, reply };
-        match self
-            .takers
-            .send(job, |jobs| lease_batches(table.clone(), jobs))
-            .await
-        {
-            Ok(()) => answer(T::STORE, outcome).await,
-            // No tokio runtime to run the lease task on: this lease goes alone.
-            Err(job) => lease_alone(table, job.attempt).await,
-        }
+        let start = |jobs| lease_batches(table.clone(), jobs);
+        let alone = async |job: LeaseJob| {
+            // A caller that gave up no longer listens; a lease it took
+            // runs out at its deadline.
+            let _ = job.reply.send(lease_alone(table, job.attempt).await);
+        };
+        self.takers.run(T::STORE, job, outcome, start, alone).await
     }
 }
 
 /// The lease task: tries the queued leases in batches until every queue
 /// handle is gone.
-async fn lease_batches<T: LeaseMany>(table: T, mut jobs: mpsc::Receiver<LeaseJob>) {
-    let mut batch = Vec::with_capacity(MAX_LEASES);
-    while jobs.recv_many(&mut batch, MAX_LEASES).await > 0 {
-        lease_together(&table, &mut batch).await;
+async fn lease_batches<T: LeaseMany>(table: T, jobs: Queue<LeaseJob>) {
+    let batching = Batching {
+        max_jobs: MAX_LEASES,
+        max_batches_out: 1,
+        one_per_session: false,
+    };
+    run_batches(jobs, batching, |batch| lease_together(&table, batch)).await;
+}
+
+impl SessionJob for LeaseJob {
+    fn key(&self) -> &SessionKey {
+        &self.attempt.key
     }
 }
 
-/// Tries the leases of `batch` (emptying it) together and answers each.
+/// Tries the leases of `batch` together and answers each.
 /// When the batch fails, every lease gets its error, unless the database
 /// refused it (see [`is_refused_statement`]): then each runs alone, all at once.
-async fn lease_together<T: LeaseMany>(table: &T, batch: &mut Vec<LeaseJob>) {
+async fn lease_together<T: LeaseMany>(table: &T, mut batch: Vec<LeaseJob>) {
     // In key order, so that batches of two processes lock their rows in the
     // same order and cannot deadlock (see `store/batched_swap.rs`); stable,
     // so that the leases of one key keep their order.
@@ -260,12 +270,12 @@ mod tests {
             keys
         };
         let table = Recording::default();
-        let (mut batch, outcomes): (Vec<_>, Vec<_>) =
+        let (batch, outcomes): (Vec<_>, Vec<_>) =
             [attempt(b, 1), attempt(a, 2), attempt(b, 3), attempt(a, 4)]
                 .into_iter()
                 .map(job)
                 .unzip();
-        crate::testing::run(lease_together(&table, &mut batch));
+        crate::testing::run(lease_together(&table, batch));
         assert_eq!(
             table.batches.lock().unwrap().as_slice(),
             &[vec![(a, 2), (a, 4), (b, 1), (b, 3)]],
@@ -288,10 +298,10 @@ mod tests {
             unreachable: true,
             ..Recording::default()
         };
-        let (mut batch, outcomes): (Vec<_>, Vec<_>) = (0..3)
+        let (batch, outcomes): (Vec<_>, Vec<_>) = (0..3)
             .map(|token| job(attempt(SessionId::generate().key(), token)))
             .unzip();
-        crate::testing::run(lease_together(&table, &mut batch));
+        crate::testing::run(lease_together(&table, batch));
         for mut outcome in outcomes {
             assert!(outcome.try_recv().unwrap().unwrap_err().is_backend());
         }
@@ -414,8 +424,8 @@ mod tests {
         for key in &keys {
             assert_eq!(store.load(key, NOW).await.unwrap().unwrap().lease, None);
         }
-        let (mut batch, outcomes): (Vec<_>, Vec<_>) = attempts.iter().copied().map(job).unzip();
-        lease_together(table, &mut batch).await;
+        let (batch, outcomes): (Vec<_>, Vec<_>) = attempts.iter().copied().map(job).unzip();
+        lease_together(table, batch).await;
         for (attempt, outcome) in attempts.iter().zip(outcomes) {
             let taken = outcome.await.unwrap();
             let stored = store.load(&attempt.key, NOW).await.unwrap();

@@ -8,17 +8,21 @@
 //! and answers each caller with what a load of its own would have given:
 //! the record if it is live at the caller's `now`, `None` if it is missing
 //! or expired, a decode error if its row cannot be read. A lone load runs
-//! alone, with the one-key statement. When a batch fails, each of its loads
+//! alone, with the one-key statement, and on a quiet process on its
+//! caller's task (see `store/writer.rs`). When a batch fails, each of its loads
 //! gets the error, unless the database refused the statement (which one
 //! key might cause): then they run again each on its own, all at once.
 
 use std::collections::HashMap;
 use std::future::Future;
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 
 use super::sql::MAX_LOADS;
-use super::writer::{Writers, answer, answer_all, is_refused_statement, run_each_alone};
+use super::writer::{
+    Batching, Queue, SessionJob, Writers, answer_all, is_refused_statement, run_batches,
+    run_each_alone,
+};
 use crate::{Error, Record, Result, SessionKey, Timestamp};
 
 /// A table that can read many records at once.
@@ -69,43 +73,50 @@ impl BatchedLoads {
             now,
             reply,
         };
-        match self
-            .loaders
-            .send(job, |jobs| load_batches(table.clone(), jobs))
+        let start = |jobs| load_batches(table.clone(), jobs);
+        self.loaders
+            .run(T::STORE, job, outcome, start, |job| load_alone(table, job))
             .await
-        {
-            Ok(()) => answer(T::STORE, outcome).await,
-            // No tokio runtime to run a loader on: this load goes alone.
-            Err(job) => table.load_one(&job.key, job.now).await,
-        }
     }
+}
+
+/// Runs `job` on its own and answers it.
+async fn load_alone<T: LoadMany>(table: &T, job: LoadJob) {
+    let record = table.load_one(&job.key, job.now).await;
+    // A caller that gave up no longer listens.
+    let _ = job.reply.send(record);
 }
 
 /// The loader: reads the queued loads in batches until every queue handle is gone.
-async fn load_batches<T: LoadMany>(table: T, mut jobs: mpsc::Receiver<LoadJob>) {
-    let mut batch = Vec::with_capacity(MAX_LOADS);
-    while jobs.recv_many(&mut batch, MAX_LOADS).await > 0 {
-        load_together(&table, &mut batch).await;
+async fn load_batches<T: LoadMany>(table: T, jobs: Queue<LoadJob>) {
+    let batching = Batching {
+        max_jobs: MAX_LOADS,
+        max_batches_out: 1,
+        one_per_session: false,
+    };
+    run_batches(jobs, batching, |batch| load_together(&table, batch)).await;
+}
+
+impl SessionJob for LoadJob {
+    fn key(&self) -> &SessionKey {
+        &self.key
     }
 }
 
-/// Reads the loads of `batch` (emptying it) in one statement and answers
+/// Reads the loads of `batch` in one statement and answers
 /// each. A lone load runs alone. When the statement fails, every load gets
 /// its error, unless the database refused it (see [`is_refused_statement`]):
 /// then each load runs alone, all at once.
-async fn load_together<T: LoadMany>(table: &T, batch: &mut Vec<LoadJob>) {
+async fn load_together<T: LoadMany>(table: &T, mut batch: Vec<LoadJob>) {
     if let [_] = batch.as_slice() {
-        let job = batch.remove(0);
-        let record = table.load_one(&job.key, job.now).await;
-        let _ = job.reply.send(record);
-        return;
+        return load_alone(table, batch.remove(0)).await;
     }
     let Some(earliest) = batch.iter().map(|job| job.now).min() else {
         return;
     };
     let keys: Vec<_> = batch.iter().map(|job| job.key).collect();
     let err = match table.load_many(&keys, earliest).await {
-        Ok(records) => return answer_from(records, batch),
+        Ok(records) => return answer_from(records, &mut batch),
         Err(err) => err,
     };
     if !is_refused_statement(&err) {
@@ -114,10 +125,7 @@ async fn load_together<T: LoadMany>(table: &T, batch: &mut Vec<LoadJob>) {
     tracing::debug!(error = %err, loads = batch.len(), "a batch of session loads was refused; running each on its own");
     run_each_alone(batch.drain(..), |job| {
         let table = table.clone();
-        async move {
-            let record = table.load_one(&job.key, job.now).await;
-            let _ = job.reply.send(record);
-        }
+        async move { load_alone(&table, job).await }
     })
     .await;
 }
@@ -195,10 +203,10 @@ mod tests {
     fn a_batch_that_cannot_reach_the_server_fails_each_load_without_trying_it_again() {
         crate::testing::run(async {
             let table = Unreachable::default();
-            let (mut batch, outcomes): (Vec<_>, Vec<_>) = (0..5)
+            let (batch, outcomes): (Vec<_>, Vec<_>) = (0..5)
                 .map(|_| job(SessionId::generate().key(), NOW))
                 .unzip();
-            load_together(&table, &mut batch).await;
+            load_together(&table, batch).await;
             for outcome in outcomes {
                 assert!(outcome.await.unwrap().unwrap_err().is_backend());
             }

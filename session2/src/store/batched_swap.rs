@@ -13,7 +13,8 @@
 //! - each save has the outcome it would have alone, after the saves queued
 //!   before it: a batch holds each key at most once, and a later save of a
 //!   key waits for the next batch, in order;
-//! - a lone save runs alone, with the store's one-row statement;
+//! - a lone save runs alone, with the store's one-row statement, and on a
+//!   quiet process on its caller's task (see `store/writer.rs`);
 //! - when a batch fails, nothing of it is committed, and each of its saves
 //!   gets the error; unless the database refused the statement (a
 //!   constraint or trigger, which one save might cause): then each save
@@ -40,14 +41,17 @@ use std::collections::HashSet;
 use std::future::Future;
 use std::sync::Arc;
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 
 use super::LeaseOutcome;
 #[cfg(feature = "postgres")]
 use super::batched_lease::BatchedLeases;
 use super::batched_load::{BatchedLoads, LoadMany};
 use super::sql::{Backend, SqlTable, Swap};
-use super::writer::{SwapJob, Writers, answer, answer_all, is_refused_statement, run_each_alone};
+use super::writer::{
+    Batching, Queue, SwapJob, Writers, answer_all, is_refused_statement, run_batches,
+    run_each_alone,
+};
 #[cfg(feature = "mysql")]
 use super::{LoadAndSwap, lease_by_compare_and_swap};
 use crate::{Lease, Record, Result, SessionKey, Timestamp};
@@ -159,15 +163,10 @@ where
             reply,
         };
         let table = &self.sql;
-        match self
-            .writers
-            .send(job, |jobs| swap_batches(table.clone(), jobs))
+        let start = |jobs| swap_batches(table.clone(), jobs);
+        self.writers
+            .run(DB::STORE, job, outcome, start, |job| swap_alone(table, job))
             .await
-        {
-            Ok(()) => answer(DB::STORE, outcome).await,
-            // No tokio runtime to run a writer on: this save goes alone.
-            Err(job) => table.swap_one(job.swap()).await,
-        }
     }
 }
 
@@ -219,22 +218,20 @@ impl LoadAndSwap for BatchedTable<sqlx::MySql> {
 }
 
 /// The writer: makes the queued saves in batches until every queue handle is gone.
-async fn swap_batches<T: SwapMany>(table: T, mut jobs: mpsc::Receiver<SwapJob>) {
-    let mut queued = Vec::with_capacity(MAX_SWAPS);
-    while jobs.recv_many(&mut queued, MAX_SWAPS).await > 0 {
-        while !queued.is_empty() {
-            swap_together(&table, take_distinct_keys(&mut queued)).await;
-        }
-    }
+async fn swap_batches<T: SwapMany>(table: T, jobs: Queue<SwapJob>) {
+    let batching = Batching {
+        max_jobs: MAX_SWAPS,
+        max_batches_out: 1,
+        one_per_session: true,
+    };
+    run_batches(jobs, batching, |batch| swap_together(&table, batch)).await;
 }
 
-/// Takes from `queued` the first job of each key, in order; the later
-/// jobs of a key stay, in order, for the next batch.
-fn take_distinct_keys(queued: &mut Vec<SwapJob>) -> Vec<SwapJob> {
-    let mut keys = HashSet::with_capacity(queued.len());
-    let (distinct, later) = queued.drain(..).partition(|job| keys.insert(job.key));
-    *queued = later;
-    distinct
+/// Makes the save of `job` on its own and answers it.
+async fn swap_alone<T: SwapMany>(table: &T, job: SwapJob) {
+    let swapped = table.swap_one(job.swap()).await;
+    // A caller that gave up no longer listens; its save stands.
+    let _ = job.reply.send(swapped);
 }
 
 /// Makes `jobs` (of distinct keys) together and answers each. A lone save
@@ -243,10 +240,7 @@ fn take_distinct_keys(queued: &mut Vec<SwapJob>) -> Vec<SwapJob> {
 /// alone, all at once (their keys differ).
 async fn swap_together<T: SwapMany>(table: &T, mut jobs: Vec<SwapJob>) {
     if let [_] = jobs.as_slice() {
-        let job = jobs.remove(0);
-        let swapped = table.swap_one(job.swap()).await;
-        let _ = job.reply.send(swapped);
-        return;
+        return swap_alone(table, jobs.remove(0)).await;
     }
     // In key order, so that the batches of two processes (PostgreSQL locks
     // the rows of an `UPDATE … FROM UNNEST` in the array's order) take their
@@ -270,10 +264,7 @@ async fn swap_together<T: SwapMany>(table: &T, mut jobs: Vec<SwapJob>) {
     tracing::debug!(error = %err, saves = jobs.len(), "a batch of session saves was refused; running each on its own");
     run_each_alone(jobs, |job| {
         let table = table.clone();
-        async move {
-            let swapped = table.swap_one(job.swap()).await;
-            let _ = job.reply.send(swapped);
-        }
+        async move { swap_alone(&table, job).await }
     })
     .await;
 }
@@ -309,21 +300,6 @@ mod tests {
             reply,
         };
         (job, outcome)
-    }
-
-    #[test]
-    fn each_batch_takes_the_first_save_of_each_key_in_order() {
-        let [a, b, c] = [(); 3].map(|()| SessionId::generate().key());
-        let mut queued: Vec<_> = [a, b, a, c, a, b]
-            .into_iter()
-            .map(|key| save(key, b"x").0)
-            .collect();
-        let mut batches = Vec::new();
-        while !queued.is_empty() {
-            let jobs = take_distinct_keys(&mut queued);
-            batches.push(jobs.iter().map(|job| job.key).collect::<Vec<_>>());
-        }
-        assert_eq!(batches, [vec![a, b, c], vec![a, b], vec![a]]);
     }
 
     /// A table that keeps the keys of each batch in the order given, and

@@ -19,7 +19,8 @@
 //!   busy, the disk fails), every write of the batch gets the error, as each
 //!   would alone.
 //!
-//! A lone write runs on its own, as it would without the writer. There is
+//! A lone write runs on its own, as it would without the writer, and on a
+//! quiet process on its caller's task (see `store/writer.rs`). There is
 //! one writer per runtime that writes (see `store/writer.rs`); it holds a
 //! pool connection only while a batch runs. Loads never go through it:
 //! they are batched apart (`store/batched_load.rs`).
@@ -27,11 +28,11 @@
 use std::ops::Deref;
 use std::sync::Arc;
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 
 use super::batched_load::BatchedLoads;
 use super::sql::SqlTable;
-use super::writer::{Writers, answer, answer_all};
+use super::writer::{Batching, Queue, SessionJob, Writers, answer_all, run_batches};
 use crate::store::{CreateOutcome, LeaseOutcome};
 use crate::{Error, Lease, Record, Result, SessionKey, Timestamp};
 
@@ -85,6 +86,19 @@ enum Outcome {
 struct Job {
     write: Write,
     reply: oneshot::Sender<Result<Outcome>>,
+}
+
+impl SessionJob for Job {
+    fn key(&self) -> &SessionKey {
+        match &self.write {
+            Write::Create { key, .. }
+            | Write::Replace { key, .. }
+            | Write::Lease { key, .. }
+            | Write::Delete { key, .. }
+            | Write::Rename { key, .. }
+            | Write::Touch { key, .. } => key,
+        }
+    }
 }
 
 /// A session table whose writes are group-committed by one writer task;
@@ -255,11 +269,13 @@ impl GroupCommitTable {
             };
             writer.run(jobs)
         };
-        match self.writers.send(Job { write, reply }, start).await {
-            Ok(()) => answer("sqlite", outcome).await,
-            // No tokio runtime to run a writer on: this write goes alone.
-            Err(job) => apply_alone(&self.table, &job.write).await,
-        }
+        let alone = async |job: Job| {
+            let outcome = apply_alone(&self.table, &job.write).await;
+            // A caller that gave up no longer listens; its write stands.
+            let _ = job.reply.send(outcome);
+        };
+        let job = Job { write, reply };
+        self.writers.run("sqlite", job, outcome, start, alone).await
     }
 }
 
@@ -279,18 +295,20 @@ struct Writer {
 
 impl Writer {
     /// Commits the queued writes in batches until every queue handle is gone.
-    async fn run(self, mut jobs: mpsc::Receiver<Job>) {
-        let mut batch = Vec::with_capacity(MAX_BATCH);
-        while jobs.recv_many(&mut batch, MAX_BATCH).await > 0 {
-            self.commit(&mut batch).await;
-        }
+    async fn run(self, jobs: Queue<Job>) {
+        let batching = Batching {
+            max_jobs: MAX_BATCH,
+            max_batches_out: 1,
+            one_per_session: false,
+        };
+        run_batches(jobs, batching, |batch| self.commit(batch)).await;
     }
 
-    /// Applies and commits `batch` (emptying it), then answers each job.
-    async fn commit(&self, batch: &mut Vec<Job>) {
+    /// Applies and commits `batch`, then answers each job.
+    async fn commit(&self, mut batch: Vec<Job>) {
         let table = &self.table;
         while batch.len() > 1 {
-            match apply_together(table, batch).await {
+            match apply_together(table, &batch).await {
                 Ok(outcomes) => {
                     #[cfg(test)]
                     self.together
@@ -534,10 +552,9 @@ mod tests {
                     now: NOW,
                 },
             ];
-            let (mut batch, outcomes): (Vec<_>, Vec<_>) = writes.into_iter().map(job).unzip();
+            let (batch, outcomes): (Vec<_>, Vec<_>) = writes.into_iter().map(job).unzip();
             let writer = writer(&store);
-            writer.commit(&mut batch).await;
-            assert!(batch.is_empty());
+            writer.commit(batch).await;
             assert_eq!(
                 writer.together.load(Ordering::Relaxed),
                 1,
@@ -600,9 +617,9 @@ mod tests {
             assert!(matches!(failure, Err(BatchFailure::Write(1, _))));
             assert_eq!(data_on_disk(&dir, &keys[0]).await.unwrap(), b"0");
             // Committed through the writer, only the poisoned write fails.
-            let (mut batch, outcomes): (Vec<_>, Vec<_>) = writes().into_iter().map(job).unzip();
+            let (batch, outcomes): (Vec<_>, Vec<_>) = writes().into_iter().map(job).unzip();
             let writer = writer(&store);
-            writer.commit(&mut batch).await;
+            writer.commit(batch).await;
             assert_eq!(
                 writer.together.load(Ordering::Relaxed),
                 1,
@@ -642,12 +659,12 @@ mod tests {
             let store = SqliteStore::from_pool(pool);
             let mut other = sqlx::SqliteConnection::connect(&url).await.unwrap();
             other.execute("BEGIN IMMEDIATE").await.unwrap();
-            let (mut batch, outcomes): (Vec<_>, Vec<_>) = keys
+            let (batch, outcomes): (Vec<_>, Vec<_>) = keys
                 .iter()
                 .map(|key| job(replace(*key, 1, b"blocked")))
                 .unzip();
             let writer = writer(&store);
-            writer.commit(&mut batch).await;
+            writer.commit(batch).await;
             for outcome in outcomes {
                 assert!(outcome.await.unwrap().is_err());
             }

@@ -27,7 +27,9 @@ use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster_async::ClusterConnection;
 use redis::{Cmd, Pipeline, RedisFuture, RedisWrite as _, Script, Value};
 
-use crate::store::writer::{SwapJob, Writers, answer, answer_all, run_batches_in_flight};
+use crate::store::writer::{
+    Batching, Queue, SessionJob, SwapJob, Writers, answer_all, run_batches,
+};
 use crate::store::{Capabilities, CreateOutcome, LeaseOutcome, Page, SessionStore};
 use crate::{Error, Lease, Record, Result, SessionKey, Timestamp};
 
@@ -583,6 +585,12 @@ struct LoadJob {
     reply: tokio::sync::oneshot::Sender<Result<Value>>,
 }
 
+impl SessionJob for LoadJob {
+    fn key(&self) -> &SessionKey {
+        &self.key
+    }
+}
+
 impl fmt::Debug for RedisStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let kind = match self.connection {
@@ -883,9 +891,14 @@ impl RedisStore {
     /// The loader: reads the loads that queue with one `MGET` per batch, up
     /// to [`LOAD_BATCHES_IN_FLIGHT`] batches at once on the multiplexed
     /// connection, until every queue handle is gone.
-    async fn load_batches(self, jobs: tokio::sync::mpsc::Receiver<LoadJob>) {
+    async fn load_batches(self, jobs: Queue<LoadJob>) {
         let read = |batch| self.load_together(batch);
-        run_batches_in_flight(jobs, MAX_LOADS, LOAD_BATCHES_IN_FLIGHT, read).await;
+        let batching = Batching {
+            max_jobs: MAX_LOADS,
+            max_batches_out: LOAD_BATCHES_IN_FLIGHT,
+            one_per_session: false,
+        };
+        run_batches(jobs, batching, read).await;
     }
 
     /// Reads the stored strings of `batch` in one `MGET` and answers each
@@ -919,16 +932,23 @@ impl RedisStore {
     }
 
     /// The stored value of `key`, read together with the loads that queue
-    /// meanwhile; nil when missing, holding no string, or outside a tokio
-    /// runtime (no loader can run there).
+    /// meanwhile (or alone when none does); nil when missing or holding no
+    /// string.
     async fn load_batched(&self, key: &SessionKey) -> Result<Value> {
         let (reply, outcome) = tokio::sync::oneshot::channel();
         let job = LoadJob { key: *key, reply };
         let start = |jobs| self.writer().load_batches(jobs);
-        match self.loaders.send(job, start).await {
-            Ok(()) => answer(STORE, outcome).await,
-            Err(_) => Ok(Value::Nil),
-        }
+        let alone = async |job: LoadJob| {
+            let stored = match self.read_alone(&job.key).await {
+                Ok(stored) => Ok(stored),
+                // A hash of earlier builds: nil, as `MGET` reads it.
+                Err(err) if err.code() == Some("WRONGTYPE") => Ok(Value::Nil),
+                Err(err) => Err(Error::backend_source(STORE, "load session", err)),
+            };
+            // A caller that gave up no longer listens.
+            let _ = job.reply.send(stored);
+        };
+        self.loaders.run(STORE, job, outcome, start, alone).await
     }
 
     /// `GET` of `key`'s session alone.
@@ -942,9 +962,14 @@ impl RedisStore {
     /// The writer: makes the queued saves in batches, up to
     /// [`SWAP_BATCHES_IN_FLIGHT`] at once on the multiplexed connection,
     /// until every queue handle is gone.
-    async fn swap_batches(self, jobs: tokio::sync::mpsc::Receiver<SwapJob>) {
+    async fn swap_batches(self, jobs: Queue<SwapJob>) {
         let save = |batch| self.swap_together(batch);
-        run_batches_in_flight(jobs, MAX_SWAPS, SWAP_BATCHES_IN_FLIGHT, save).await;
+        let batching = Batching {
+            max_jobs: MAX_SWAPS,
+            max_batches_out: SWAP_BATCHES_IN_FLIGHT,
+            one_per_session: false,
+        };
+        run_batches(jobs, batching, save).await;
     }
 
     /// Makes the saves of `batch` (one script for them all, or the one-save
@@ -1563,11 +1588,12 @@ impl SessionStore for RedisStore {
             reply,
         };
         let start = |jobs| self.writer().swap_batches(jobs);
-        match self.writers.send(job, start).await {
-            Ok(()) => answer(STORE, outcome).await,
-            // No tokio runtime to run a writer on: this save goes alone.
-            Err(job) => self.replace_alone(&job).await,
-        }
+        let alone = async |job: SwapJob| {
+            // A caller that gave up no longer listens; its save stands.
+            let swapped = self.replace_alone(&job).await;
+            let _ = job.reply.send(swapped);
+        };
+        self.writers.run(STORE, job, outcome, start, alone).await
     }
 
     async fn lease(&self, key: &SessionKey, lease: Lease, now: Timestamp) -> Result<LeaseOutcome> {
