@@ -35,6 +35,10 @@ pub(crate) struct AllArgs {
     redis: String,
     #[arg(long, default_value_t = 64)]
     users: usize,
+    /// The numbers of users of (f), read-modify-write with few users, as
+    /// most applications see most of the time (0 skips it).
+    #[arg(long, value_delimiter = ',', default_value = "1,4")]
+    few_users: Vec<usize>,
     #[arg(long, default_value_t = 0.3)]
     warmup: f64,
     #[arg(long, default_value_t = 2.0)]
@@ -221,6 +225,7 @@ fn median(runs: &[LoadResult]) -> LoadResult {
 struct Row {
     store: String,
     workload: Workload,
+    users: usize,
     library: Library,
     runs: Vec<LoadResult>,
 }
@@ -288,60 +293,34 @@ pub(crate) async fn all(args: AllArgs) -> anyhow::Result<()> {
                 Err(err) => progress!("skipping {library:?} on {name}: {err:#}"),
             }
         }
-        let workloads = if args.rounds == 0 {
-            &[][..]
-        } else {
-            &ALL_WORKLOADS[..]
-        };
-        for &workload in workloads {
+        // The rows of (a) to (e), then those of (f): read-modify-write
+        // with few users.
+        let mut plan: Vec<(Workload, usize, usize)> = Vec::new();
+        if args.rounds > 0 {
+            for &workload in &ALL_WORKLOADS {
+                plan.push((workload, args.users, rounds_of(&args, workload)));
+            }
+            for &users in args.few_users.iter().filter(|users| **users > 0) {
+                plan.push((Workload::Rmw, users, args.rounds));
+            }
+        }
+        for (workload, users, rounds) in plan {
             let takes_part = |library: Library| match library {
                 Library::Session2 => true,
                 Library::TowerSessions => !matches!(
                     workload,
                     Workload::RmwExclusive | Workload::ContentionExclusive
                 ),
-                Library::Bare => workload == Workload::Anon,
+                Library::Bare => workload == Workload::Anon && users == args.users,
             };
-            let mut rows: Vec<Row> = servers
+            let servers: Vec<_> = servers
                 .iter()
                 .filter(|(library, _)| takes_part(*library))
-                .map(|(library, _)| Row {
-                    store: name.clone(),
-                    workload,
-                    library: *library,
-                    runs: Vec::new(),
-                })
                 .collect();
-            for round in 0..rounds_of(&args, workload) {
-                // Alternate who goes first, so neither always runs on a warmer machine.
-                let order: Vec<usize> = if round % 2 == 0 {
-                    (0..rows.len()).collect()
-                } else {
-                    (0..rows.len()).rev().collect()
-                };
-                for index in order {
-                    let server = &servers
-                        .iter()
-                        .find(|(library, _)| *library == rows[index].library)
-                        .expect("a running server")
-                        .1;
-                    let load = LoadArgs {
-                        address: server.address,
-                        workload,
-                        users: args.users,
-                        warmup: args.warmup,
-                        duration: args.duration,
-                        server_pid: Some(server.pid()),
-                        store_processes: store_processes(name),
-                        mix: crate::load::Mix::default(),
-                    };
-                    rows[index].runs.push(crate::load::measure(&load).await?);
-                }
-            }
-            for row in rows {
+            for row in measure_rows(name, &servers, workload, users, rounds, &args).await? {
                 let result = row.median();
                 progress!(
-                    "{name} {:?} {workload:?}: {:.0} req/s, p99 {} µs, cpu {:?} µs, {} errors, {} mismatches, {} lost",
+                    "{name} {:?} {workload:?}, {users} users: {:.0} req/s, p99 {} µs, cpu {:?} µs, {} errors, {} mismatches, {} lost",
                     row.library,
                     result.requests_per_second,
                     result.p99_us,
@@ -430,6 +409,51 @@ pub(crate) async fn all(args: AllArgs) -> anyhow::Result<()> {
     );
     let _ = std::fs::remove_dir_all(&scratch);
     Ok(())
+}
+
+/// Runs `workload` with `users` users on each of `servers` for `rounds`
+/// rounds, the libraries taking turns.
+async fn measure_rows(
+    store: &str,
+    servers: &[&(Library, Server)],
+    workload: Workload,
+    users: usize,
+    rounds: usize,
+    args: &AllArgs,
+) -> anyhow::Result<Vec<Row>> {
+    let mut rows: Vec<Row> = servers
+        .iter()
+        .map(|(library, _)| Row {
+            store: store.to_owned(),
+            workload,
+            users,
+            library: *library,
+            runs: Vec::new(),
+        })
+        .collect();
+    for round in 0..rounds {
+        // Alternate who goes first, so neither always runs on a warmer machine.
+        let order: Vec<usize> = if round % 2 == 0 {
+            (0..rows.len()).collect()
+        } else {
+            (0..rows.len()).rev().collect()
+        };
+        for index in order {
+            let server = &servers[index].1;
+            let load = LoadArgs {
+                address: server.address,
+                workload,
+                users,
+                warmup: args.warmup,
+                duration: args.duration,
+                server_pid: Some(server.pid()),
+                store_processes: store_processes(store),
+                mix: crate::load::Mix::default(),
+            };
+            rows[index].runs.push(crate::load::measure(&load).await?);
+        }
+    }
+    Ok(rows)
 }
 
 /// The raw server's own figure at concurrency 32, from its own tool.
@@ -587,17 +611,26 @@ fn render(args: &AllArgs, results: &Results, took: Duration) -> String {
     );
     let _ = writeln!(out, "- run time: {:.0} s\n", took.as_secs_f64());
 
+    let row_of = |store: &str, workload: Workload, users: usize, library: Library| {
+        results.http.iter().find(|row| {
+            row.store == store
+                && row.workload == workload
+                && row.users == users
+                && row.library == library
+        })
+    };
     let row = |store: &str, workload: Workload, library: Library| {
-        results
-            .http
-            .iter()
-            .find(|row| row.store == store && row.workload == workload && row.library == library)
+        row_of(store, workload, args.users, library)
     };
     let cpu = |row: Option<&Row>| {
         row.and_then(Row::cpu_us)
             .map_or("–".to_owned(), |cpu| format!("{cpu:.0}"))
     };
-    let table = |out: &mut String, title: &str, workload: Workload, ours_workload: Workload| {
+    let table_of = |out: &mut String,
+                    title: &str,
+                    workload: Workload,
+                    ours_workload: Workload,
+                    users: usize| {
         let _ = writeln!(out, "### {title}\n");
         let _ = writeln!(
             out,
@@ -606,8 +639,8 @@ fn render(args: &AllArgs, results: &Results, took: Duration) -> String {
         let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|---|");
         for store in &args.stores {
             let (Some(ours_row), theirs_row) = (
-                row(store, ours_workload, Library::Session2),
-                row(store, workload, Library::TowerSessions),
+                row_of(store, ours_workload, users, Library::Session2),
+                row_of(store, workload, users, Library::TowerSessions),
             ) else {
                 continue;
             };
@@ -651,6 +684,9 @@ fn render(args: &AllArgs, results: &Results, took: Duration) -> String {
             );
         }
         let _ = writeln!(out);
+    };
+    let table = |out: &mut String, title: &str, workload: Workload, ours_workload: Workload| {
+        table_of(out, title, workload, ours_workload, args.users);
     };
     let _ = writeln!(out, "## HTTP\n");
     let _ = writeln!(
@@ -752,9 +788,17 @@ fn render(args: &AllArgs, results: &Results, took: Duration) -> String {
             find(Library::TowerSessions, Workload::Contention)
         );
     }
+    let _ = writeln!(out);
+    for &users in args.few_users.iter().filter(|users| **users > 0) {
+        let title = format!(
+            "(f) read-modify-write, plain session, {users} user{}: most applications, most of the time",
+            if users == 1 { "" } else { "s" }
+        );
+        table_of(&mut out, &title, Workload::Rmw, Workload::Rmw, users);
+    }
     let _ = writeln!(
         out,
-        "\n## Store level (session2, no HTTP; 32 concurrent tasks over 10,000 sessions of 200 bytes)\n"
+        "## Store level (session2, no HTTP; 32 concurrent tasks over 10,000 sessions of 200 bytes)\n"
     );
     let _ = writeln!(
         out,
@@ -891,5 +935,58 @@ mod tests {
         assert!(report(&["--contention-rounds", "3"]).contains(
             "3 runs of 2.0 s per row (after 0.3 s of warm-up); lost updates are added up over them.\n"
         ));
+    }
+
+    fn row(workload: Workload, users: usize, library: Library, requests_per_second: f64) -> Row {
+        let run = LoadResult {
+            workload: format!("{workload:?}"),
+            requests: 1,
+            errors: 0,
+            mismatches: 0,
+            lost_updates: 0,
+            requests_per_second,
+            p50_us: 1,
+            p99_us: 2,
+            server_cpu_us: None,
+            store_cpu_us: None,
+            load_cpu_us: None,
+        };
+        Row {
+            store: "memory".to_owned(),
+            workload,
+            users,
+            library,
+            runs: vec![run],
+        }
+    }
+
+    #[test]
+    fn each_number_of_few_users_gets_its_own_table_and_zero_skips_them() {
+        let args = parsed(&["--stores", "memory"]);
+        let results = Results {
+            http: vec![
+                row(Workload::Rmw, 64, Library::Session2, 6400.0),
+                row(Workload::Rmw, 64, Library::TowerSessions, 3200.0),
+                row(Workload::Rmw, 4, Library::Session2, 400.0),
+                row(Workload::Rmw, 4, Library::TowerSessions, 800.0),
+            ],
+            ..Results::default()
+        };
+        let report = render(&args, &results, Duration::ZERO);
+        let table = |title: &str| {
+            let start = report.find(title).expect(title);
+            let end = report[start..]
+                .find("\n\n###")
+                .map_or(report.len(), |end| start + end);
+            report[start..end].to_owned()
+        };
+        assert!(table("### (a) ").contains("| memory | 6400 | 3200 | 2.00× "));
+        assert!(
+            table("### (f) read-modify-write, plain session, 4 users")
+                .contains("| memory | 400 | 800 | 0.50× ")
+        );
+        assert!(report.contains("### (f) read-modify-write, plain session, 1 user: "));
+        let skipped = render(&parsed(&["--few-users", "0"]), &results, Duration::ZERO);
+        assert!(!skipped.contains("### (f)"));
     }
 }
