@@ -19,7 +19,7 @@
 //! before.
 
 use std::future::Future;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use tokio::sync::{Notify, mpsc, oneshot};
@@ -46,18 +46,17 @@ impl SessionJob for SwapJob {
 /// How many jobs may wait for a writer before callers wait to queue theirs.
 const QUEUE: usize = 1024;
 
-/// How many jobs in a row must find no other caller waiting before a job
-/// runs on its caller's task (see [`Writers::run`]).
+/// How many lone batches in a row, each leaving no other job queued, make
+/// a writer call its process quiet (see [`Writers::run`]).
 ///
 /// There is nothing to batch a job with on a quiet server, and the two
 /// hand-offs to a writer task and back cost it more than the statement:
 /// one user's PostgreSQL read-modify-writes used 174 µs of the server's
 /// CPU each through the writers, against 129 µs run alone, and made 11%
-/// more requests (MySQL: 15%). Under load, a moment with no caller
-/// waiting comes now and then, between two batches: running the job that
-/// finds one alone (0.6% of the jobs with 64 users) made PostgreSQL's
-/// read-modify-writes 10-15% slower in paired runs, for reasons not
-/// found; with this streak they are as fast as before.
+/// more requests (MySQL: 15%). Under load, a moment with nothing out comes
+/// now and then, between two batches: running alone every job that found
+/// one (0.6% of the jobs with 64 users) made PostgreSQL's
+/// read-modify-writes 10-15% slower in paired runs, for reasons not found.
 const IDLE_STREAK: usize = 8;
 
 /// The runtime a writer runs on, and its queue.
@@ -72,14 +71,14 @@ pub(crate) struct Writers<J> {
 /// What the writers of a table share with their callers.
 #[derive(Debug, Default)]
 struct Shared {
-    /// How many callers wait for the outcome of their job.
-    waiting: AtomicUsize,
+    /// Whether callers run their jobs alone: set by a writer that sent
+    /// [`IDLE_STREAK`] lone batches in a row, cleared by a caller that
+    /// finds another job running alone. Under load callers only read it.
+    quiet: AtomicBool,
     /// How many jobs run on their callers' tasks.
     alone: AtomicUsize,
     /// Wakes the writers when the last of those is done.
     alone_done: Notify,
-    /// How many jobs in a row found no other caller waiting.
-    idle_streak: AtomicUsize,
 }
 
 /// A writer's end of its queue.
@@ -106,8 +105,8 @@ impl<J> Default for Writers<J> {
 impl<J: Send + 'static> Writers<J> {
     /// Runs `job` and waits for its outcome, which `outcome` receives.
     ///
-    /// When this process is quiet ([`IDLE_STREAK`] jobs in a row, this one
-    /// the last, found no other caller waiting), the job runs on the
+    /// When this process is quiet (its writers sent [`IDLE_STREAK`] lone
+    /// batches in a row, and no job runs alone now), the job runs on the
     /// caller's task as `alone(job)`, which answers it, and the writers
     /// hold the jobs that queue meanwhile, as they would behind a lone
     /// batch of their own.
@@ -126,15 +125,15 @@ impl<J: Send + 'static> Writers<J> {
         F: Future<Output = ()> + Send + 'static,
         A: Future<Output = ()>,
     {
-        let waiting = Waiting::enter(&self.shared);
-        if !waiting.alone {
+        let running_alone = Alone::try_enter(&self.shared);
+        if running_alone.is_none() {
             match self.send(job, start).await {
                 Ok(()) => return answer(store, outcome).await,
                 Err(refused) => job = refused,
             }
         }
-        let _alone = waiting.alone.then(|| Alone::enter(&self.shared));
         alone(job).await;
+        drop(running_alone);
         answer(store, outcome).await
     }
 
@@ -185,43 +184,23 @@ impl<J: Send + 'static> Writers<J> {
     }
 }
 
-/// A caller waiting for its job's outcome, counted while this lives.
-struct Waiting<'a> {
-    shared: &'a Shared,
-    /// Whether this caller runs its job alone.
-    alone: bool,
-}
-
-impl<'a> Waiting<'a> {
-    fn enter(shared: &'a Shared) -> Self {
-        let idle = shared.waiting.fetch_add(1, Ordering::Relaxed) == 0;
-        let idle_streak = if idle {
-            shared.idle_streak.fetch_add(1, Ordering::Relaxed) + 1
-        } else {
-            shared.idle_streak.store(0, Ordering::Relaxed);
-            0
-        };
-        Self {
-            shared,
-            alone: idle_streak >= IDLE_STREAK,
-        }
-    }
-}
-
-impl Drop for Waiting<'_> {
-    fn drop(&mut self) {
-        self.shared.waiting.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
 /// A job running on its caller's task, counted while this lives; the
 /// writers wake when the last such job is done.
 struct Alone<'a>(&'a Shared);
 
 impl<'a> Alone<'a> {
-    fn enter(shared: &'a Shared) -> Self {
-        shared.alone.fetch_add(1, Ordering::SeqCst);
-        Self(shared)
+    /// A job run alone, if the process is quiet and no other job runs
+    /// alone; otherwise the process is no longer quiet.
+    fn try_enter(shared: &'a Shared) -> Option<Self> {
+        if !shared.quiet.load(Ordering::Relaxed) {
+            return None;
+        }
+        let entered = Self(shared);
+        if shared.alone.fetch_add(1, Ordering::SeqCst) == 0 {
+            return Some(entered);
+        }
+        shared.quiet.store(false, Ordering::Relaxed);
+        None
     }
 }
 
@@ -271,13 +250,17 @@ pub(crate) async fn run_batches<J: SessionJob, F>(
     let mut queued: Vec<J> = Vec::with_capacity(batching.max_jobs);
     let mut running = futures_util::stream::FuturesUnordered::new();
     let mut open = true;
+    let mut lone_batches = 0;
     loop {
         let alone_done = shared.alone_done.notified();
         tokio::pin!(alone_done);
-        // Listening before counting, so that a job that ends alone
-        // in between still wakes this writer.
-        alone_done.as_mut().enable();
-        let alone = shared.alone.load(Ordering::SeqCst);
+        let mut alone = shared.alone.load(Ordering::SeqCst);
+        if alone > 0 {
+            // Listening before counting again, so that a job that ends
+            // alone in between still wakes this writer.
+            alone_done.as_mut().enable();
+            alone = shared.alone.load(Ordering::SeqCst);
+        }
         let may_send = |running: usize| running + alone < batching.max_batches_out;
         if may_send(running.len()) && !queued.is_empty() {
             let batch = if batching.one_per_session {
@@ -286,6 +269,18 @@ pub(crate) async fn run_batches<J: SessionJob, F>(
                 // `split_off` hands over exactly the jobs and keeps the capacity.
                 queued.split_off(0)
             };
+            if lone_batches >= IDLE_STREAK && !shared.quiet.load(Ordering::Relaxed) {
+                // A caller found the process busy since: count again.
+                lone_batches = 0;
+            }
+            lone_batches = if batch.len() == 1 && queued.is_empty() && jobs.is_empty() {
+                lone_batches + 1
+            } else {
+                0
+            };
+            if lone_batches == IDLE_STREAK {
+                shared.quiet.store(true, Ordering::Relaxed);
+            }
             running.push(run(batch));
         }
         if !open && queued.is_empty() && running.is_empty() {
@@ -375,6 +370,7 @@ where
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::Ordering;
     use std::sync::{Arc, Mutex};
 
     use tokio::sync::{mpsc, oneshot};
@@ -535,7 +531,8 @@ mod tests {
     fn a_job_run_alone_holds_the_writer_as_a_batch_out_would() {
         on_one_thread(async {
             let writer = Writer::start(ONE_AT_A_TIME);
-            let alone = Alone::enter(&writer.shared);
+            writer.shared.quiet.store(true, Ordering::Relaxed);
+            let alone = Alone::try_enter(&writer.shared).expect("quiet");
             writer.send(1..=2, session()).await;
             assert!(writer.out().is_empty(), "held while the job runs alone");
             drop(alone);
@@ -600,44 +597,66 @@ mod tests {
         assert_eq!(batches, [vec![0, 1, 3], vec![2, 5], vec![4]]);
     }
 
-    /// Runs job `number` through `writers`, whose writer answers "writer";
-    /// run alone, it answers "alone".
-    async fn run_job(
-        writers: &Writers<(u32, oneshot::Sender<crate::Result<&'static str>>)>,
-        number: u32,
-    ) -> &'static str {
+    /// A job that answers where it ran.
+    type Answered = (SessionKey, oneshot::Sender<crate::Result<&'static str>>);
+
+    impl SessionJob for Answered {
+        fn key(&self) -> &SessionKey {
+            &self.0
+        }
+    }
+
+    /// Runs a job through `writers`, whose writer sends it in a batch and
+    /// answers "writer"; run alone, it answers "alone".
+    async fn run_job(writers: &Writers<Answered>) -> &'static str {
         let (reply, outcome) = oneshot::channel();
-        let start = |queue: Queue<(u32, oneshot::Sender<_>)>| async move {
-            let mut jobs = queue.jobs;
-            while let Some((_, reply)) = jobs.recv().await {
-                let _ = reply.send(Ok("writer"));
-            }
+        let start = |queue| {
+            run_batches(queue, ONE_AT_A_TIME, |batch: Vec<Answered>| async move {
+                for (_, reply) in batch {
+                    let _ = reply.send(Ok("writer"));
+                }
+            })
         };
-        let alone = async |(_, reply): (u32, oneshot::Sender<_>)| {
+        let alone = async |(_, reply): Answered| {
             // As a round trip would, letting other callers in meanwhile.
             tokio::task::yield_now().await;
             let _ = reply.send(Ok("alone"));
         };
         writers
-            .run("test", (number, reply), outcome, start, alone)
+            .run("test", (session(), reply), outcome, start, alone)
             .await
             .unwrap()
     }
 
     #[test]
-    fn a_job_runs_alone_only_once_the_process_has_been_quiet_a_while() {
+    fn a_job_runs_alone_once_its_writer_has_sent_lone_batches_a_while() {
         on_one_thread(async {
             let writers = Writers::default();
-            for number in 1..IDLE_STREAK {
-                assert_eq!(run_job(&writers, number as u32).await, "writer");
+            for _ in 0..IDLE_STREAK {
+                assert_eq!(run_job(&writers).await, "writer");
             }
-            assert_eq!(run_job(&writers, 100).await, "alone");
-            assert_eq!(run_job(&writers, 101).await, "alone");
-            // Two callers at once: the second finds the first waiting.
-            let (first, second) = tokio::join!(run_job(&writers, 102), run_job(&writers, 103));
+            assert_eq!(run_job(&writers).await, "alone");
+            assert_eq!(run_job(&writers).await, "alone");
+            // Two callers at once: the second finds the first running alone.
+            let (first, second) = tokio::join!(run_job(&writers), run_job(&writers));
             assert_eq!([first, second], ["alone", "writer"]);
-            // The streak starts again.
-            assert_eq!(run_job(&writers, 104).await, "writer");
+            // The process is no longer quiet, until the writer has sent
+            // lone batches a while again (the second job was the first).
+            for _ in 1..IDLE_STREAK {
+                assert_eq!(run_job(&writers).await, "writer");
+            }
+            assert_eq!(run_job(&writers).await, "alone");
+        });
+    }
+
+    #[test]
+    fn batches_of_more_than_one_job_keep_the_process_busy() {
+        on_one_thread(async {
+            let writers = Writers::default();
+            for _ in 0..IDLE_STREAK * 3 {
+                let (first, second) = tokio::join!(run_job(&writers), run_job(&writers));
+                assert_eq!([first, second], ["writer", "writer"]);
+            }
         });
     }
 }
