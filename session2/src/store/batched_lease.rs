@@ -128,11 +128,7 @@ impl BatchedLeases {
 /// The lease task: tries the queued leases in batches until every queue
 /// handle is gone.
 async fn lease_batches<T: LeaseMany>(table: T, jobs: Queue<LeaseJob>) {
-    let batching = Batching {
-        max_jobs: MAX_LEASES,
-        max_batches_out: 1,
-        one_per_session: false,
-    };
+    let batching = Batching::one_at_a_time(MAX_LEASES);
     run_batches(jobs, batching, |batch| lease_together(&table, batch)).await;
 }
 

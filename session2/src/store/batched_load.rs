@@ -89,11 +89,7 @@ async fn load_alone<T: LoadMany>(table: &T, job: LoadJob) {
 
 /// The loader: reads the queued loads in batches until every queue handle is gone.
 async fn load_batches<T: LoadMany>(table: T, jobs: Queue<LoadJob>) {
-    let batching = Batching {
-        max_jobs: MAX_LOADS,
-        max_batches_out: 1,
-        one_per_session: false,
-    };
+    let batching = Batching::one_at_a_time(MAX_LOADS);
     run_batches(jobs, batching, |batch| load_together(&table, batch)).await;
 }
 

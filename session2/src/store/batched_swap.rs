@@ -229,9 +229,8 @@ impl LoadAndSwap for BatchedTable<sqlx::MySql> {
 /// The writer: makes the queued saves in batches until every queue handle is gone.
 async fn swap_batches<T: SwapMany>(table: T, jobs: Queue<SwapJob>) {
     let batching = Batching {
-        max_jobs: MAX_SWAPS,
-        max_batches_out: 1,
         one_per_session: true,
+        ..Batching::one_at_a_time(MAX_SWAPS)
     };
     run_batches(jobs, batching, |batch| swap_together(&table, batch)).await;
 }

@@ -296,11 +296,7 @@ struct Writer {
 impl Writer {
     /// Commits the queued writes in batches until every queue handle is gone.
     async fn run(self, jobs: Queue<Job>) {
-        let batching = Batching {
-            max_jobs: MAX_BATCH,
-            max_batches_out: 1,
-            one_per_session: false,
-        };
+        let batching = Batching::one_at_a_time(MAX_BATCH);
         run_batches(jobs, batching, |batch| self.commit(batch)).await;
     }
 

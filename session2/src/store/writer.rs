@@ -232,6 +232,17 @@ pub(crate) struct Batching {
     pub(crate) one_per_session: bool,
 }
 
+impl Batching {
+    /// One batch out at a time, of up to `max_jobs` jobs, sessions repeating.
+    pub(crate) const fn one_at_a_time(max_jobs: usize) -> Self {
+        Self {
+            max_jobs,
+            max_batches_out: 1,
+            one_per_session: false,
+        }
+    }
+}
+
 /// A writer's loop: takes the jobs that queued, as `batching` allows, and
 /// runs each batch as `run(batch)`, until every queue handle is gone and
 /// every batch has come back. Each batch is polled once before the next
@@ -485,11 +496,7 @@ mod tests {
     }
 
     /// As the SQL stores batch: one batch out at a time.
-    const ONE_AT_A_TIME: Batching = Batching {
-        max_jobs: 256,
-        max_batches_out: 1,
-        one_per_session: false,
-    };
+    const ONE_AT_A_TIME: Batching = Batching::one_at_a_time(256);
 
     #[test]
     fn batches_go_out_in_order_and_at_most_so_many_at_once() {
