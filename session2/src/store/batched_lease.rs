@@ -116,12 +116,9 @@ impl BatchedLeases {
         let (reply, outcome) = oneshot::channel();
         let job = LeaseJob { attempt, reply };
         let start = |jobs| lease_batches(table.clone(), jobs);
-        let alone = async |job: LeaseJob| {
-            // A caller that gave up no longer listens; a lease it took
-            // runs out at its deadline.
-            let _ = job.reply.send(lease_alone(table, job.attempt).await);
-        };
-        self.takers.run(T::STORE, job, outcome, start, alone).await
+        self.takers
+            .run(T::STORE, job, outcome, start, |job| lease_alone(table, job))
+            .await
     }
 }
 
@@ -165,21 +162,20 @@ async fn lease_together<T: LeaseMany>(table: &T, mut batch: Vec<LeaseJob>) {
     tracing::debug!(error = %err, leases = batch.len(), "a batch of session leases was refused; running each on its own");
     run_each_alone(batch.drain(..), |job| {
         let table = table.clone();
-        async move {
-            let taken = lease_alone(&table, job.attempt).await;
-            let _ = job.reply.send(taken);
-        }
+        async move { lease_alone(&table, job).await }
     })
     .await;
 }
 
-/// One lease, in a batch of its own.
-async fn lease_alone<T: LeaseMany>(table: &T, attempt: LeaseAttempt) -> Taken {
-    table
-        .lease_many(&[attempt])
-        .await?
-        .pop()
-        .unwrap_or(Ok(None))
+/// Tries the lease of `job` in a batch of its own and answers it.
+async fn lease_alone<T: LeaseMany>(table: &T, job: LeaseJob) {
+    let taken = match table.lease_many(&[job.attempt]).await {
+        Ok(mut taken) => taken.pop().unwrap_or(Ok(None)),
+        Err(err) => Err(err),
+    };
+    // A caller that gave up no longer listens; a lease it took runs out
+    // at its deadline.
+    let _ = job.reply.send(taken);
 }
 
 #[cfg(test)]
