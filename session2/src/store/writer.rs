@@ -50,10 +50,10 @@ const QUEUE: usize = 1024;
 /// a writer call its process quiet (see [`Writers::run`]).
 ///
 /// There is nothing to batch a job with on a quiet server, and the two
-/// hand-offs to a writer task and back cost it more than the statement:
-/// one user's PostgreSQL read-modify-writes used 174 µs of the server's
-/// CPU each through the writers, against 129 µs run alone, and made 11%
-/// more requests (MySQL: 15%). Under load, a moment with nothing out comes
+/// hand-offs to a writer task and back cost it much of its CPU: one
+/// user's PostgreSQL read-modify-writes used 186 µs of the server's CPU
+/// each through the writers, against 133 µs run alone, and made 15% more
+/// requests (MySQL: 15%). Under load, a moment with nothing out comes
 /// now and then, between two batches: running alone every job that found
 /// one (0.6% of the jobs with 64 users) made PostgreSQL's
 /// read-modify-writes 10-15% slower in paired runs, for reasons not found.
