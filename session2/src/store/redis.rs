@@ -494,7 +494,7 @@ impl ConnectionLike for Connection {
 /// `MULTI` … `EXEC`. That cost Redis less per lease under heavy load, but
 /// two round trips where the script takes one, and exclusive requests made
 /// 1.05 to 1.47 times as many requests per second by script, at 8 to 128
-/// users, in `BENCHMARKS.md`'s runs.)
+/// users, in paired runs.)
 ///
 /// [`load`](SessionStore::load) reads the session's string: the loads that
 /// queue while the store's loader is busy go together in one `MGET` (a key
