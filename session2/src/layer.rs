@@ -33,8 +33,8 @@
 //!
 //! `Router::layer` gives each route its own copy of the layer, and axum
 //! boxes each such route again: every request then goes through two boxed
-//! routes. Wrapping the whole router once spares the second, about 700 of
-//! the 13,500 instructions an anonymous request costs in the benchmark's
+//! routes. Wrapping the whole router once spares the second, about 600 of
+//! the 13,800 instructions an anonymous request costs in the benchmark's
 //! server (`BENCHMARKS.md`); requests no route matches then pass through
 //! the layer too, without touching the store:
 //!
