@@ -280,10 +280,6 @@ pub(crate) async fn run_batches<J: SessionJob, F>(
                 // `split_off` hands over exactly the jobs and keeps the capacity.
                 queued.split_off(0)
             };
-            if lone_batches >= IDLE_STREAK && !shared.quiet.load(Ordering::Relaxed) {
-                // A caller found the process busy since: count again.
-                lone_batches = 0;
-            }
             lone_batches = if batch.len() == 1 && queued.is_empty() && jobs.is_empty() {
                 lone_batches + 1
             } else {
@@ -291,6 +287,8 @@ pub(crate) async fn run_batches<J: SessionJob, F>(
             };
             if lone_batches == IDLE_STREAK {
                 shared.quiet.store(true, Ordering::Relaxed);
+                // Once a caller ends the quiet, the count starts again.
+                lone_batches = 0;
             }
             running.push(run(batch));
         }
