@@ -293,18 +293,7 @@ pub(crate) async fn all(args: AllArgs) -> anyhow::Result<()> {
                 Err(err) => progress!("skipping {library:?} on {name}: {err:#}"),
             }
         }
-        // The rows of (a) to (e), then those of (f): read-modify-write
-        // with few users.
-        let mut plan: Vec<(Workload, usize, usize)> = Vec::new();
-        if args.rounds > 0 {
-            for &workload in &ALL_WORKLOADS {
-                plan.push((workload, args.users, rounds_of(&args, workload)));
-            }
-            for &users in args.few_users.iter().filter(|users| **users > 0) {
-                plan.push((Workload::Rmw, users, args.rounds));
-            }
-        }
-        for (workload, users, rounds) in plan {
+        for (workload, users, rounds) in plan(&args) {
             let takes_part = |library: Library| match library {
                 Library::Session2 => true,
                 Library::TowerSessions => !matches!(
@@ -409,6 +398,25 @@ pub(crate) async fn all(args: AllArgs) -> anyhow::Result<()> {
     );
     let _ = std::fs::remove_dir_all(&scratch);
     Ok(())
+}
+
+/// The HTTP rows to run on each store, as (workload, users, rounds): those
+/// of (a) to (e), then those of (f), read-modify-write with few users.
+fn plan(args: &AllArgs) -> Vec<(Workload, usize, usize)> {
+    if args.rounds == 0 {
+        return Vec::new();
+    }
+    let mut plan: Vec<_> = ALL_WORKLOADS
+        .iter()
+        .map(|&workload| (workload, args.users, rounds_of(args, workload)))
+        .collect();
+    // A count equal to `--users` is (a) itself: its table shows (a)'s rows.
+    let few_users = args
+        .few_users
+        .iter()
+        .filter(|users| ![0, args.users].contains(users));
+    plan.extend(few_users.map(|&users| (Workload::Rmw, users, args.rounds)));
+    plan
 }
 
 /// Runs `workload` with `users` users on each of `servers` for `rounds`
@@ -935,6 +943,24 @@ mod tests {
         assert!(report(&["--contention-rounds", "3"]).contains(
             "3 runs of 2.0 s per row (after 0.3 s of warm-up); lost updates are added up over them.\n"
         ));
+    }
+
+    #[test]
+    fn few_users_add_read_modify_write_rows_unless_zero_or_the_main_count() {
+        let few = |args: &[&str]| -> Vec<usize> {
+            plan(&parsed(args))
+                .into_iter()
+                .skip(ALL_WORKLOADS.len())
+                .map(|(workload, users, rounds)| {
+                    assert_eq!((workload, rounds), (Workload::Rmw, 3));
+                    users
+                })
+                .collect()
+        };
+        assert_eq!(few(&[]), [1, 4]);
+        assert_eq!(few(&["--few-users", "0"]), Vec::<usize>::new());
+        assert_eq!(few(&["--few-users", "2,64,8"]), [2, 8]);
+        assert!(plan(&parsed(&["--rounds", "0"])).is_empty());
     }
 
     fn row(workload: Workload, users: usize, library: Library, requests_per_second: f64) -> Row {
