@@ -8,7 +8,8 @@
 //! `store/writer.rs`; on a quiet process a lone lease runs on its caller's
 //! task instead), which tries the leases that queued while its last
 //! statement ran together ([`LeaseMany::lease_many`]) and answers each
-//! caller. So:
+//! caller; while few leases are under way, up to four batches go out at
+//! once. So:
 //!
 //! - each lease has the outcome it would have alone, at its own `now`; of
 //!   several leases of one session in a batch, one takes it and the others
@@ -125,7 +126,7 @@ impl BatchedLeases {
 /// The lease task: tries the queued leases in batches until every queue
 /// handle is gone.
 async fn lease_batches<T: LeaseMany>(table: T, jobs: Queue<LeaseJob>) {
-    let batching = Batching::one_at_a_time(MAX_LEASES);
+    let batching = Batching::one_at_a_time(MAX_LEASES).side_by_side_when_few();
     run_batches(jobs, batching, |batch| lease_together(&table, batch)).await;
 }
 

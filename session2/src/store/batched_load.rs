@@ -9,7 +9,9 @@
 //! the record if it is live at the caller's `now`, `None` if it is missing
 //! or expired, a decode error if its row cannot be read. A lone load runs
 //! alone, with the one-key statement, and on a quiet process on its
-//! caller's task (see `store/writer.rs`). When a batch fails, each of its loads
+//! caller's task (see `store/writer.rs`). While few loads are under way,
+//! up to four batches go out at once, as a pool would serve them, instead
+//! of waiting for each other. When a batch fails, each of its loads
 //! gets the error, unless the database refused the statement (which one
 //! key might cause): then they run again each on its own, all at once.
 
@@ -89,7 +91,7 @@ async fn load_alone<T: LoadMany>(table: &T, job: LoadJob) {
 
 /// The loader: reads the queued loads in batches until every queue handle is gone.
 async fn load_batches<T: LoadMany>(table: T, jobs: Queue<LoadJob>) {
-    let batching = Batching::one_at_a_time(MAX_LOADS);
+    let batching = Batching::one_at_a_time(MAX_LOADS).side_by_side_when_few();
     run_batches(jobs, batching, |batch| load_together(&table, batch)).await;
 }
 

@@ -15,6 +15,8 @@
 //!   key waits for the next batch, in order;
 //! - a lone save runs alone, with the store's one-row statement, and on a
 //!   quiet process on its caller's task (see `store/writer.rs`);
+//! - while few saves are under way, up to four batches go out at once,
+//!   as a pool would serve them, instead of waiting for each other;
 //! - when a batch fails, nothing of it is committed, and each of its saves
 //!   gets the error; unless the database refused the statement (a
 //!   constraint or trigger, which one save might cause): then each save
@@ -230,7 +232,7 @@ impl LoadAndSwap for BatchedTable<sqlx::MySql> {
 async fn swap_batches<T: SwapMany>(table: T, jobs: Queue<SwapJob>) {
     let batching = Batching {
         one_per_session: true,
-        ..Batching::one_at_a_time(MAX_SWAPS)
+        ..Batching::one_at_a_time(MAX_SWAPS).side_by_side_when_few()
     };
     run_batches(jobs, batching, |batch| swap_together(&table, batch)).await;
 }

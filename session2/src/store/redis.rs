@@ -894,9 +894,8 @@ impl RedisStore {
     async fn load_batches(self, jobs: Queue<LoadJob>) {
         let read = |batch| self.load_together(batch);
         let batching = Batching {
-            max_jobs: MAX_LOADS,
             max_batches_out: LOAD_BATCHES_IN_FLIGHT,
-            one_per_session: false,
+            ..Batching::one_at_a_time(MAX_LOADS)
         };
         run_batches(jobs, batching, read).await;
     }
@@ -965,9 +964,8 @@ impl RedisStore {
     async fn swap_batches(self, jobs: Queue<SwapJob>) {
         let save = |batch| self.swap_together(batch);
         let batching = Batching {
-            max_jobs: MAX_SWAPS,
             max_batches_out: SWAP_BATCHES_IN_FLIGHT,
-            one_per_session: false,
+            ..Batching::one_at_a_time(MAX_SWAPS)
         };
         run_batches(jobs, batching, save).await;
     }
