@@ -70,11 +70,12 @@ const IDLE_STREAK: usize = 8;
 ///
 /// A few callers gain nothing from waiting for each other's round trips:
 /// with four users, PostgreSQL's read-modify-writes waited for the batch
-/// out before theirs and made 0.73× the requests of a pool serving each
-/// at once. Let out side by side, they made 1.29× as many as one at a
-/// time, and MySQL's 1.19× (paired runs, 2 s each). Many jobs gain from
-/// going out together: past this, one batch at a time costs the database
-/// less per job.
+/// out before theirs and made 0.66× the requests of tower-sessions, whose
+/// pool serves each at once (MySQL: 0.77×). Let out side by side, they
+/// made 1.32× as many as one batch at a time (MySQL: 1.31×; medians of 4
+/// and 5 paired runs of 2 s), and as many commits per request as before
+/// with 64 users. Many jobs gain from going out together: past this, one
+/// batch at a time costs the database less per job.
 const FEW_JOBS: f64 = 3.0;
 
 /// How many batches a writer lets out at once while few jobs are under
