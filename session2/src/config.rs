@@ -104,7 +104,11 @@ impl SessionConfig {
     }
 
     /// The largest encoded session, in bytes (default 64 KiB); an
-    /// [`insert`](crate::Session::insert) beyond it fails.
+    /// [`insert`](crate::Session::insert) beyond it fails. Requests of
+    /// one session that each fit can together exceed it when their
+    /// changes merge: a save that would grow the session past the limit
+    /// is refused with a too-large error, saving nothing, and the others
+    /// are kept.
     #[must_use]
     pub fn with_max_session_size(mut self, bytes: usize) -> Self {
         self.max_session_size = bytes;

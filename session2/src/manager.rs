@@ -56,7 +56,7 @@ use std::time::Duration;
 use tokio::sync::OwnedMutexGuard;
 
 use crate::record::{DataMap, decode_data, encode_data};
-use crate::session::{SessionState, Stored};
+use crate::session::{SessionState, Stored, data_size};
 use crate::store::{CreateOutcome, LeaseOutcome};
 use crate::util::key_locks::KeyLocks;
 use crate::{
@@ -230,26 +230,33 @@ impl SessionManager {
                 std::mem::take(&mut waiting.saves)
             };
             let (mut changes, outcomes): (Vec<_>, Vec<_>) = saves.into_iter().unzip();
+            let mut refused = Vec::new();
             let result = self
-                .write_batch(key, &mut written, &mut changes, &mut backoff)
+                .write_batch(key, &mut written, &mut changes, &mut refused, &mut backoff)
                 .await;
-            for outcome in outcomes {
+            let mut refused = refused.into_iter().peekable();
+            for (index, outcome) in outcomes.into_iter().enumerate() {
+                let answer = match (refused.next_if(|(at, _)| *at == index), &result) {
+                    (Some((_, too_large)), _) => Err(too_large.context("failed to save session")),
+                    (None, Ok(done)) => Ok(*done),
+                    (None, Err(err)) => Err(err.duplicate()),
+                };
                 // A request that went away no longer waits for its outcome.
-                let _ = outcome.send(match &result {
-                    Ok(done) => Ok(*done),
-                    Err(err) => Err(err.duplicate()),
-                });
+                let _ = outcome.send(answer);
             }
         }
     }
 
     /// One round of `write_batches`: `written` is the record the round
-    /// before wrote, if any, and becomes the one this round writes.
+    /// before wrote, if any, and becomes the one this round writes;
+    /// `refused` gets the changes that would make the session too large
+    /// (see [`apply_within_limit`](Self::apply_within_limit)), in order.
     async fn write_batch(
         &self,
         key: &SessionKey,
         written: &mut Option<Record>,
         changes: &mut [ChangeSet],
+        refused: &mut Vec<(usize, Error)>,
         backoff: &mut Backoff,
     ) -> Result<Written> {
         let store = &self.inner.store;
@@ -266,8 +273,12 @@ impl SessionManager {
                     Err(err) => return Err(save_failed(err)),
                 },
             };
-            let merged = match self.apply(&current, changes, now) {
-                Ok(merged) => merged,
+            let merged = match self.apply_within_limit(&current, changes, now) {
+                Ok((merged, now_refused)) => {
+                    refused.extend(now_refused);
+                    refused.sort_by_key(|(index, _)| *index);
+                    merged
+                }
                 Err(err) => {
                     tracing::warn!(session = %key.fingerprint(), error = %err, "session changed into unreadable data; changes dropped");
                     return Ok(Written::Dropped);
@@ -329,11 +340,8 @@ impl SessionManager {
             Some((version, encoded)) if version == base.version => encoded,
             _ => {
                 let mut data = decode_data(&base.data)?;
-                for (key, value) in changes.iter().flat_map(|changes| &changes.data) {
-                    match value {
-                        Some(value) => data.insert(key.clone(), value.clone()),
-                        None => data.remove(key),
-                    };
+                for changes in changes.iter() {
+                    changes.apply_to(&mut data);
                 }
                 encode_data(&data)
             }
@@ -363,6 +371,46 @@ impl SessionManager {
             });
         }
         Ok(merged)
+    }
+
+    /// [`apply`](Self::apply), refusing each change set that would grow
+    /// the session past the size limit, as an insert would have been
+    /// refused: concurrent requests can each fit and together not. A
+    /// refused set becomes one that changes nothing (so it stays refused
+    /// if the merge runs again), and comes back with its error, by its
+    /// index; the others apply in order.
+    fn apply_within_limit(
+        &self,
+        base: &Record,
+        changes: &mut [ChangeSet],
+        now: Timestamp,
+    ) -> Result<(Record, Vec<(usize, Error)>)> {
+        let limit = self.inner.config.max_session_size;
+        let merged = self.apply(base, changes, now)?;
+        // An insert counts at most one byte more than the encoding (see
+        // `data_size`), so data that short fits for sure.
+        if merged.data.len() < limit {
+            return Ok((merged, Vec::new()));
+        }
+        let mut data = decode_data(&base.data)?;
+        let mut size = data_size(&data);
+        let mut refused = Vec::new();
+        for (index, set) in changes.iter_mut().enumerate() {
+            let mut tried = data.clone();
+            set.apply_to(&mut tried);
+            let tried_size = data_size(&tried);
+            // A set that shrinks a session already too large still applies.
+            if tried_size > limit && tried_size > size {
+                refused.push((index, Error::too_large(tried_size, limit)));
+                *set = ChangeSet::default();
+            } else {
+                (data, size) = (tried, tried_size);
+            }
+        }
+        if refused.is_empty() {
+            return Ok((merged, refused));
+        }
+        Ok((self.apply(base, changes, now)?, refused))
     }
 
     /// Whether a session last accessed at `accessed_at` is to be touched
@@ -617,6 +665,8 @@ impl fmt::Debug for RequestSession {
 }
 
 /// The changes of one request, applied onto whatever version is stored.
+/// The default changes nothing.
+#[derive(Default)]
 struct ChangeSet {
     data: std::collections::BTreeMap<String, Option<Box<serde_json::value::RawValue>>>,
     /// The handle's data map, encoded, with the version it was loaded at:
@@ -629,6 +679,18 @@ struct ChangeSet {
     /// Whether the save keeps the lease, renewed, for the next exclusive
     /// request of the session in this process (see `Handoff`).
     hand_off: bool,
+}
+
+impl ChangeSet {
+    /// Sets and removes this request's keys in `data`.
+    fn apply_to(&self, data: &mut DataMap) {
+        for (key, value) in &self.data {
+            match value {
+                Some(value) => data.insert(key.clone(), value.clone()),
+                None => data.remove(key),
+            };
+        }
+    }
 }
 
 impl RequestSession {
@@ -1027,8 +1089,12 @@ impl RequestSession {
             key.as_bytes()[..8].try_into().expect("8 bytes"),
         ));
         for _ in 0..MAX_SAVE_ATTEMPTS {
-            let mut merged = match manager.apply(&base, std::slice::from_mut(&mut changes), now) {
-                Ok(merged) => merged,
+            let merged = manager.apply_within_limit(&base, std::slice::from_mut(&mut changes), now);
+            let mut merged = match merged {
+                Ok((merged, refused)) => match refused.into_iter().next() {
+                    Some((_, too_large)) => return Err(save_failed(too_large)),
+                    None => merged,
+                },
                 Err(err) => {
                     tracing::warn!(session = %key.fingerprint(), error = %err, "session changed into unreadable data; changes dropped");
                     return Ok(None);

@@ -68,6 +68,9 @@ macro_rules! conformance_tests {
             oversized_session_is_refused_at_insert,
             no_raw_session_id_reaches_the_store,
             merge_keeps_keys_of_concurrent_requests,
+            merge_refuses_the_changes_that_would_outgrow_the_size_limit,
+            parallel_saves_keep_what_fits_and_refuse_the_rest,
+            a_session_over_the_size_limit_can_still_shrink,
             a_hot_session_keeps_every_parallel_change,
             logout_wins_over_a_slow_request,
             expiry_follows_the_clock,
@@ -1213,6 +1216,118 @@ pub mod cases {
         assert_eq!(session.get::<i64>("a").unwrap(), Some(1));
         assert_eq!(session.get::<i64>("b").unwrap(), Some(2));
         assert_eq!(session.get::<i64>("base").unwrap(), None);
+    }
+
+    /// A manager whose sessions hold at most `limit` bytes.
+    fn limited_manager(store: &Arc<dyn SessionStore>, limit: usize) -> SessionManager {
+        SessionManager::from_arc(Arc::clone(store))
+            .with_config(SessionConfig::default().with_max_session_size(limit))
+            .expect("valid config")
+    }
+
+    /// What the session under `cookie` holds: its keys, and its size as
+    /// an insert counts it.
+    async fn stored_keys(manager: &SessionManager, cookie: &str) -> (Vec<String>, usize) {
+        let request = manager.start(Some(cookie));
+        let session = request.session().await.unwrap();
+        let state = session.lock();
+        let size = crate::session::data_size(&state.data);
+        (state.data.keys().cloned().collect(), size)
+    }
+
+    /// Two requests that each fit the size limit, but not together: the
+    /// second save is refused as too large, and only the first's changes
+    /// are stored.
+    pub async fn merge_refuses_the_changes_that_would_outgrow_the_size_limit(
+        store: Arc<dyn SessionStore>,
+    ) {
+        const LIMIT: usize = 4096;
+        let manager = limited_manager(&store, LIMIT);
+        let set_cookie = request_setting(&manager, None, "base", 0).await.unwrap();
+        let cookie = cookie_pair(&set_cookie);
+        let first = manager.start(Some(&cookie));
+        let second = manager.start(Some(&cookie));
+        first
+            .session()
+            .await
+            .unwrap()
+            .insert("a", "x".repeat(2500))
+            .unwrap();
+        let second_session = second.session().await.unwrap();
+        second_session.insert("b", "y".repeat(2500)).unwrap();
+        second_session.insert("base", 1).unwrap();
+        first.finish(Outcome::Success).await.unwrap();
+        let err = second.finish(Outcome::Success).await.unwrap_err();
+        assert!(err.is_too_large(), "{err}");
+        let (keys, size) = stored_keys(&manager, &cookie).await;
+        assert_eq!(keys, ["a", "base"]);
+        assert!(size <= LIMIT, "{size} bytes stored");
+        let check = manager.start(Some(&cookie));
+        let session = check.session().await.unwrap();
+        assert_eq!(
+            session.get::<i64>("base").unwrap(),
+            Some(0),
+            "nothing of the refused save"
+        );
+    }
+
+    /// Parallel saves of one session that fit the size limit each, and
+    /// only two at a time: every save but one is stored, the other is
+    /// refused as too large, whatever order they are written in.
+    pub async fn parallel_saves_keep_what_fits_and_refuse_the_rest(store: Arc<dyn SessionStore>) {
+        const LIMIT: usize = 4096;
+        let manager = limited_manager(&store, LIMIT);
+        let cookie = cookie_pair(&request_setting(&manager, None, "base", 0).await.unwrap());
+        let mut requests = Vec::new();
+        for name in ["a", "b", "c"] {
+            let request = Arc::new(manager.start(Some(&cookie)));
+            request
+                .session()
+                .await
+                .unwrap()
+                .insert(name, "z".repeat(1500))
+                .unwrap();
+            requests.push((name, request));
+        }
+        let saves: Vec<_> = requests
+            .into_iter()
+            .map(|(name, request)| {
+                let save = tokio::spawn(async move { request.finish(Outcome::Success).await });
+                (name, save)
+            })
+            .collect();
+        let mut kept = vec!["base"];
+        let mut refused = 0;
+        for (name, save) in saves {
+            match save.await.unwrap() {
+                Ok(_) => kept.push(name),
+                Err(err) if err.is_too_large() => refused += 1,
+                Err(err) => panic!("unexpected error: {err}"),
+            }
+        }
+        assert_eq!(refused, 1);
+        kept.sort_unstable();
+        let (keys, size) = stored_keys(&manager, &cookie).await;
+        assert_eq!(keys, kept);
+        assert!(size <= LIMIT, "{size} bytes stored");
+    }
+
+    /// A session already over the size limit (a process with a larger
+    /// limit wrote it) still saves a request that makes it smaller.
+    pub async fn a_session_over_the_size_limit_can_still_shrink(store: Arc<dyn SessionStore>) {
+        let roomy = limited_manager(&store, 64 * 1024);
+        let request = roomy.start(None);
+        let session = request.session().await.unwrap();
+        for name in ["a", "b", "c"] {
+            session.insert(name, "w".repeat(2500)).unwrap();
+        }
+        let cookie = cookie_pair(&request.finish(Outcome::Success).await.unwrap().unwrap());
+        let tight = limited_manager(&store, 4096);
+        let request = tight.start(Some(&cookie));
+        request.session().await.unwrap().remove("a");
+        request.finish(Outcome::Success).await.unwrap();
+        let (keys, _) = stored_keys(&tight, &cookie).await;
+        assert_eq!(keys, ["b", "c"]);
     }
 
     /// Parallel requests of one session from two processes (two managers
