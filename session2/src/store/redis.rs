@@ -479,7 +479,9 @@ impl ConnectionLike for Connection {
 /// two such scripts in flight, which makes each compare-and-swap in order,
 /// as its own script would (a later save of the same session sees the
 /// earlier one's write). The script's fixed cost, several times that of a
-/// `SET`, is then paid once per batch. It writes
+/// `SET`, is then paid once per batch. While only a few saves (or loads)
+/// are under way, there is little to batch: each runs on its caller's
+/// task, with no hand-off to the writer and back, up to four at once. It writes
 /// first (`SET … GET`) and puts back an old session that does not qualify,
 /// so a failed save shows in keyspace notifications as two writes. If the
 /// batch script fails (the server goes away), every save of it gets the
@@ -896,7 +898,8 @@ impl RedisStore {
         let batching = Batching {
             max_batches_out: LOAD_BATCHES_IN_FLIGHT,
             ..Batching::one_at_a_time(MAX_LOADS)
-        };
+        }
+        .alone_when_few();
         run_batches(jobs, batching, read).await;
     }
 
@@ -966,7 +969,8 @@ impl RedisStore {
         let batching = Batching {
             max_batches_out: SWAP_BATCHES_IN_FLIGHT,
             ..Batching::one_at_a_time(MAX_SWAPS)
-        };
+        }
+        .alone_when_few();
         run_batches(jobs, batching, save).await;
     }
 

@@ -18,13 +18,15 @@
 //! lone request costs no hand-off between tasks, and batches form as
 //! before.
 //!
-//! A writer of a store that serves statements side by side (PostgreSQL,
-//! MySQL) lets out several batches at once while few jobs are under way,
-//! as a connection pool would serve their callers, and one at a time
-//! otherwise, so that the jobs that queue meanwhile go out together.
+//! While few jobs are under way, a store serves them as a pool of
+//! connections would serve their callers, each at once: the writers of
+//! PostgreSQL and MySQL let out several batches side by side, and Redis's
+//! callers run their jobs alone on the multiplexed connection. With more,
+//! batches go out one (Redis: two) at a time, so that the jobs that queue
+//! meanwhile go out together.
 
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use tokio::sync::{Notify, mpsc, oneshot};
@@ -115,10 +117,14 @@ pub(crate) struct Writers<J> {
 /// What the writers of a table share with their callers.
 #[derive(Debug, Default)]
 struct Shared {
-    /// Whether callers run their jobs alone: set by a writer that sent
-    /// [`IDLE_STREAK`] lone batches in a row, cleared by a caller that
-    /// finds another job running alone. Under load callers only read it.
-    quiet: AtomicBool,
+    /// How many callers may run their jobs alone at once; none unless
+    /// the process is quiet. Set to one by a writer that sent
+    /// [`IDLE_STREAK`] lone batches in a row, or to
+    /// [`FEW_JOBS_BATCHES_OUT`] by one that runs jobs
+    /// [alone when few](Batching::alone_when_few) are under way; cleared
+    /// by a caller that finds that many running alone. Under load callers
+    /// only read it.
+    alone_at_once: AtomicUsize,
     /// How many jobs run on their callers' tasks.
     alone: AtomicUsize,
     /// Wakes the writers when the last of those is done.
@@ -150,10 +156,12 @@ impl<J: Send + 'static> Writers<J> {
     /// Runs `job` and waits for its outcome, which `outcome` receives.
     ///
     /// When this process is quiet (its writers sent [`IDLE_STREAK`] lone
-    /// batches in a row, and no job runs alone now), the job runs on the
-    /// caller's task as `alone(job)`, which answers it, and the writers
-    /// hold the jobs that queue meanwhile, as they would behind a lone
-    /// batch of their own.
+    /// batches in a row, and no job runs alone now; or, for writers that
+    /// run jobs [alone when few](Batching::alone_when_few), few jobs are
+    /// under way and fewer than [`FEW_JOBS_BATCHES_OUT`] run alone), the
+    /// job runs on the caller's task as `alone(job)`, which answers it,
+    /// and the writers hold the jobs that queue meanwhile, as they would
+    /// behind batches of their own.
     /// Otherwise the job goes to the writer on the caller's runtime, first
     /// started as `start(queue)` if needed; outside a tokio runtime it runs
     /// alone.
@@ -233,17 +241,18 @@ impl<J: Send + 'static> Writers<J> {
 struct Alone<'a>(&'a Shared);
 
 impl<'a> Alone<'a> {
-    /// A job run alone, if the process is quiet and no other job runs
-    /// alone; otherwise the process is no longer quiet.
+    /// A job run alone, if the process is quiet and fewer jobs than it
+    /// allows run alone; otherwise the process is no longer quiet.
     fn try_enter(shared: &'a Shared) -> Option<Self> {
-        if !shared.quiet.load(Ordering::Relaxed) {
+        let at_once = shared.alone_at_once.load(Ordering::Relaxed);
+        if at_once == 0 {
             return None;
         }
         let entered = Self(shared);
-        if shared.alone.fetch_add(1, Ordering::SeqCst) == 0 {
+        if shared.alone.fetch_add(1, Ordering::SeqCst) < at_once {
             return Some(entered);
         }
-        shared.quiet.store(false, Ordering::Relaxed);
+        shared.alone_at_once.store(0, Ordering::Relaxed);
         None
     }
 }
@@ -273,6 +282,9 @@ pub(crate) struct Batching {
     /// How many batches may be out at once while few jobs are under way
     /// (see [`FEW_JOBS`]), if more than `max_batches_out`.
     pub(crate) few_jobs_batches_out: usize,
+    /// Whether, while few jobs are under way (see [`FEW_JOBS`]), callers
+    /// run their jobs alone, up to [`FEW_JOBS_BATCHES_OUT`] at once.
+    pub(crate) alone_when_few: bool,
     /// Whether a batch holds at most one job of a session (a statement
     /// can change a row only once); the session's later jobs wait for
     /// later batches, in the order they queued.
@@ -286,7 +298,20 @@ impl Batching {
             max_jobs,
             max_batches_out: 1,
             few_jobs_batches_out: 1,
+            alone_when_few: false,
             one_per_session: false,
+        }
+    }
+
+    /// As `self`, but while few jobs are under way (see [`FEW_JOBS`]),
+    /// callers run their jobs alone, up to [`FEW_JOBS_BATCHES_OUT`] at
+    /// once: for a store whose connection is multiplexed, where a job
+    /// alone takes no connection, and so nothing from a job on another
+    /// task, and spares two hand-offs between tasks.
+    pub(crate) const fn alone_when_few(self) -> Self {
+        Self {
+            alone_when_few: true,
+            ..self
         }
     }
 
@@ -356,11 +381,15 @@ pub(crate) async fn run_batches<J: SessionJob, F>(
                 0
             };
             if lone_batches == IDLE_STREAK {
-                shared.quiet.store(true, Ordering::Relaxed);
+                shared.alone_at_once.fetch_max(1, Ordering::Relaxed);
                 // Once a caller ends the quiet, the count starts again.
                 lone_batches = 0;
             }
             demand.count(jobs_out + batch.len() + queued.len());
+            if batching.alone_when_few && demand.is_few() {
+                let at_once = FEW_JOBS_BATCHES_OUT;
+                shared.alone_at_once.store(at_once, Ordering::Relaxed);
+            }
             jobs_out += batch.len();
             let (jobs, sent) = (batch.len(), run(batch));
             running.push(async move {
@@ -657,7 +686,7 @@ mod tests {
     fn a_job_run_alone_holds_the_writer_as_a_batch_out_would() {
         on_one_thread(async {
             let writer = Writer::start(ONE_AT_A_TIME);
-            writer.shared.quiet.store(true, Ordering::Relaxed);
+            writer.shared.alone_at_once.store(1, Ordering::Relaxed);
             let alone = Alone::try_enter(&writer.shared).expect("quiet");
             writer.send(1..=2, session()).await;
             assert!(writer.out().is_empty(), "held while the job runs alone");
@@ -735,9 +764,14 @@ mod tests {
     /// Runs a job through `writers`, whose writer sends it in a batch and
     /// answers "writer"; run alone, it answers "alone".
     async fn run_job(writers: &Writers<Answered>) -> &'static str {
+        run_job_batching(writers, ONE_AT_A_TIME).await
+    }
+
+    /// [`run_job`], with a writer that batches as `batching`.
+    async fn run_job_batching(writers: &Writers<Answered>, batching: Batching) -> &'static str {
         let (reply, outcome) = oneshot::channel();
         let start = |queue| {
-            run_batches(queue, ONE_AT_A_TIME, |batch: Vec<Answered>| async move {
+            run_batches(queue, batching, |batch: Vec<Answered>| async move {
                 for (_, reply) in batch {
                     let _ = reply.send(Ok("writer"));
                 }
@@ -772,6 +806,50 @@ mod tests {
                 assert_eq!(run_job(&writers).await, "writer");
             }
             assert_eq!(run_job(&writers).await, "alone");
+        });
+    }
+
+    #[test]
+    fn with_few_jobs_under_way_up_to_four_run_alone_at_once() {
+        on_one_thread(async {
+            let batching = ONE_AT_A_TIME.alone_when_few();
+            let writers = Writers::default();
+            let run = || run_job_batching(&writers, batching);
+            assert_eq!(run().await, "writer", "its batch finds few jobs under way");
+            let four = futures_util::future::join_all((0..4).map(|_| run())).await;
+            assert_eq!(four, ["alone"; 4]);
+            // A fifth at once finds four alone: it goes to the writer,
+            // which finds few under way again.
+            let five = futures_util::future::join_all((0..5).map(|_| run())).await;
+            assert_eq!(five, ["alone", "alone", "alone", "alone", "writer"]);
+            assert_eq!(run().await, "alone");
+        });
+    }
+
+    #[test]
+    fn with_many_jobs_under_way_none_runs_alone() {
+        on_one_thread(async {
+            let writer = Writer::start(ONE_AT_A_TIME.alone_when_few());
+            let at_once = || writer.shared.alone_at_once.load(Ordering::Relaxed);
+            writer.send([1], session()).await;
+            assert_eq!(at_once(), 4, "one job under way is few");
+            // A caller found four alone; then many jobs queue.
+            writer.shared.alone_at_once.store(0, Ordering::Relaxed);
+            writer.send(2..=40, session()).await;
+            writer.end_first().await;
+            assert_eq!(writer.out(), [(2..=40).collect::<Vec<_>>()]);
+            assert_eq!(at_once(), 0, "39 jobs under way are many");
+            writer.stop().await;
+        });
+    }
+
+    #[test]
+    fn without_alone_when_few_a_lone_batch_leaves_the_process_busy() {
+        on_one_thread(async {
+            let writers = Writers::default();
+            assert_eq!(run_job(&writers).await, "writer");
+            let (first, second) = tokio::join!(run_job(&writers), run_job(&writers));
+            assert_eq!([first, second], ["writer", "writer"]);
         });
     }
 
