@@ -1554,6 +1554,21 @@ mod tests {
         async fn delete(&self, key: &SessionKey, expected_version: Option<u64>) -> Result<bool> {
             self.inner.delete(key, expected_version).await
         }
+        // Forwarded, so that id renewals use the memory store's own atomic
+        // rename rather than the trait's create-then-delete.
+        async fn rename(
+            &self,
+            key: &SessionKey,
+            expected_version: u64,
+            new_key: &SessionKey,
+            record: &Record,
+            now: Timestamp,
+        ) -> Result<bool> {
+            tokio::task::yield_now().await;
+            self.inner
+                .rename(key, expected_version, new_key, record, now)
+                .await
+        }
         async fn touch(
             &self,
             key: &SessionKey,
