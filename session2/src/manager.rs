@@ -277,6 +277,10 @@ impl SessionManager {
                 Ok((merged, now_refused)) => {
                     refused.extend(now_refused);
                     refused.sort_by_key(|(index, _)| *index);
+                    if refused.len() == changes.len() {
+                        // Every save of the round refused: nothing to write.
+                        return Ok(Written::Dropped);
+                    }
                     merged
                 }
                 Err(err) => {
@@ -1387,7 +1391,8 @@ enum Written {
     Saved(Timestamp),
     /// Deleted: nothing was left in it.
     Deleted,
-    /// Not stored: the session was gone, or its stored data unreadable.
+    /// Not stored: the session was gone, its stored data unreadable, or
+    /// every save of the batch refused as too large.
     Dropped,
 }
 

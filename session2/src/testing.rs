@@ -1257,8 +1257,13 @@ pub mod cases {
         second_session.insert("b", "y".repeat(2500)).unwrap();
         second_session.insert("base", 1).unwrap();
         first.finish(Outcome::Success).await.unwrap();
+        let key = SessionId::parse(&cookie_value(&set_cookie)).unwrap().key();
+        let version = |record: Option<Record>| record.expect("stored").version;
+        let saved = version(store.load(&key, real_now()).await.unwrap());
         let err = second.finish(Outcome::Success).await.unwrap_err();
         assert!(err.is_too_large(), "{err}");
+        let after = version(store.load(&key, real_now()).await.unwrap());
+        assert_eq!(after, saved, "a refused save writes nothing");
         let (keys, size) = stored_keys(&manager, &cookie).await;
         assert_eq!(keys, ["a", "base"]);
         assert!(size <= LIMIT, "{size} bytes stored");
