@@ -905,8 +905,10 @@ impl RequestSession {
     /// Ends the request: saves the session if the outcome is a success and
     /// it changed, and returns the `Set-Cookie` header value to send.
     ///
-    /// A failure saves nothing (an exclusive session's lease is released).
-    /// A second call does nothing and returns `Ok(None)`.
+    /// A failure saves nothing (an exclusive session's lease is released),
+    /// and so does a save that fails: an exclusive session's lease is then
+    /// released too, if the store still answers. A second call does
+    /// nothing and returns `Ok(None)`.
     ///
     /// # Errors
     ///
@@ -1006,10 +1008,20 @@ impl RequestSession {
         if !dirty && changes.lease_token.is_none() {
             return self.touch(&id, &key, &base, now).await;
         }
+        let lease_token = changes.lease_token;
         // Boxed: inline, the save's state (over 800 bytes) would make every
         // finish future, and the layer's allocation of it, too big for the
         // allocator's per-thread cache; two cached allocations cost less.
-        Box::pin(self.save(id, key, base, changes, now)).await
+        let saved = Box::pin(self.save(id, key, base, changes, now)).await;
+        if let (Err(err), Some(token)) = (&saved, lease_token) {
+            // The save failed, so nothing wrote or handed on the lease:
+            // release it, lest the next exclusive request wait for it to
+            // expire. A store that is down fails this too; it then expires.
+            if let Err(release) = manager.release_lease(&key, token).await {
+                tracing::warn!(session = %key.fingerprint(), error = %release, save = %err, "failed to release the lease of a failed save");
+            }
+        }
+        saved
     }
 
     async fn create(&self, user: Option<String>, data: Vec<u8>, now: Timestamp) -> Result<String> {

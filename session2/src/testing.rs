@@ -78,6 +78,7 @@ macro_rules! conformance_tests {
             lease_is_taken_in_one_step,
             exclusive_increments_lose_nothing,
             failed_request_saves_nothing_and_releases_the_lease,
+            a_refused_exclusive_save_releases_its_lease,
             abandoned_request_releases_its_lease,
         );
     };
@@ -1644,6 +1645,57 @@ pub mod cases {
             .await
             .expect("the failed request released its lease");
         assert_eq!(session.get::<i64>("n").unwrap(), Some(1));
+    }
+
+    /// An exclusive save the store cannot take (here: a plain request
+    /// grew the session meanwhile, so the exclusive one's changes no
+    /// longer fit the size limit) releases its lease: the next exclusive
+    /// request goes at once instead of waiting for the lease to expire.
+    pub async fn a_refused_exclusive_save_releases_its_lease(store: Arc<dyn SessionStore>) {
+        const LIMIT: usize = 4096;
+        let manager = SessionManager::from_arc(Arc::clone(&store))
+            .with_config(
+                SessionConfig::default()
+                    .with_max_session_size(LIMIT)
+                    .with_lease_duration(Duration::from_secs(600))
+                    .with_lock_wait(Duration::from_millis(200)),
+            )
+            .unwrap();
+        let cookie = cookie_pair(&request_setting(&manager, None, "base", 0).await.unwrap());
+        let holder = manager.start(Some(&cookie));
+        holder
+            .exclusive_session()
+            .await
+            .unwrap()
+            .insert("a", "x".repeat(2500))
+            .unwrap();
+        let plain = manager.start(Some(&cookie));
+        plain
+            .session()
+            .await
+            .unwrap()
+            .insert("b", "y".repeat(2500))
+            .unwrap();
+        plain
+            .finish(Outcome::Success)
+            .await
+            .expect("a plain save goes past the lease");
+        let err = holder.finish(Outcome::Success).await.unwrap_err();
+        assert!(err.is_too_large(), "{err}");
+        let key = SessionId::parse(&cookie_value(&cookie)).unwrap().key();
+        let record = store.load(&key, real_now()).await.unwrap().unwrap();
+        assert_eq!(record.lease, None, "the refused save released its lease");
+        let next = manager.start(Some(&cookie));
+        let session = next
+            .exclusive_session()
+            .await
+            .expect("the next exclusive request goes at once");
+        assert_eq!(session.get::<String>("a").unwrap(), None);
+        assert_eq!(
+            session.get::<String>("b").unwrap().map(|b| b.len()),
+            Some(2500)
+        );
+        next.finish(Outcome::Success).await.unwrap();
     }
 
     /// A request dropped before it finished (a client that went away)
