@@ -75,13 +75,10 @@ impl Server {
     }
 
     fn start(library: Library, store: &str) -> anyhow::Result<Self> {
-        let library = match library {
-            Library::Session2 => "session2",
-            Library::TowerSessions => "tower-sessions",
-            Library::Bare => "bare",
-        };
+        let library =
+            clap::ValueEnum::to_possible_value(&library).context("every library has a name")?;
         let mut child = Command::new(std::env::current_exe()?)
-            .args(["server", "--library", library, "--store", store])
+            .args(["server", "--library", library.get_name(), "--store", store])
             .stdout(Stdio::piped())
             .spawn()?;
         let mut lines = BufReader::new(child.stdout.take().context("stdout")?).lines();
@@ -287,6 +284,7 @@ pub(crate) async fn all(args: AllArgs) -> anyhow::Result<()> {
             (Library::Session2, &urls.ours),
             (Library::TowerSessions, &urls.theirs),
             (Library::Bare, &"memory".to_owned()),
+            (Library::BareLayered, &"memory".to_owned()),
         ] {
             match Server::start(library, url) {
                 Ok(server) => servers.push((library, server)),
@@ -300,7 +298,9 @@ pub(crate) async fn all(args: AllArgs) -> anyhow::Result<()> {
                     workload,
                     Workload::RmwExclusive | Workload::ContentionExclusive
                 ),
-                Library::Bare => workload == Workload::Anon && users == args.users,
+                Library::Bare | Library::BareLayered => {
+                    workload == Workload::Anon && users == args.users
+                }
             };
             let servers: Vec<_> = servers
                 .iter()
@@ -725,29 +725,38 @@ fn render(args: &AllArgs, results: &Results, took: Duration) -> String {
     );
     let _ = writeln!(
         out,
-        "The floor for (c): a bare axum server with no session layer, in the same rounds.\n"
+        "The floor for (c): a bare axum server with no session layer, in the same rounds. \\\n\
+         Beside it, the same server with a layer that does nothing, added by `Router::layer` as both libraries' layers are: \
+         axum then boxes each route again, whatever the layer does.\n"
     );
     let _ = writeln!(
         out,
-        "| store | bare axum req/s | session2 anonymous / bare | tower-sessions anonymous / bare | CPU µs/request: bare, session2, tower-sessions |"
+        "| store | bare axum req/s | session2 anonymous / bare | tower-sessions anonymous / bare | bare with a no-op layer req/s | session2 anonymous / bare with a no-op layer | CPU µs/request: bare, bare with a no-op layer, session2, tower-sessions |"
     );
-    let _ = writeln!(out, "|---|---:|---:|---:|---|");
+    let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---|");
     for store in &args.stores {
         let Some(bare) = row(store, Workload::Anon, Library::Bare) else {
             continue;
         };
         let floor = bare.median().requests_per_second;
-        let ratio = |library| {
-            row(store, Workload::Anon, library).map_or("–".to_owned(), |row| {
+        let layered = row(store, Workload::Anon, Library::BareLayered);
+        let layered_floor = layered.map(|row| row.median().requests_per_second);
+        let ratio = |library, floor: Option<f64>| match (row(store, Workload::Anon, library), floor)
+        {
+            (Some(row), Some(floor)) => {
                 format!("{:.2}×", row.median().requests_per_second / floor)
-            })
+            }
+            _ => "–".to_owned(),
         };
         let _ = writeln!(
             out,
-            "| {store} | {floor:.0} | {} | {} | {}, {}, {} |",
-            ratio(Library::Session2),
-            ratio(Library::TowerSessions),
+            "| {store} | {floor:.0} | {} | {} | {} | {} | {}, {}, {}, {} |",
+            ratio(Library::Session2, Some(floor)),
+            ratio(Library::TowerSessions, Some(floor)),
+            layered_floor.map_or("–".to_owned(), |floor| format!("{floor:.0}")),
+            ratio(Library::Session2, layered_floor),
             cpu(Some(bare)),
+            cpu(layered),
             cpu(row(store, Workload::Anon, Library::Session2)),
             cpu(row(store, Workload::Anon, Library::TowerSessions))
         );
@@ -1014,5 +1023,32 @@ mod tests {
         assert!(report.contains("### (f) read-modify-write, plain session, 1 user: "));
         let skipped = render(&parsed(&["--few-users", "0"]), &results, Duration::ZERO);
         assert!(!skipped.contains("### (f)"));
+    }
+
+    #[test]
+    fn anonymous_requests_are_set_against_both_bare_servers() {
+        let args = parsed(&["--stores", "memory"]);
+        let anonymous =
+            |library, requests_per_second| row(Workload::Anon, 64, library, requests_per_second);
+        let mut results = Results {
+            http: vec![
+                anonymous(Library::Session2, 1000.0),
+                anonymous(Library::TowerSessions, 900.0),
+                anonymous(Library::Bare, 1250.0),
+                anonymous(Library::BareLayered, 1100.0),
+            ],
+            ..Results::default()
+        };
+        let report = render(&args, &results, Duration::ZERO);
+        assert!(
+            report.contains("| memory | 1250 | 0.80× | 0.72× | 1100 | 0.91× | "),
+            "{report}"
+        );
+        results.http.pop();
+        let report = render(&args, &results, Duration::ZERO);
+        assert!(
+            report.contains("| memory | 1250 | 0.80× | 0.72× | – | – | "),
+            "{report}"
+        );
     }
 }

@@ -1,7 +1,8 @@
 //! The benchmark server: the same routes on session2, on tower-sessions, or
 //! on no session layer at all (the floor for anonymous requests: the same
 //! routes, none of them touching a session, so that the floor differs from
-//! the others by the session layer alone).
+//! the others by the session layer alone), or behind a layer that does
+//! nothing (what adding any layer to axum's routes costs).
 //!
 //! | route | does |
 //! |---|---|
@@ -23,6 +24,9 @@ pub(crate) enum Library {
     Session2,
     TowerSessions,
     Bare,
+    /// The bare server's routes behind a layer that does nothing, added by
+    /// `Router::layer` as both session servers add theirs.
+    BareLayered,
 }
 
 #[derive(Debug, clap::Args)]
@@ -46,6 +50,7 @@ async fn app(args: &ServerArgs) -> anyhow::Result<Router> {
         Library::Session2 => session2_app(args).await?,
         Library::TowerSessions => tower_sessions_app(args).await?,
         Library::Bare => bare_app(),
+        Library::BareLayered => bare_app().layer(PassThrough),
     })
 }
 
@@ -57,6 +62,19 @@ fn bare_app() -> Router {
             .expect("the routes' methods are GET and POST");
         router.route(path, axum::routing::on(filter, || async { "ok" }))
     })
+}
+
+/// A layer that returns the service it wraps: `Router::layer` still boxes
+/// each route again, as it does for a session layer.
+#[derive(Clone, Copy)]
+struct PassThrough;
+
+impl<S> tower_layer::Layer<S> for PassThrough {
+    type Service = S;
+
+    fn layer(&self, inner: S) -> S {
+        inner
+    }
 }
 
 /// Every route of the benchmark servers, as the table above lists them.
@@ -315,8 +333,13 @@ mod tests {
     use super::*;
 
     #[tokio::test]
-    async fn the_three_servers_answer_the_same_routes() {
-        for library in [Library::Session2, Library::TowerSessions, Library::Bare] {
+    async fn every_server_answers_the_same_routes() {
+        for library in [
+            Library::Session2,
+            Library::TowerSessions,
+            Library::Bare,
+            Library::BareLayered,
+        ] {
             let args = ServerArgs {
                 library,
                 store: "memory".to_owned(),

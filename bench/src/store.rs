@@ -255,7 +255,9 @@ pub(crate) async fn memory(args: MemoryArgs) -> anyhow::Result<()> {
             }
             keep_alive.push(Box::new(store));
         }
-        crate::server::Library::Bare => anyhow::bail!("the bare server has no store"),
+        crate::server::Library::Bare | crate::server::Library::BareLayered => {
+            anyhow::bail!("the bare servers have no store")
+        }
     }
     let after = resident_bytes()?;
     let result = MemoryResult {
