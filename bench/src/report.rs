@@ -49,6 +49,7 @@ pub(crate) struct AllArgs {
     rounds: usize,
     /// Runs of each contention row (e): they count lost updates, which
     /// one run shows as well as three, and the run must fit 15 minutes.
+    /// 0 skips them.
     #[arg(long, default_value_t = 1)]
     contention_rounds: usize,
     /// Expired sessions to purge on each SQL store and Redis (0 skips the scale runs).
@@ -409,6 +410,7 @@ fn plan(args: &AllArgs) -> Vec<(Workload, usize, usize)> {
     let mut plan: Vec<_> = ALL_WORKLOADS
         .iter()
         .map(|&workload| (workload, args.users, rounds_of(args, workload)))
+        .filter(|&(_, _, rounds)| rounds > 0)
         .collect();
     // A count equal to `--users` is (a) itself: its table shows (a)'s rows.
     let few_users = args
@@ -768,44 +770,46 @@ fn render(args: &AllArgs, results: &Results, took: Duration) -> String {
         Workload::Mix,
         Workload::Mix,
     );
-    let _ = writeln!(
-        out,
-        "### (e) contention: {} users share one session, read-modify-write\n",
-        args.users
-    );
-    let (runs, summed) = match args.contention_rounds {
-        1 => ("One run".to_owned(), ""),
-        rounds => (
-            format!("{rounds} runs"),
-            "; lost updates are added up over them",
-        ),
-    };
-    let _ = writeln!(
-        out,
-        "{runs} of {:.1} s per row (after {:.1} s of warm-up){summed}.\n",
-        args.duration, args.warmup
-    );
-    let _ = writeln!(
-        out,
-        "| store | session2 exclusive: req/s, lost updates | session2 plain: req/s, lost updates | tower-sessions: req/s, lost updates |"
-    );
-    let _ = writeln!(out, "|---|---|---|---|");
-    for store in &args.stores {
-        let find = |library, workload| {
-            row(store, workload, library)
-                .map(Row::median)
-                .map(|r| format!("{:.0}, {} lost", r.requests_per_second, r.lost_updates))
-                .unwrap_or_else(|| "–".to_owned())
+    if args.contention_rounds > 0 {
+        let _ = writeln!(
+            out,
+            "### (e) contention: {} users share one session, read-modify-write\n",
+            args.users
+        );
+        let (runs, summed) = match args.contention_rounds {
+            1 => ("One run".to_owned(), ""),
+            rounds => (
+                format!("{rounds} runs"),
+                "; lost updates are added up over them",
+            ),
         };
         let _ = writeln!(
             out,
-            "| {store} | {} | {} | {} |",
-            find(Library::Session2, Workload::ContentionExclusive),
-            find(Library::Session2, Workload::Contention),
-            find(Library::TowerSessions, Workload::Contention)
+            "{runs} of {:.1} s per row (after {:.1} s of warm-up){summed}.\n",
+            args.duration, args.warmup
         );
+        let _ = writeln!(
+            out,
+            "| store | session2 exclusive: req/s, lost updates | session2 plain: req/s, lost updates | tower-sessions: req/s, lost updates |"
+        );
+        let _ = writeln!(out, "|---|---|---|---|");
+        for store in &args.stores {
+            let find = |library, workload| {
+                row(store, workload, library)
+                    .map(Row::median)
+                    .map(|r| format!("{:.0}, {} lost", r.requests_per_second, r.lost_updates))
+                    .unwrap_or_else(|| "–".to_owned())
+            };
+            let _ = writeln!(
+                out,
+                "| {store} | {} | {} | {} |",
+                find(Library::Session2, Workload::ContentionExclusive),
+                find(Library::Session2, Workload::Contention),
+                find(Library::TowerSessions, Workload::Contention)
+            );
+        }
+        let _ = writeln!(out);
     }
-    let _ = writeln!(out);
     for &users in args.few_users.iter().filter(|users| **users > 0) {
         let title = format!(
             "(f) read-modify-write, plain session, {users} user{}: most applications, most of the time",
@@ -943,6 +947,18 @@ mod tests {
         let chosen = parsed(&["--rounds", "5", "--contention-rounds", "2"]);
         assert_eq!(rounds_of(&chosen, Workload::Mix), 5);
         assert_eq!(rounds_of(&chosen, Workload::ContentionExclusive), 2);
+        let none = parsed(&["--contention-rounds", "0"]);
+        let planned: Vec<_> = plan(&none)
+            .into_iter()
+            .map(|(workload, ..)| workload)
+            .collect();
+        assert!(!planned.contains(&Workload::Contention), "{planned:?}");
+        assert!(
+            !planned.contains(&Workload::ContentionExclusive),
+            "{planned:?}"
+        );
+        assert!(planned.contains(&Workload::Rmw), "{planned:?}");
+        assert!(!render(&none, &Results::default(), Duration::ZERO).contains("### (e)"));
     }
 
     #[test]
