@@ -905,10 +905,9 @@ impl RequestSession {
     /// Ends the request: saves the session if the outcome is a success and
     /// it changed, and returns the `Set-Cookie` header value to send.
     ///
-    /// A failure saves nothing (an exclusive session's lease is released),
-    /// and so does a save that fails: an exclusive session's lease is then
-    /// released too, if the store still answers. A second call does
-    /// nothing and returns `Ok(None)`.
+    /// A failure saves nothing and releases an exclusive session's lease;
+    /// so does a save that fails, if the store still answers. A second
+    /// call does nothing and returns `Ok(None)`.
     ///
     /// # Errors
     ///
