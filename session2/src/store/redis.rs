@@ -581,10 +581,21 @@ enum LeaseReply {
     Unreadable,
 }
 
-/// A load queued for a loader, and where the stored string (or nil) goes.
+/// A load queued for a loader, and where what it read goes.
 struct LoadJob {
     key: SessionKey,
-    reply: tokio::sync::oneshot::Sender<Result<Value>>,
+    reply: tokio::sync::oneshot::Sender<Result<Read>>,
+}
+
+/// What a load read under a session's key.
+#[derive(Debug)]
+enum Read {
+    /// From a batch's `MGET`: the stored string, or nil for a key that is
+    /// missing or holds no string (a hash of earlier builds) alike.
+    Batched(Value),
+    /// From a `GET` alone, which tells the two apart: nil for a missing
+    /// key, `WRONGTYPE` for one that holds no string.
+    Alone(redis::RedisResult<Value>),
 }
 
 impl SessionJob for LoadJob {
@@ -919,7 +930,7 @@ impl RedisStore {
             Ok(Value::Array(values)) if values.len() == batch.len() => {
                 for (job, value) in batch.into_iter().zip(values) {
                     // A caller that gave up no longer listens.
-                    let _ = job.reply.send(Ok(value));
+                    let _ = job.reply.send(Ok(Read::Batched(value)));
                 }
             }
             Ok(_) => answer_all(
@@ -933,22 +944,16 @@ impl RedisStore {
         }
     }
 
-    /// The stored value of `key`, read together with the loads that queue
-    /// meanwhile (or alone when none does); nil when missing or holding no
-    /// string.
-    async fn load_batched(&self, key: &SessionKey) -> Result<Value> {
+    /// What is stored under `key`, read together with the loads that
+    /// queue meanwhile (or alone when none does).
+    async fn load_batched(&self, key: &SessionKey) -> Result<Read> {
         let (reply, outcome) = tokio::sync::oneshot::channel();
         let job = LoadJob { key: *key, reply };
         let start = |jobs| self.writer().load_batches(jobs);
         let alone = async |job: LoadJob| {
-            let stored = match self.read_alone(&job.key).await {
-                Ok(stored) => Ok(stored),
-                // A hash of earlier builds: nil, as `MGET` reads it.
-                Err(err) if err.code() == Some("WRONGTYPE") => Ok(Value::Nil),
-                Err(err) => Err(Error::backend_source(STORE, "load session", err)),
-            };
+            let read = self.read_alone(&job.key).await;
             // A caller that gave up no longer listens.
-            let _ = job.reply.send(stored);
+            let _ = job.reply.send(Ok(Read::Alone(read)));
         };
         self.loaders.run(STORE, job, outcome, start, alone).await
     }
@@ -1532,8 +1537,9 @@ impl SessionStore for RedisStore {
     async fn load(&self, key: &SessionKey, now: Timestamp) -> Result<Option<Record>> {
         let stored = match self.load_batched(key).await? {
             // Missing, or a hash of earlier builds, which `MGET` cannot read.
-            Value::Nil => self.read_alone(key).await,
-            stored => Ok(stored),
+            Read::Batched(Value::Nil) => self.read_alone(key).await,
+            Read::Batched(stored) => Ok(stored),
+            Read::Alone(stored) => stored,
         };
         let decoded = match stored {
             Ok(Value::Nil) => return Ok(None),
@@ -1910,7 +1916,10 @@ mod tests {
             store.load_together(jobs).await;
             let mut values = Vec::new();
             for outcome in outcomes {
-                values.push(outcome.await.unwrap().unwrap());
+                values.push(match outcome.await.unwrap().unwrap() {
+                    Read::Batched(value) => value,
+                    read @ Read::Alone(_) => panic!("not read in the batch: {read:?}"),
+                });
             }
             let mut written = Vec::new();
             write_record(&mut written, &record);
@@ -1925,6 +1934,64 @@ mod tests {
                     bulk(&written)
                 ]
             );
+        });
+    }
+
+    /// The commands Redis runs while `run` runs, from every client (tests
+    /// run in parallel: filter by key), as `MONITOR` shows them, up to a
+    /// `GET` of `marker` sent afterwards.
+    async fn commands_during(
+        store: &RedisStore,
+        marker: &str,
+        run: impl Future<Output = ()>,
+    ) -> Vec<String> {
+        use futures_util::StreamExt as _;
+        let url = std::env::var("SESSION2_TEST_REDIS_URL")
+            .unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned());
+        let client = redis::Client::open(url).unwrap();
+        let monitor = client.get_async_monitor().await.unwrap();
+        let mut lines = monitor.into_on_message::<String>();
+        run.await;
+        let _: Option<String> = redis::cmd("GET")
+            .arg(marker)
+            .query_async(&mut store.connection.clone())
+            .await
+            .unwrap();
+        let mut seen = Vec::new();
+        while let Some(line) = lines.next().await {
+            if line.contains(marker) {
+                return seen;
+            }
+            seen.push(line);
+        }
+        panic!("the monitor ended before the marker: {seen:?}")
+    }
+
+    #[test]
+    fn a_missing_session_read_alone_costs_one_get() {
+        crate::testing::run(async {
+            let Some(store) = test_store().await else {
+                return;
+            };
+            let now = crate::Clock::now(&crate::SystemClock);
+            let missing = crate::SessionId::generate().key();
+            // After its first batch the loader finds few loads under way,
+            // and lets the next ones run alone.
+            for _ in 0..3 {
+                assert_eq!(store.load(&missing, now).await.unwrap(), None);
+            }
+            let name = store.session_key_name(&missing);
+            let marker = format!("{name}-marker");
+            let commands = commands_during(&store, &marker, async {
+                assert_eq!(store.load(&missing, now).await.unwrap(), None);
+            })
+            .await;
+            let reads: Vec<_> = commands
+                .iter()
+                .filter(|line| line.contains(&name))
+                .collect();
+            assert_eq!(reads.len(), 1, "{reads:?}");
+            assert!(reads[0].contains("\"GET\""), "{reads:?}");
         });
     }
 
