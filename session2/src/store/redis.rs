@@ -1779,10 +1779,14 @@ mod tests {
 
     /// A store on the test server under a fresh prefix; `None` when the
     /// server is unreachable outside CI (see `require_server`).
+    /// The test server: `SESSION2_TEST_REDIS_URL`, else the local one.
+    fn test_url() -> String {
+        std::env::var("SESSION2_TEST_REDIS_URL")
+            .unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned())
+    }
+
     async fn test_store() -> Option<RedisStore> {
-        let url = std::env::var("SESSION2_TEST_REDIS_URL")
-            .unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned());
-        let connected = RedisStore::connect(&url).await;
+        let connected = RedisStore::connect(&test_url()).await;
         let store = crate::testing::require_server("redis", connected)?;
         let prefix = format!(
             "s2unit-{}",
@@ -1946,9 +1950,7 @@ mod tests {
         run: impl Future<Output = ()>,
     ) -> Vec<String> {
         use futures_util::StreamExt as _;
-        let url = std::env::var("SESSION2_TEST_REDIS_URL")
-            .unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned());
-        let client = redis::Client::open(url).unwrap();
+        let client = redis::Client::open(test_url()).unwrap();
         let monitor = client.get_async_monitor().await.unwrap();
         let mut lines = monitor.into_on_message::<String>();
         run.await;
