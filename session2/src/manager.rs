@@ -57,7 +57,7 @@ use tokio::sync::OwnedMutexGuard;
 
 use crate::record::{DataMap, decode_data, encode_data};
 use crate::session::{SessionState, Stored, data_size};
-use crate::store::{CreateOutcome, LeaseOutcome};
+use crate::store::{CreateOutcome, LeaseOutcome, MAX_LEASE_ATTEMPTS};
 use crate::util::key_locks::KeyLocks;
 use crate::{
     Clock, CookieLifetime, Error, Lease, Record, Result, SameSite, Session, SessionConfig,
@@ -428,7 +428,10 @@ impl SessionManager {
     /// changing anything else but the version.
     async fn release_lease(&self, key: &SessionKey, token: u64) -> Result<()> {
         let store = &self.inner.store;
-        loop {
+        // Plain saves keep the lease they find, so while they come the swap
+        // can keep losing: after as many tries as a lease makes, the lease
+        // is left to expire.
+        for _ in 0..MAX_LEASE_ATTEMPTS {
             let now = self.now();
             let record = match store.load(key, now).await {
                 Ok(Some(record)) => record,
@@ -446,6 +449,8 @@ impl SessionManager {
                 return Ok(());
             }
         }
+        tracing::warn!(session = %key.fingerprint(), "gave up releasing a lease that other writers kept changing; it expires on its own");
+        Ok(())
     }
 
     fn incoming_id<'a>(&self, headers: impl Iterator<Item = &'a str>) -> Incoming {
@@ -1512,6 +1517,8 @@ mod tests {
         loads: Arc<AtomicU64>,
         replaces: Arc<AtomicU64>,
         leases: Arc<AtomicU64>,
+        /// While set, every replace loses, as to another writer.
+        losing_replaces: Arc<AtomicBool>,
     }
 
     impl Counting {
@@ -1555,6 +1562,9 @@ mod tests {
         ) -> Result<bool> {
             self.replaces.fetch_add(1, Ordering::SeqCst);
             tokio::task::yield_now().await;
+            if self.losing_replaces.load(Ordering::SeqCst) {
+                return Ok(false);
+            }
             self.inner.replace(key, expected_version, record, now).await
         }
         async fn lease(
@@ -1613,6 +1623,36 @@ mod tests {
         ) -> Result<Vec<(SessionKey, Record)>> {
             self.inner.find_by_user(user, now).await
         }
+    }
+
+    /// Plain saves keep a lease they find, so a release can lose its swap
+    /// for as long as they come: it tries as often as a lease does, then
+    /// leaves the lease to expire rather than spin.
+    #[tokio::test]
+    async fn a_release_that_keeps_losing_its_swap_gives_up() {
+        let store = Counting::default();
+        let manager = SessionManager::new(store.clone());
+        let (_, id) = stored_session(&manager).await;
+        let now = manager.now();
+        let lease = Lease {
+            token: 7,
+            until: now.saturating_add(Duration::from_secs(60)),
+        };
+        let key = id.key();
+        let outcome = store.inner.lease(&key, lease, now).await.unwrap();
+        assert!(matches!(outcome, LeaseOutcome::Taken(_)));
+        store.losing_replaces.store(true, Ordering::SeqCst);
+        let replaces = store.replaces.load(Ordering::SeqCst);
+        let released = manager.release_lease(&key, lease.token);
+        tokio::time::timeout(Duration::from_secs(10), released)
+            .await
+            .expect("the release gives up rather than spin")
+            .unwrap();
+        assert_eq!(
+            store.replaces.load(Ordering::SeqCst) - replaces,
+            MAX_LEASE_ATTEMPTS as u64
+        );
+        assert_eq!(store.stored(&id, &manager).await.lease, Some(lease));
     }
 
     /// Starts `count` requests of the session `cookie` names, each loading
