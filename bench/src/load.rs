@@ -154,7 +154,7 @@ pub(crate) struct LoadResult {
 }
 
 /// CPU time (user + system) a process has used so far, in µs; `None` once it is gone.
-fn cpu_time_us(pid: u32) -> Option<f64> {
+pub(crate) fn cpu_time_us(pid: u32) -> Option<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // Fields after the command name, which is in parentheses and may hold spaces.
     let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();

@@ -4,8 +4,10 @@
 //! - `load`: a closed-loop load generator that checks every answer;
 //! - `store`: store-level operations per second without HTTP;
 //! - `memory`: resident memory per session in the memory store;
+//! - `clients`: the two libraries' Redis clients alone;
 //! - `all`: everything above over every store, written to `BENCHMARKS.md`.
 
+mod clients;
 mod load;
 mod report;
 mod scale;
@@ -31,6 +33,8 @@ enum Command {
     Store(store::StoreArgs),
     /// Resident memory per session of the memory stores.
     Memory(store::MemoryArgs),
+    /// The two libraries' Redis clients alone: `GET` and `SET` per task.
+    Clients(clients::ClientsArgs),
     /// Run everything and write the report.
     All(report::AllArgs),
 }
@@ -46,6 +50,7 @@ fn main() -> anyhow::Result<()> {
             Command::Load(args) => load::run(args).await,
             Command::Store(args) => store::run(args).await,
             Command::Memory(args) => store::memory(args).await,
+            Command::Clients(args) => clients::run(args).await,
             Command::All(args) => report::all(args).await,
         }
     })

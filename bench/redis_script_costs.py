@@ -1,0 +1,131 @@
+#!/usr/bin/env python3
+"""Instructions Redis spends per call of session2's scripts, beside plain
+commands (the table under "Targets not met" in BENCHMARKS.md).
+
+Starts a private redis-server under `valgrind --tool=callgrind` on port
+6390 (or the port given as the argument), so nothing of the test server is
+touched. For each command: a warm-up from `redis-benchmark` (eight
+clients), the counters zeroed, the same calls counted, the total divided
+by the calls. Instruction counts do not depend on what else the machine
+is doing; they include Redis's network handling. Needs valgrind
+(`callgrind_control`), redis-server and redis-benchmark on the PATH.
+
+Rows: `GET` and `SET … PXAT` of a session (tower-sessions' load and
+save); a script that only returns, with no arguments and with the lease
+script's; the lease script (session2's exclusive load), taking a lease
+each call; the batch save script with 16 saves, each succeeding.
+"""
+
+import glob
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.dont_write_bytecode = True  # no __pycache__ beside the sources
+from redis_layouts import STORE  # noqa: E402
+
+CALLS = 4000
+SAVE_CALLS = 1000
+BATCH = 16
+PREFIX = "{session2}:"
+# A session as the benchmark's server stores it: its counter, no user.
+RECORD = '2197|1795841020564||1795882417568|||1795839217568|1795839220564|1795841020564|{"counter":2197}'
+NOW = "1795839300000"
+INDEX_KEYS = [PREFIX + "exp", PREFIX + "keys", PREFIX + "owner"]
+PREFIX_ARGS = [PREFIX + "s:", PREFIX + "u:"]
+
+
+def script(name, parts):
+    """The script `name` of `store/redis.rs`, assembled as its `script!` does."""
+    source = (STORE / "redis.rs").read_text()
+    body = re.search(r"const %s: &str = script!\((.*?)r\"(.*?)\"\s*\);" % name, source, re.S).group(2)
+    return "".join((STORE / part).read_text() for part in ["redis_prelude.lua", *parts]) + body
+
+
+class Server:
+    def __init__(self, port, out_dir):
+        self.port = port
+        self.out_dir = out_dir
+        self.process = subprocess.Popen(
+            ["valgrind", "--tool=callgrind", "--callgrind-out-file=%s/cg.%%p" % out_dir,
+             "redis-server", "--port", port, "--save", "", "--appendonly", "no"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for _ in range(300):
+            if self.cli("PING") == "PONG":
+                return
+            time.sleep(0.2)
+        raise RuntimeError("redis-server under valgrind did not answer on port %s" % port)
+
+    def cli(self, *args):
+        done = subprocess.run(["redis-cli", "-p", self.port, *args], capture_output=True, text=True)
+        return done.stdout.strip()
+
+    def benchmark(self, calls, command):
+        subprocess.run(["redis-benchmark", "-p", self.port, "-n", str(calls), "-c", "8", "-q", *command],
+                       check=True, capture_output=True)
+
+    def instructions(self):
+        """Instructions since the counters were last zeroed."""
+        subprocess.run(["callgrind_control", "-d", str(self.process.pid)], check=True, capture_output=True)
+        dumps = glob.glob("%s/cg.%d.*" % (self.out_dir, self.process.pid))
+        for line in open(max(dumps, key=os.path.getmtime)):
+            if line.startswith(("summary:", "totals:")):
+                return int(line.split()[1])
+        raise RuntimeError("no totals in the callgrind dump")
+
+    def per_call(self, calls, command, reset):
+        reset()
+        self.benchmark(calls, command)
+        reset()
+        subprocess.run(["callgrind_control", "-z", str(self.process.pid)], check=True, capture_output=True)
+        self.benchmark(calls, command)
+        return self.instructions() / calls
+
+    def stop(self):
+        self.cli("SHUTDOWN", "NOSAVE")
+        self.process.wait()
+
+
+def main():
+    port = sys.argv[1] if len(sys.argv) > 1 else "6390"
+    session = PREFIX + "s:" + "ab" * 32
+    batch = [PREFIX + "s:%064x" % (i + 1) for i in range(BATCH)]
+    with tempfile.TemporaryDirectory() as out_dir:
+        redis = Server(port, out_dir)
+
+        def reset():
+            for key in [session, *batch]:
+                redis.cli("SET", key, RECORD)
+
+        def evalsha(source, keys, args):
+            sha = redis.cli("SCRIPT", "LOAD", source)
+            return ["EVALSHA", sha, str(len(keys)), *keys, *args]
+
+        lease_args = PREFIX_ARGS + [session[len(PREFIX_ARGS[0]):], NOW, "12345678901234567", NOW]
+        save_args = list(PREFIX_ARGS)
+        for key in batch:
+            # Key, now, expected version, expiry, PXAT, no user, the record
+            # at the same version: every call's saves succeed.
+            save_args += [key, NOW, "2197", "1795841020564", "1795844620564", "", RECORD]
+        rows = [
+            ("GET", CALLS, ["GET", session], 1),
+            ("SET … PXAT", CALLS, ["SET", session, RECORD, "PXAT", "1795844620564"], 1),
+            ("EVALSHA of `return 1`, no keys or arguments", CALLS, evalsha("return 1", [], []), 1),
+            ("the same with the lease script's 3 keys and 6 arguments", CALLS,
+             evalsha("return 1", INDEX_KEYS, lease_args), 1),
+            ("the lease script", CALLS, evalsha(script("LEASE", []), INDEX_KEYS, lease_args), 1),
+            ("the batch save script, %d saves a call, per save" % BATCH, SAVE_CALLS,
+             evalsha(script("REPLACE_MANY", ["redis_write.lua"]), INDEX_KEYS, save_args), BATCH),
+        ]
+        try:
+            for name, calls, command, per in rows:
+                print("%-60s %9.0f instructions" % (name, redis.per_call(calls, command, reset) / per), flush=True)
+        finally:
+            redis.stop()
+
+
+if __name__ == "__main__":
+    main()

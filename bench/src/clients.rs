@@ -1,0 +1,252 @@
+//! `clients`: the two libraries' Redis clients alone, without sessions or HTTP.
+//!
+//! Each of `--tasks` tasks loops a `GET` then a `SET` of its own 100-byte
+//! value on one shared connection for `--seconds`, on each client in
+//! turn, `--rounds` times: redis-rs's multiplexed connection, redis-rs's
+//! `ConnectionManager` around one (what session2's `RedisStore` talks
+//! through) and fred as the tower-sessions server has it (a pool of one
+//! connection). It prints each run as a JSON line, then the medians, so
+//! that a gap between the libraries with few users can be set against the
+//! gap between their clients.
+
+use std::time::{Duration, Instant};
+
+use redis::aio::{ConnectionManager, MultiplexedConnection};
+use serde::Serialize;
+use tower_sessions_redis_store::fred::prelude::{
+    ClientLike as _, Config, KeysInterface as _, Pool,
+};
+
+/// The value each task writes, as long as a small session.
+const VALUE: [u8; 100] = [b'x'; 100];
+
+#[derive(Debug, clap::Args)]
+pub(crate) struct ClientsArgs {
+    #[arg(long, default_value = "redis://127.0.0.1:6379/")]
+    pub(crate) url: String,
+    /// Tasks sharing the connection, each with its own key.
+    #[arg(long, default_value_t = 4)]
+    pub(crate) tasks: usize,
+    #[arg(long, default_value_t = 3.0)]
+    pub(crate) seconds: f64,
+    #[arg(long, default_value_t = 5)]
+    pub(crate) rounds: usize,
+}
+
+/// A client under test.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub(crate) enum Kind {
+    RedisMultiplexed,
+    RedisConnectionManager,
+    Fred,
+}
+
+const KINDS: [Kind; 3] = [
+    Kind::RedisMultiplexed,
+    Kind::RedisConnectionManager,
+    Kind::Fred,
+];
+
+/// One run of one client.
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct ClientRun {
+    pub(crate) client: Kind,
+    pub(crate) tasks: usize,
+    /// `GET` and `SET` pairs made, all tasks together.
+    pub(crate) pairs: u64,
+    /// `GET` and `SET` pairs per second, all tasks together.
+    pub(crate) pairs_per_second: f64,
+    /// This process's CPU time per pair, in µs.
+    pub(crate) cpu_us_per_pair: f64,
+}
+
+/// A connection of one of the clients, cloned into each task.
+#[derive(Clone)]
+enum Connection {
+    Multiplexed(MultiplexedConnection),
+    Manager(ConnectionManager),
+    Fred(Pool),
+}
+
+impl Connection {
+    async fn open(kind: Kind, url: &str) -> anyhow::Result<Self> {
+        let client = redis::Client::open(url)?;
+        Ok(match kind {
+            Kind::RedisMultiplexed => {
+                Self::Multiplexed(client.get_multiplexed_async_connection().await?)
+            }
+            Kind::RedisConnectionManager => Self::Manager(ConnectionManager::new(client).await?),
+            Kind::Fred => {
+                let pool = Pool::new(Config::from_url(url)?, None, None, None, 1)?;
+                pool.init().await?;
+                Self::Fred(pool)
+            }
+        })
+    }
+
+    async fn get_then_set(&mut self, key: &str) -> anyhow::Result<()> {
+        match self {
+            Self::Multiplexed(connection) => get_then_set_redis(connection, key).await,
+            Self::Manager(connection) => get_then_set_redis(connection, key).await,
+            Self::Fred(pool) => {
+                let _: Option<Vec<u8>> = pool.get(key).await?;
+                let () = pool.set(key, VALUE.as_slice(), None, None, false).await?;
+                Ok(())
+            }
+        }
+    }
+
+    async fn delete(&mut self, keys: &[String]) -> anyhow::Result<()> {
+        match self {
+            Self::Multiplexed(connection) => delete_redis(connection, keys).await,
+            Self::Manager(connection) => delete_redis(connection, keys).await,
+            Self::Fred(pool) => {
+                let _: i64 = pool.del(keys.to_vec()).await?;
+                Ok(())
+            }
+        }
+    }
+}
+
+async fn get_then_set_redis(
+    connection: &mut impl redis::aio::ConnectionLike,
+    key: &str,
+) -> anyhow::Result<()> {
+    let _: Option<Vec<u8>> = redis::cmd("GET").arg(key).query_async(connection).await?;
+    let () = redis::cmd("SET")
+        .arg(key)
+        .arg(VALUE.as_slice())
+        .query_async(connection)
+        .await?;
+    Ok(())
+}
+
+async fn delete_redis(
+    connection: &mut impl redis::aio::ConnectionLike,
+    keys: &[String],
+) -> anyhow::Result<()> {
+    let _: i64 = redis::cmd("DEL").arg(keys).query_async(connection).await?;
+    Ok(())
+}
+
+/// Runs `kind` with `tasks` tasks for `duration`, on keys under `stem`,
+/// and deletes the keys afterwards.
+pub(crate) async fn run_client(
+    kind: Kind,
+    url: &str,
+    tasks: usize,
+    duration: Duration,
+    stem: &str,
+) -> anyhow::Result<ClientRun> {
+    let mut connection = Connection::open(kind, url).await?;
+    let keys: Vec<String> = (0..tasks).map(|task| format!("{stem}:{task}")).collect();
+    let cpu_before = crate::load::cpu_time_us(std::process::id());
+    let start = Instant::now();
+    let mut running = tokio::task::JoinSet::new();
+    for key in keys.clone() {
+        let mut connection = connection.clone();
+        running.spawn(async move {
+            let mut pairs = 0_u64;
+            while start.elapsed() < duration {
+                connection.get_then_set(&key).await?;
+                pairs += 1;
+            }
+            anyhow::Ok(pairs)
+        });
+    }
+    let mut pairs = 0;
+    for done in running.join_all().await {
+        pairs += done?;
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    let cpu_us = crate::load::cpu_time_us(std::process::id())
+        .zip(cpu_before)
+        .map_or(0.0, |(after, before)| after - before);
+    connection.delete(&keys).await?;
+    anyhow::ensure!(pairs > 0, "{kind:?} made no GET and SET in {duration:?}");
+    Ok(ClientRun {
+        client: kind,
+        tasks,
+        pairs,
+        pairs_per_second: pairs as f64 / seconds,
+        cpu_us_per_pair: cpu_us / pairs as f64,
+    })
+}
+
+pub(crate) async fn run(args: ClientsArgs) -> anyhow::Result<()> {
+    let stem = format!("bench-clients-{}", std::process::id());
+    let duration = Duration::from_secs_f64(args.seconds);
+    let mut runs = Vec::new();
+    for _ in 0..args.rounds {
+        for kind in KINDS {
+            let run = run_client(kind, &args.url, args.tasks, duration, &stem).await?;
+            println!("{}", serde_json::to_string(&run)?);
+            runs.push(run);
+        }
+    }
+    for kind in KINDS {
+        let mut rates: Vec<f64> = runs
+            .iter()
+            .filter(|run| run.client == kind)
+            .map(|run| run.pairs_per_second)
+            .collect();
+        rates.sort_by(f64::total_cmp);
+        if let Some(median) = rates.get(rates.len() / 2) {
+            println!(
+                "{kind:?}: median {median:.0} pairs/s over {} runs of {} tasks",
+                rates.len(),
+                args.tasks
+            );
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `SET`s Redis has run so far (`INFO commandstats`).
+    async fn sets_run(connection: &mut MultiplexedConnection) -> u64 {
+        let info: String = redis::cmd("INFO")
+            .arg("commandstats")
+            .query_async(connection)
+            .await
+            .unwrap();
+        info.lines()
+            .find_map(|line| line.strip_prefix("cmdstat_set:calls="))
+            .and_then(|rest| rest.split(',').next())
+            .map_or(0, |calls| calls.parse().unwrap())
+    }
+
+    /// Needs the Redis the benchmark uses (`scripts/services.sh`).
+    #[tokio::test]
+    async fn every_client_makes_pairs_and_leaves_no_key() {
+        let url = "redis://127.0.0.1:6379/";
+        let stem = format!("bench-clients-test-{}", std::process::id());
+        let mut connection = redis::Client::open(url)
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap_or_else(|err| panic!("the benchmark's Redis at {url}: {err}"));
+        for kind in KINDS {
+            let sets_before = sets_run(&mut connection).await;
+            let run = run_client(kind, url, 2, Duration::from_millis(200), &stem)
+                .await
+                .unwrap_or_else(|err| panic!("{kind:?} against {url}: {err:#}"));
+            assert!(run.pairs > 0 && run.pairs_per_second > 0.0, "{kind:?}");
+            assert!(
+                sets_run(&mut connection).await - sets_before >= run.pairs,
+                "{kind:?} counted pairs Redis did not run"
+            );
+            assert_eq!(run.tasks, 2);
+        }
+        let left: Vec<String> = redis::cmd("KEYS")
+            .arg(format!("{stem}:*"))
+            .query_async(&mut connection)
+            .await
+            .unwrap();
+        assert!(left.is_empty(), "{left:?}");
+    }
+}
