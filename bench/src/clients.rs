@@ -141,7 +141,8 @@ async fn delete_redis(
 pub(crate) async fn run_client(
     kind: Kind,
     url: &str,
-    (tasks, connections): (usize, usize),
+    tasks: usize,
+    connections: usize,
     duration: Duration,
     stem: &str,
 ) -> anyhow::Result<ClientRun> {
@@ -196,8 +197,8 @@ pub(crate) async fn run(args: ClientsArgs) -> anyhow::Result<()> {
     let mut runs = Vec::new();
     for _ in 0..args.rounds {
         for kind in KINDS {
-            let shape = (args.tasks, args.connections);
-            let run = run_client(kind, &args.url, shape, duration, &stem).await?;
+            let (tasks, connections) = (args.tasks, args.connections);
+            let run = run_client(kind, &args.url, tasks, connections, duration, &stem).await?;
             println!("{}", serde_json::to_string(&run)?);
             runs.push(run);
         }
@@ -270,10 +271,9 @@ mod tests {
                 sets_run(&mut connection).await,
                 connected(&mut connection).await,
             );
-            let shape = (3, connections);
             let stem = stem.clone();
             let running = tokio::spawn(async move {
-                run_client(kind, url, shape, Duration::from_millis(400), &stem).await
+                run_client(kind, url, 3, connections, Duration::from_millis(400), &stem).await
             });
             tokio::time::sleep(Duration::from_millis(200)).await;
             let opened = connected(&mut connection)
@@ -292,7 +292,7 @@ mod tests {
                 sets_run(&mut connection).await - sets_before >= run.pairs,
                 "{kind:?} counted pairs Redis did not run"
             );
-            assert_eq!((run.tasks, run.connections), shape);
+            assert_eq!((run.tasks, run.connections), (3, connections));
         }
         let left: Vec<String> = redis::cmd("KEYS")
             .arg(format!("{stem}:*"))
