@@ -11,7 +11,7 @@ deleted at the end; nothing else is touched.
 
 Compared, per save:
 - `script`: session2's batch save script (`REPLACE_MANY` with its prelude
-  and `redis_write.lua`) over sessions stored as session2 stores them, one
+  and `redis_write.lua`, after `redis_names.lua`) over sessions stored as session2 stores them, one
   string each;
 - over the hash layout session2 used before (a field per value): `watch`,
   the compare-and-swap by `WATCH`, `HMGET`, then `MULTI`, `HSET` and
@@ -100,7 +100,8 @@ def batch_save_script():
         source,
         re.S,
     ).group(1)
-    return (STORE / "redis_prelude.lua").read_text() + (STORE / "redis_write.lua").read_text() + body
+    parts = ["redis_names.lua", "redis_prelude.lua", "redis_write.lua"]
+    return "".join((STORE / part).read_text() for part in parts) + body
 
 
 PACKED_SAVE = r"""
@@ -132,7 +133,7 @@ def main():
     redis = Connection(host, port)
     now = int(time.time() * 1000)
     far = now + 24 * 3600 * 1000
-    # session2's script names its sessions with ARGV[1] and the hex key.
+    # session2's script takes each session's key name.
     sessions = ["%ss:%064x" % (PREFIX, i) for i in range(SESSIONS)]
     hashes = ["%sh:%064x" % (PREFIX, i) for i in range(SESSIONS)]
     strings = ["%sp:%064x" % (PREFIX, i) for i in range(SESSIONS)]
@@ -167,8 +168,8 @@ def main():
         command = ["EVALSHA", script, 3, "{%s}:e" % PREFIX, "{%s}:k" % PREFIX, "{%s}:o" % PREFIX,
                    PREFIX + "s:", PREFIX + "u:"]
         for i in ids:
-            # hex, now, expected version, expiry, when the key goes, no user, the record.
-            command += ["%064x" % i, now, session2_versions[i], far, far + 1000, "",
+            # key name, now, expected version, expiry, when the key goes, no user, the record.
+            command += [sessions[i], now, session2_versions[i], far, far + 1000, "",
                         session2_record(session2_versions[i] + 1)]
         assert redis.pipeline([command])[0] == b"1" * len(ids)
 
