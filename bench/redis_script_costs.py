@@ -39,10 +39,11 @@ PREFIX_ARGS = [PREFIX + "s:", PREFIX + "u:"]
 
 
 def script(name, parts):
-    """The script `name` of `store/redis.rs`, assembled as its `script!` does."""
+    """The script `name` of `store/redis.rs`: its body after `parts`, the
+    files `store/redis.rs` puts before it."""
     source = (STORE / "redis.rs").read_text()
-    body = re.search(r"const %s: &str = script!\((.*?)r\"(.*?)\"\s*\);" % name, source, re.S).group(2)
-    return "".join((STORE / part).read_text() for part in ["redis_prelude.lua", *parts]) + body
+    body = re.search(r"const %s: &str = \w+!\((.*?)r\"(.*?)\"\s*\);" % name, source, re.S).group(2)
+    return "".join((STORE / part).read_text() for part in parts) + body
 
 
 class Server:
@@ -104,7 +105,10 @@ def main():
             sha = redis.cli("SCRIPT", "LOAD", source)
             return ["EVALSHA", sha, str(len(keys)), *keys, *args]
 
-        lease_args = PREFIX_ARGS + [session[len(PREFIX_ARGS[0]):], NOW, "12345678901234567", NOW]
+        # The lease takes the session's key alone; the store's names are
+        # three keys and two arguments of every other script.
+        lease_args = [NOW, "12345678901234567", NOW]
+        names_and_lease = PREFIX_ARGS + [session[len(PREFIX_ARGS[0]):], *lease_args]
         save_args = list(PREFIX_ARGS)
         for key in batch:
             # Key, now, expected version, expiry, PXAT, no user, the record
@@ -114,11 +118,13 @@ def main():
             ("GET", CALLS, ["GET", session], 1),
             ("SET … PXAT", CALLS, ["SET", session, RECORD, "PXAT", "1795844620564"], 1),
             ("EVALSHA of `return 1`, no keys or arguments", CALLS, evalsha("return 1", [], []), 1),
-            ("the same with the lease script's 3 keys and 6 arguments", CALLS,
-             evalsha("return 1", INDEX_KEYS, lease_args), 1),
-            ("the lease script", CALLS, evalsha(script("LEASE", []), INDEX_KEYS, lease_args), 1),
+            ("the same with 3 keys and 6 arguments (names, then a lease's)", CALLS,
+             evalsha("return 1", INDEX_KEYS, names_and_lease), 1),
+            ("the lease script (the session's key, 3 arguments)", CALLS,
+             evalsha(script("LEASE", ["redis_prelude.lua"]), [session], lease_args), 1),
             ("the batch save script, %d saves a call, per save" % BATCH, SAVE_CALLS,
-             evalsha(script("REPLACE_MANY", ["redis_write.lua"]), INDEX_KEYS, save_args), BATCH),
+             evalsha(script("REPLACE_MANY", ["redis_names.lua", "redis_prelude.lua", "redis_write.lua"]),
+                     INDEX_KEYS, save_args), BATCH),
         ]
         try:
             for name, calls, command, per in rows:

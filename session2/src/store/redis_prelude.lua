@@ -1,12 +1,7 @@
--- Prelude of every RedisStore script (see `store/redis.rs`), which adds
--- `redis_index.lua` and `redis_write.lua` to the scripts that use them:
+-- Prelude of every RedisStore script (see `store/redis.rs`), after
+-- `redis_names.lua` in the scripts that take the store's names, and before
+-- `redis_index.lua` and `redis_write.lua` in the scripts that use them:
 -- each function defined costs every call of a script about 0.1 µs.
---
--- KEYS[1] = expiry index (sorted set: score = expires_at millis or earlier, member = hex key)
--- KEYS[2] = key index    (sorted set: score 0, member = hex key; ZRANGEBYLEX pages in key order)
--- KEYS[3] = owners       (hash: hex key -> user, for sessions that have a user)
--- ARGV[1] = prefix of session keys, ARGV[2] = prefix of per-user sets.
--- Every key lives in the store's hash slot, so keys built from the prefixes are local.
 --
 -- A session is one string (`write_record` in `store/redis.rs` writes it):
 --   version|expires_at|user length|<user>absolute_deadline|lease_token|lease_until|created_at|accessed_at|idle_deadline|<data>
@@ -16,8 +11,6 @@
 -- A string known to be a number becomes one by `s + 0`, not `tonumber(s)`:
 -- Lua 5.1's `tonumber` runs C's `strtod` on it twice, and `strtod` is the
 -- dearest step of a save.
-local exp, keys, owners = KEYS[1], KEYS[2], KEYS[3]
-local sprefix, uprefix = ARGV[1], ARGV[2]
 
 -- A session written by earlier session2 builds as a hash, as the string
 -- above: false when it cannot be read (not a hash, or a field missing).
