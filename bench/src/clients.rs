@@ -77,12 +77,12 @@ enum Connection {
 impl Connection {
     /// A connection of `kind`; for fred, a pool of `pool` connections.
     async fn open(kind: Kind, url: &str, pool: usize) -> anyhow::Result<Self> {
-        let client = redis::Client::open(url)?;
+        let client = || redis::Client::open(url);
         Ok(match kind {
             Kind::RedisMultiplexed => {
-                Self::Multiplexed(client.get_multiplexed_async_connection().await?)
+                Self::Multiplexed(client()?.get_multiplexed_async_connection().await?)
             }
-            Kind::RedisConnectionManager => Self::Manager(ConnectionManager::new(client).await?),
+            Kind::RedisConnectionManager => Self::Manager(ConnectionManager::new(client()?).await?),
             Kind::Fred => {
                 let pool = Pool::new(Config::from_url(url)?, None, None, None, pool)?;
                 pool.init().await?;
