@@ -13,7 +13,8 @@ is doing; they include Redis's network handling. Needs valgrind
 Rows: `GET` and `SET … PXAT` of a session (tower-sessions' load and
 save); a script that only returns, with no arguments and with the lease
 script's; the lease script (session2's exclusive load), taking a lease
-each call; the batch save script with 16 saves, each succeeding.
+each call; the batch save script with 16 saves, each succeeding; the
+create script, a new session under a fresh random key each call.
 """
 
 import glob
@@ -65,7 +66,9 @@ class Server:
         return done.stdout.strip()
 
     def benchmark(self, calls, command):
-        subprocess.run(["redis-benchmark", "-p", self.port, "-n", str(calls), "-c", "8", "-q", *command],
+        # `-r`: each `__rand_int__` in the command becomes a random 12-digit number.
+        subprocess.run(["redis-benchmark", "-p", self.port, "-n", str(calls), "-c", "8", "-q",
+                        "-r", "1000000000000", *command],
                        check=True, capture_output=True)
 
     def instructions(self):
@@ -125,6 +128,12 @@ def main():
             ("the batch save script, %d saves a call, per save" % BATCH, SAVE_CALLS,
              evalsha(script("REPLACE_MANY", ["redis_names.lua", "redis_prelude.lua", "redis_write.lua"]),
                      INDEX_KEYS, save_args), BATCH),
+            # Hex, now, then a record (expiry, PXAT, no user, the session).
+            ("the create script, a fresh key each call", CALLS,
+             evalsha(script("CREATE", ["redis_names.lua", "redis_prelude.lua", "redis_index.lua",
+                                       "redis_write.lua"]),
+                     INDEX_KEYS, PREFIX_ARGS + ["__rand_int__", NOW, "1795841020564", "1795844620564", "",
+                                                RECORD]), 1),
         ]
         try:
             for name, calls, command, per in rows:

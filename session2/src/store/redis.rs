@@ -79,30 +79,23 @@ macro_rules! script {
 const CREATE: &str = script!(
     ["redis_index.lua", "redis_write.lua"],
     r"
-local hex = ARGV[3]
-local cur, _, expires_at = current(sprefix .. hex)
-if cur and expires_at + 0 > ARGV[4] + 0 then return 0 end
-if cur ~= nil then remove(hex) end
-create(hex, 5)
-return 1
+return create(ARGV[3], 5, ARGV[4] + 0) and 1 or 0
 "
 );
 
 /// ARGV[3] = new hex, ARGV[4] = now, ARGV[5] = old hex, ARGV[6] = the old
 /// session's expected version, ARGV[7..10] = the record. `CREATE` of the
 /// new session and `DELETE` of the old in one script: one round trip, and
-/// at every moment the session is under exactly one key.
+/// at every moment the session is under exactly one key. A session's own
+/// key is never free for it, as in the memory store.
 const RENAME: &str = script!(
     ["redis_index.lua", "redis_write.lua"],
     r"
-local hex, old_hex = ARGV[3], ARGV[5]
-local old, version = current(sprefix .. old_hex)
+if ARGV[3] == ARGV[5] then return 0 end
+local old, version, _, user = current(sprefix .. ARGV[5])
 if not old or version ~= ARGV[6] then return 0 end
-local cur, _, expires_at = current(sprefix .. hex)
-if cur and expires_at + 0 > ARGV[4] + 0 then return 0 end
-if cur ~= nil then remove(hex) end
-remove(old_hex)
-create(hex, 7)
+if not create(ARGV[3], 7, ARGV[4] + 0) then return 0 end
+remove(ARGV[5], user)
 return 1
 "
 );
@@ -178,13 +171,13 @@ const DELETE: &str = script!(
     ["redis_index.lua"],
     r"
 local hex = ARGV[3]
-local cur, version = current(sprefix .. hex)
+local cur, version, _, user = current(sprefix .. hex)
 if cur == nil then
   unindex(hex)
   return 0
 end
 if ARGV[4] ~= '' and (not cur or version ~= ARGV[4]) then return 0 end
-remove(hex)
+remove(hex, user)
 return 1
 "
 );
@@ -2025,6 +2018,110 @@ mod tests {
                 .collect();
             assert_eq!(reads.len(), 1, "{reads:?}");
             assert!(reads[0].contains("\"GET\""), "{reads:?}");
+        });
+    }
+
+    /// The commands of `commands` that name `hex`, without the script's
+    /// own call: each as its name, then its arguments after the key.
+    fn commands_naming(commands: &[String], hex: &str) -> Vec<String> {
+        commands
+            .iter()
+            .filter(|line| line.contains(hex) && !line.contains("\"EVAL"))
+            .map(|line| {
+                let words: Vec<&str> = line.split('"').skip(1).step_by(2).collect();
+                let name = words.first().copied().unwrap_or_default();
+                std::iter::once(name)
+                    .chain(words.iter().skip(2).copied())
+                    .filter(|word| !word.contains(hex))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_login_reads_only_the_old_session_and_a_create_reads_nothing() {
+        crate::testing::run(async {
+            let Some(store) = test_store().await else {
+                return;
+            };
+            let now = crate::Clock::now(&crate::SystemClock);
+            let (old, new) = (
+                crate::SessionId::generate().key(),
+                crate::SessionId::generate().key(),
+            );
+            let record = record_at(now, 1, b"{}");
+            let marker = format!("{}-marker", store.session_key_name(&old));
+            let commands = commands_during(&store, &marker, async {
+                let created = store.create(&old, &record, now).await.unwrap();
+                assert_eq!(created, crate::store::CreateOutcome::Created);
+            })
+            .await;
+            let create = commands_naming(&commands, &old.to_hex());
+            assert_eq!(create.len(), 3, "{create:?}");
+            assert!(
+                create[0].starts_with("SET ") && create[0].ends_with(" NX"),
+                "{create:?}"
+            );
+            assert!(
+                create[1..]
+                    .iter()
+                    .all(|command| command.starts_with("ZADD ")),
+                "{create:?}"
+            );
+
+            let mut signed_in = record_at(now, 2, b"{}");
+            signed_in.user = Some("a-user".into());
+            let commands = commands_during(&store, &marker, async {
+                assert!(store.rename(&old, 1, &new, &signed_in, now).await.unwrap());
+            })
+            .await;
+            // The old session: read, deleted, out of both indexes (it had
+            // no user, which its record says: no owner lookup).
+            let old_side = commands_naming(&commands, &old.to_hex());
+            let names: Vec<_> = old_side
+                .iter()
+                .map(|c| c.split(' ').next().unwrap())
+                .collect();
+            assert_eq!(names, ["GET", "DEL", "ZREM", "ZREM"], "{old_side:?}");
+            // The new one: written only if free, in both indexes and its user's.
+            let new_side = commands_naming(&commands, &new.to_hex());
+            let names: Vec<_> = new_side
+                .iter()
+                .map(|c| c.split(' ').next().unwrap())
+                .collect();
+            assert_eq!(
+                names,
+                ["SET", "ZADD", "ZADD", "HSET", "SADD"],
+                "{new_side:?}"
+            );
+            assert!(new_side[0].ends_with(" NX"), "{new_side:?}");
+            assert_eq!(store.load(&new, now).await.unwrap(), Some(signed_in));
+            assert_eq!(store.load(&old, now).await.unwrap(), None);
+            assert!(store.delete(&new, None).await.unwrap());
+        });
+    }
+
+    #[test]
+    fn a_session_cannot_be_renamed_onto_its_own_key() {
+        crate::testing::run(async {
+            let Some(store) = test_store().await else {
+                return;
+            };
+            let now = crate::Clock::now(&crate::SystemClock);
+            let key = crate::SessionId::generate().key();
+            let record = record_at(now, 1, b"{}");
+            assert_eq!(
+                store.create(&key, &record, now).await.unwrap(),
+                crate::store::CreateOutcome::Created
+            );
+            // Past its expiry (its key is still there), when its key would
+            // be free for any other session.
+            let later = now.saturating_add(Duration::from_secs(601));
+            let renewed = record_at(later, 2, b"{}");
+            assert!(!store.rename(&key, 1, &key, &renewed, later).await.unwrap());
+            assert_eq!(stored(&store, &key).await, Some(record));
+            assert!(store.delete(&key, None).await.unwrap());
         });
     }
 

@@ -1,8 +1,10 @@
 -- Index upkeep for RedisStore scripts, after `redis_prelude.lua`.
 
--- Drops every index entry of `hex`.
-local function unindex(hex)
-  local user = redis.call('HGET', owners, hex)
+-- Drops every index entry of `hex`, whose user is `user` (false for none)
+-- when the caller read its session; nil asks the owner hash (the session
+-- is gone or unreadable).
+local function unindex(hex, user)
+  if user == nil then user = redis.call('HGET', owners, hex) end
   if user then
     redis.call('SREM', uprefix .. user, hex)
     redis.call('HDEL', owners, hex)
@@ -11,10 +13,10 @@ local function unindex(hex)
   redis.call('ZREM', keys, hex)
 end
 
--- Deletes the record `hex` and its index entries.
-local function remove(hex)
+-- Deletes the record `hex` and its index entries (`user` as for `unindex`).
+local function remove(hex, user)
   redis.call('DEL', sprefix .. hex)
-  unindex(hex)
+  unindex(hex, user)
 end
 
 -- The session `hex` for a reader as its string (see the prelude), an

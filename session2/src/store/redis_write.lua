@@ -31,12 +31,23 @@ local function new_user(first)
   return user ~= '' and string.sub(user, 2)
 end
 
--- Writes the new session `hex` from ARGV[first..first + 3], with its index entries.
-local function create(hex, first)
-  redis.call('SET', sprefix .. hex, ARGV[first + 3], 'PXAT', ARGV[first + 1])
+-- Writes the new session `hex` from ARGV[first..first + 3], with its index
+-- entries, unless a session live at `now` (a number) holds its key; whether
+-- it did. Keys are fresh random ids, so the write goes first (`SET … NX`)
+-- and the key is read only when taken: an expired or unreadable session
+-- there gives way.
+local function create(hex, first, now)
+  local skey = sprefix .. hex
+  if not redis.call('SET', skey, ARGV[first + 3], 'PXAT', ARGV[first + 1], 'NX') then
+    local cur, _, expires_at, user = current(skey)
+    if cur and expires_at + 0 > now then return false end
+    if cur ~= nil then remove(hex, user) end
+    redis.call('SET', skey, ARGV[first + 3], 'PXAT', ARGV[first + 1])
+  end
   redis.call('ZADD', keys, 0, hex)
   index_expiry(hex, ARGV[first])
   index_user(hex, false, new_user(first))
+  return true
 end
 
 -- How long at most a key outlives its session (`KEY_EXPIRY_SLACK` in
