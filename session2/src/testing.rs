@@ -51,6 +51,7 @@ macro_rules! conformance_tests {
             replace_fails_on_an_expired_record,
             delete_honours_the_expected_version,
             rename_moves_a_session_only_from_the_expected_version,
+            a_session_is_never_renamed_onto_its_own_key,
             touch_moves_only_the_idle_deadline,
             touch_never_passes_the_absolute_deadline,
             load_hides_idle_and_absolute_expired_records,
@@ -510,6 +511,26 @@ pub mod cases {
         assert_eq!(store.load(&stale, later).await.unwrap(), Some(again));
         assert_eq!(store.load(&new, later).await.unwrap(), None);
         assert_eq!(store.count().await.unwrap(), 2);
+    }
+
+    /// A session's own key is never free for it: renamed onto it, live or
+    /// expired, it stays as it was (no store replaces it in place).
+    pub async fn a_session_is_never_renamed_onto_its_own_key(store: Arc<dyn SessionStore>) {
+        let now = real_now();
+        let key = new_key();
+        let stored = with_data(record_at(now), r#"{"cart":3}"#);
+        create(&*store, &key, &stored, now).await;
+        let mut renewed = with_data(stored.clone(), r#"{"cart":3,"signed_in":true}"#);
+        renewed.version = 2;
+        assert!(!store.rename(&key, 1, &key, &renewed, now).await.unwrap());
+        assert_eq!(store.load(&key, now).await.unwrap(), Some(stored.clone()));
+
+        // Past its expiry, when its key would be free for any other session.
+        let later = stored.expires_at().saturating_add(MINUTE);
+        let mut late = record_at(later);
+        late.version = 2;
+        assert!(!store.rename(&key, 1, &key, &late, later).await.unwrap());
+        assert_eq!(store.load(&key, later).await.unwrap(), None);
     }
 
     /// Touch moves `accessed_at` and the idle deadline, nothing else.

@@ -271,7 +271,8 @@ pub trait SessionStore: Send + Sync + fmt::Debug + 'static {
     /// Returns `false`, leaving both keys as they were, when the record
     /// under `key` is missing or not at `expected_version`, or when a live
     /// record holds `new_key` (an expired one may be replaced, as by
-    /// [`create`](SessionStore::create)). The default creates under
+    /// [`create`](SessionStore::create)), or when `new_key` is `key`: a
+    /// session's own key is never free for it. The default creates under
     /// `new_key`, then deletes `key` at `expected_version`, and deletes the
     /// new record again when that fails; stores that can do both in one
     /// step override it.
@@ -283,7 +284,7 @@ pub trait SessionStore: Send + Sync + fmt::Debug + 'static {
         record: &Record,
         now: Timestamp,
     ) -> Result<bool> {
-        if self.create(new_key, record, now).await? == CreateOutcome::Collision {
+        if key == new_key || self.create(new_key, record, now).await? == CreateOutcome::Collision {
             return Ok(false);
         }
         if self.delete(key, Some(expected_version)).await? {

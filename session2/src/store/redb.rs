@@ -361,6 +361,9 @@ impl SessionStore for RedbStore {
         record: &Record,
         now: Timestamp,
     ) -> Result<bool> {
+        if key == new_key {
+            return Ok(false);
+        }
         let (key, new_key) = (*key, *new_key);
         let record = record.clone();
         self.blocking("rename session", move |database| {

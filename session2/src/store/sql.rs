@@ -952,6 +952,10 @@ where
         record: &Record,
         now: Timestamp,
     ) -> Result<bool> {
+        // The `UPDATE` would rewrite the session in place.
+        if key == new_key {
+            return Ok(false);
+        }
         let context = "rename session";
         let rename = || {
             bind_record(sqlx::query(&self.statements.rename), record)
