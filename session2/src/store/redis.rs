@@ -2022,6 +2022,14 @@ mod tests {
         });
     }
 
+    /// The names of `commands` (as `commands_naming` gives them).
+    fn names(commands: &[String]) -> Vec<&str> {
+        commands
+            .iter()
+            .map(|command| command.split(' ').next().unwrap_or_default())
+            .collect()
+    }
+
     /// The commands of `commands` that name `hex`, without the script's
     /// own call: each as its name, then its arguments after the key.
     fn commands_naming(commands: &[String], hex: &str) -> Vec<String> {
@@ -2041,7 +2049,7 @@ mod tests {
     }
 
     #[test]
-    fn a_login_reads_only_the_old_session_and_a_create_reads_nothing() {
+    fn a_create_login_and_logout_read_only_the_session_they_change() {
         crate::testing::run(async {
             let Some(store) = test_store().await else {
                 return;
@@ -2059,17 +2067,8 @@ mod tests {
             })
             .await;
             let create = commands_naming(&commands, &old.to_hex());
-            assert_eq!(create.len(), 3, "{create:?}");
-            assert!(
-                create[0].starts_with("SET ") && create[0].ends_with(" NX"),
-                "{create:?}"
-            );
-            assert!(
-                create[1..]
-                    .iter()
-                    .all(|command| command.starts_with("ZADD ")),
-                "{create:?}"
-            );
+            assert_eq!(names(&create), ["SET", "ZADD", "ZADD"], "{create:?}");
+            assert!(create[0].ends_with(" NX"), "{create:?}");
 
             let mut signed_in = record_at(now, 2, b"{}");
             signed_in.user = Some("a-user".into());
@@ -2080,26 +2079,33 @@ mod tests {
             // The old session: read, deleted, out of both indexes (it had
             // no user, which its record says: no owner lookup).
             let old_side = commands_naming(&commands, &old.to_hex());
-            let names: Vec<_> = old_side
-                .iter()
-                .map(|c| c.split(' ').next().unwrap())
-                .collect();
-            assert_eq!(names, ["GET", "DEL", "ZREM", "ZREM"], "{old_side:?}");
+            assert_eq!(
+                names(&old_side),
+                ["GET", "DEL", "ZREM", "ZREM"],
+                "{old_side:?}"
+            );
             // The new one: written only if free, in both indexes and its user's.
             let new_side = commands_naming(&commands, &new.to_hex());
-            let names: Vec<_> = new_side
-                .iter()
-                .map(|c| c.split(' ').next().unwrap())
-                .collect();
             assert_eq!(
-                names,
+                names(&new_side),
                 ["SET", "ZADD", "ZADD", "HSET", "SADD"],
                 "{new_side:?}"
             );
             assert!(new_side[0].ends_with(" NX"), "{new_side:?}");
             assert_eq!(store.load(&new, now).await.unwrap(), Some(signed_in));
             assert_eq!(store.load(&old, now).await.unwrap(), None);
-            assert!(store.delete(&new, None).await.unwrap());
+
+            // A logout: the user comes from the record too.
+            let commands = commands_during(&store, &marker, async {
+                assert!(store.delete(&new, None).await.unwrap());
+            })
+            .await;
+            let logout = commands_naming(&commands, &new.to_hex());
+            assert_eq!(
+                names(&logout),
+                ["GET", "DEL", "SREM", "HDEL", "ZREM", "ZREM"],
+                "{logout:?}"
+            );
         });
     }
 
